@@ -1,0 +1,102 @@
+"""The `loralab` command: a thin table from subcommand to workflow function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from loralab.errors import LoralabError
+
+STAGE_HELP = {
+    "run": "run every stage in order (prepare, train, eval, report); stages whose inputs are unchanged are skipped",
+    "prepare": "tokenise and mask the data into <run>/data/",
+    "train": "train LoRA adapters into <run>/adapter/",
+    "eval": "generate with base and LoRA, score BLEU/ROUGE into <run>/eval_results.csv",
+    "report": "draw the plots and write <run>/report.md",
+    "plan": "predict peak memory and time for the config on a device, before training",
+    "inspect": "show rendered examples with trained tokens marked, and dataset-wide checks",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loralab", description="LoRA fine-tuning of small open LLMs on modest hardware.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text in STAGE_HELP.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("config", help="experiment YAML file (see configs/)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override a config field, e.g. --set train.max_steps=10 (repeatable)")
+        if name in ("run", "prepare", "train", "eval", "report"):
+            p.add_argument("--force", action="store_true", help="redo the stage(s) even if the inputs are unchanged")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints/")
+        if name == "plan":
+            p.add_argument("--device", default="auto", help="device profile: t4, a100, h100, m2-16gb, cpu or auto")
+        if name == "inspect":
+            p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to render (default 3)")
+    demo = sub.add_parser("demo", help="the whole pipeline offline on a tiny model, in a few minutes on a CPU")
+    demo.add_argument("--out", default="outputs/demo", help="folder for the demo's model, data and run (default outputs/demo)")
+    return parser
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    # Imports are local so `loralab --help` answers at once, without loading torch.
+    if args.command == "demo":
+        from loralab import demo
+
+        demo.run(args.out)
+        return
+    from loralab.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "run":
+        from loralab import pipeline
+
+        pipeline.run_all(cfg, force=args.force)
+    elif args.command == "prepare":
+        from loralab import prepare
+
+        prepare.run(cfg, force=args.force)
+    elif args.command == "train":
+        from loralab import train
+
+        train.run(cfg, resume=args.resume, force=args.force)
+    elif args.command == "eval":
+        from loralab import evaluate
+
+        evaluate.run(cfg, force=args.force)
+    elif args.command == "report":
+        from loralab import report
+
+        report.run(cfg)
+    elif args.command == "plan":
+        from loralab import plan
+
+        plan.run(cfg, device=args.device)
+    elif args.command == "inspect":
+        from loralab import inspect_data
+
+        inspect_data.run(cfg, num_examples=args.num_examples)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    # Library deprecation notices (transformers' v6 renames) are for us, not for the person training.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        _dispatch(args)
+    except LoralabError as err:
+        print(f"loralab: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loralab: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("loralab: error: out of memory; run `loralab plan CONFIG` to see what fits", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Typed experiment config: one YAML file per experiment, validated on load.
+
+Precedence, lowest to highest: the defaults declared here < the YAML file < ``--set section.key=value``.
+Field names follow PEFT (``lora``) and transformers (``train``) so a config maps 1:1 onto their objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from loralab.errors import LoralabError
+
+DEFAULT_EXAMPLE_PROMPTS = [
+    "Write a short poem about the moon.",
+    "Explain why the sky is blue in simple terms.",
+    "Give 3 tips for studying effectively.",
+    "Translate 'Good morning' to Spanish.",
+    "Tell me a fun fact about elephants.",
+]
+
+
+class ConfigError(LoralabError):
+    """A config file or override that cannot be used as written."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
+    """Hub model id or a local directory holding config.json, weights and tokenizer files."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to pin; ignored for local directories."""
+    attn_implementation: str = "sdpa"
+    """transformers attention backend: "sdpa" (default, fast on CPU and GPU), "eager", "flash_attention_2"."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "tatsu-lab/alpaca"
+    """Hub dataset id, or a local .json (a list of records) / .jsonl file with Alpaca records
+    (``instruction``, optional ``input``, ``output``)."""
+    split: str = "train"
+    """Split to read when ``path`` is a hub dataset."""
+    num_examples: int | None = 1000
+    """Size of the seeded random subset drawn from the source records; null uses every record."""
+    eval_size: int = 50
+    """Examples of the subset held out (seeded) for evaluation; the rest are trained on."""
+    seed: int = 42
+    """Seed of the subset draw and of the train/eval split."""
+    max_length: int = 512
+    """Longest example in tokens; longer ones are cut from the response end (the prompt is kept)."""
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    """How records become text: "chat" uses the tokenizer's chat template, "alpaca" the classic Alpaca
+    prompt (see loralab.data), "auto" the chat template when the tokenizer has one."""
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling numerator: the update is scaled by lora_alpha / r."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear modules that get adapters (PEFT's target_modules)."""
+
+
+@dataclass
+class TrainConfig:
+    per_device_train_batch_size: int = 1
+    """Examples per micro-batch."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches per optimizer step; an optimizer step sees batch x accumulation examples."""
+    max_steps: int = 500
+    """Optimizer steps to train."""
+    learning_rate: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = 50
+    """Linear warm-up steps from 0 to learning_rate."""
+    lr_scheduler_type: str = "linear"
+    """transformers scheduler name after warm-up ("linear", "cosine", "constant_with_warmup", ...)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay on the LoRA parameters."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    logging_steps: int = 10
+    """Log loss, grad norm and learning rate every this many optimizer steps."""
+    save_steps: int = 100
+    """Save a resumable checkpoint every this many optimizer steps."""
+    save_total_limit: int = 2
+    """Checkpoints kept on disk (the newest ones)."""
+    seed: int = 42
+    """Seed of LoRA initialisation, dropout and example order."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision; "auto" picks per device (see loralab.modeling.choose_precision)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 50% more compute for LoRA."""
+    eval_loss_steps: int = 0
+    """Compute the held-out loss every this many optimizer steps (0: only at the end)."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """Where to train; "auto" prefers CUDA, then MPS, then CPU."""
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = 128
+    """Longest generated answer in tokens (greedy decoding)."""
+    num_examples: int | None = None
+    """Held-out examples to generate for; null uses the whole eval split."""
+    batch_size: int | None = None
+    """Prompts decoded together; null picks the largest that fits in available memory."""
+    prompts: list[str] = field(default_factory=lambda: list(DEFAULT_EXAMPLE_PROMPTS))
+    """Fixed prompts answered by base and LoRA for the before/after examples (examples.md)."""
+    cache_base_generations: bool = True
+    """Reuse the base model's generations across experiments with the same base, prompts and settings."""
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    """Experiment name; the run directory is ``<output_dir>/<name>``."""
+    output_dir: str = "outputs"
+    """Parent folder of run directories (relative paths are resolved against the working directory)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return f"a list of {_type_name(item)}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif origin in (Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                continue
+    elif origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_coerce(v, item, key) for v in value]
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML reads 2e-4 (no dot) as a string: accept what Python reads as a number.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:  # pragma: no cover - only the annotations above are used
+        raise TypeError(f"unsupported annotation {tp!r}")
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+    where = prefix or "the top level"
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping of keys to values, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key '{key}'; valid keys in {where}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"config is missing required key '{(prefix + '.' if prefix else '') + missing[0]}'")
+    return cls(**kwargs)
+
+
+def _check_values(cfg: ExperimentConfig) -> None:
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "lora.r": cfg.lora.r,
+        "train.per_device_train_batch_size": cfg.train.per_device_train_batch_size,
+        "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "train.max_steps": cfg.train.max_steps,
+        "train.logging_steps": cfg.train.logging_steps,
+        "train.save_steps": cfg.train.save_steps,
+        "eval.max_new_tokens": cfg.eval.max_new_tokens,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.data.num_examples is not None and cfg.data.num_examples <= 0:
+        raise ConfigError(f"config key 'data.num_examples' must be positive or null, got {cfg.data.num_examples}")
+    if cfg.data.eval_size < 0:
+        raise ConfigError(f"config key 'data.eval_size' must be 0 or more, got {cfg.data.eval_size}")
+    if not 0.0 <= cfg.lora.lora_dropout < 1.0:
+        raise ConfigError(f"config key 'lora.lora_dropout' must be in [0, 1), got {cfg.lora.lora_dropout}")
+    if not cfg.lora.target_modules:
+        raise ConfigError("config key 'lora.target_modules' must name at least one module")
+    if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):
+        raise ConfigError(f"config key 'name' must be a plain folder name, got {cfg.name!r}")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.max_steps=10"`` -> (["train", "max_steps"], 10); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of the raw config mapping with each ``section.key=value`` applied."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{part}' is not a config section")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict) -> ExperimentConfig:
+    cfg = _build(ExperimentConfig, raw, "")
+    _check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping (name: ..., model: ..., ...)")
+    return config_from_dict(apply_overrides(raw, overrides or []))
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,205 @@
+"""Device, precision policy, model/tokenizer loading with clear errors, and LoRA through PEFT."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loralab.config import LoraSection, ModelConfig
+from loralab.errors import LoralabError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def detect_device(requested: str = "auto") -> str:
+    if requested != "auto":
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise LoralabError("train.device is 'cuda' but no CUDA GPU is visible; set train.device: auto or cpu")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise LoralabError("train.device is 'mps' but MPS is not available; set train.device: auto or cpu")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name(0)
+    if device == "mps":
+        return "Apple MPS"
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as oneDNN reports it."""
+    try:
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            return True
+    except (AttributeError, RuntimeError):
+        pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cuda_has_native_bf16() -> bool:
+    # torch.cuda.is_bf16_supported() can say yes on a T4 (bf16 emulated, slow, and not what fp16-era
+    # recipes expect); native bf16 arrived with Ampere, compute capability 8.0.
+    return torch.cuda.get_device_capability(0)[0] >= 8
+
+
+def mps_supports_bf16() -> bool:
+    try:
+        (torch.ones(2, dtype=torch.bfloat16, device="mps") * 2).cpu()
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def choose_precision(device: str, requested: str = "auto") -> str:
+    """The precision policy: bf16 where the hardware has it, fp16 (with loss scaling) on pre-Ampere
+    GPUs, fp32 where nothing else is safe. A forced impossible choice is an error, not a slow path."""
+    if device == "cuda":
+        native_bf16 = cuda_has_native_bf16()
+        if requested == "auto":
+            return "bf16" if native_bf16 else "fp16"
+        if requested == "bf16" and not native_bf16:
+            name = torch.cuda.get_device_name(0)
+            raise LoralabError(f"{name} has no native bf16 (needs compute capability 8.0+); set train.precision: fp16 or fp32")
+        return requested
+    if device == "mps":
+        if requested == "auto":
+            return "bf16" if mps_supports_bf16() else "fp32"
+        if requested == "bf16" and not mps_supports_bf16():
+            raise LoralabError("this Mac's MPS backend cannot compute in bf16 (needs macOS 14+); set train.precision: fp32")
+        return requested
+    if requested == "fp16":
+        raise LoralabError("fp16 training needs a GPU; on CPU set train.precision: bf16 (if the CPU supports it) or fp32")
+    if requested == "auto":
+        return "bf16" if cpu_has_native_bf16() else "fp32"
+    if requested == "bf16" and not cpu_has_native_bf16():
+        raise LoralabError("this CPU has no native bf16 (AVX512-BF16/AMX); set train.precision: fp32")
+    return requested
+
+
+def _looks_like_local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def resolve_model_source(model: ModelConfig) -> str:
+    """A local directory (checked) or a hub id (left for from_pretrained)."""
+    path = Path(model.name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").exists():
+            raise LoralabError(f"model path {path} is not a model folder (no config.json); point model.name_or_path at one")
+        return str(path)
+    if _looks_like_local_path(model.name_or_path):
+        raise LoralabError(f"model path {model.name_or_path} does not exist; set model.name_or_path to a model folder or a hub id")
+    return model.name_or_path
+
+
+def _hub_error(name: str, err: Exception) -> LoralabError:
+    return LoralabError(
+        f"cannot load '{name}' from the Hugging Face Hub ({type(err).__name__}); check the id, or download it where "
+        f"the hub is reachable (`hf download {name} --local-dir DIR`) and set model.name_or_path: DIR"
+    )
+
+
+def load_tokenizer(model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=model.revision)
+    except (OSError, ValueError) as err:
+        if source == model.name_or_path and not Path(source).exists():
+            raise _hub_error(model.name_or_path, err) from None
+        raise LoralabError(f"cannot load a tokenizer from {source}: {err}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss; any id will do, EOS is conventional.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model: ModelConfig, precision: str, device: str):
+    """The base model with weights stored in the compute dtype (bf16/fp16 weights, not fp32 under autocast)."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(model)
+    try:
+        net = AutoModelForCausalLM.from_pretrained(
+            source, revision=model.revision, dtype=DTYPES[precision], attn_implementation=model.attn_implementation
+        )
+    except (OSError, ValueError) as err:
+        if source == model.name_or_path and not Path(source).exists():
+            raise _hub_error(model.name_or_path, err) from None
+        raise LoralabError(f"cannot load a model from {source}: {err}") from None
+    return net.to(device)
+
+
+def lora_config(lora: LoraSection):
+    from peft import LoraConfig, TaskType
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type=TaskType.CAUSAL_LM,
+    )
+
+
+def add_lora(model, lora: LoraSection):
+    """Wrap ``model`` with fresh LoRA adapters; LoRA weights are kept in fp32 whatever the base dtype."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, lora_config(lora), autocast_adapter_dtype=True)
+    except ValueError as err:
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise LoralabError(f"lora.target_modules {lora.target_modules} do not match this model ({err}); linear layers here: {', '.join(names)}") from None
+
+
+@dataclass
+class ParameterCounts:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / self.total
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"trainable": self.trainable, "total": self.total, "trainable_percent": round(self.percent, 4)}
+
+    def __str__(self) -> str:
+        return f"trainable params: {self.trainable:,} of {self.total:,} ({self.percent:.2f}%)"
+
+
+def count_parameters(model) -> ParameterCounts:
+    """Trainable (LoRA) and total parameters; total excludes the LoRA ones, like the reference's count
+    of the base model (PEFT's own print_trainable_parameters adds them)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return ParameterCounts(trainable=trainable, total=total - trainable)
+
+
+def count_parameters_from_config(config, lora: LoraSection) -> ParameterCounts:
+    """Parameter counts for a model config without allocating weights (built on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return count_parameters(add_lora(model, lora))

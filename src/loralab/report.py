@@ -1,0 +1,602 @@
+"""The report stage: turn a run directory into ``report.md`` with a loss curve and a flow diagram.
+
+It reads only the files the other stages wrote into the run directory, so every number in the report
+can be found in those files (and :func:`read_metrics` / :func:`read_eval_results` let tests check that
+it is). Required: ``config.yaml`` and ``metrics.jsonl``. Optional, each section saying so when absent:
+``manifest.json``, ``data/stats.json``, ``eval_results.csv``, ``predictions.jsonl``, ``examples.md``.
+
+:func:`run` is the stage as the CLI calls it; :func:`build_report` does the work from a path alone.
+
+Plots use matplotlib's object API on an Agg canvas, never pyplot, so reporting does not change the
+backend or global figure state of the process that calls it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+from matplotlib.ticker import MaxNLocator
+
+from loralab.config import ExperimentConfig
+from loralab.errors import LoralabError
+from loralab.rundir import RunDir, atomic_write_bytes, atomic_write_text, stage_hash
+
+# Files read from the run directory.
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+STATS_FILE = "data/stats.json"
+METRICS_FILE = "metrics.jsonl"
+EVAL_RESULTS_FILE = "eval_results.csv"
+PREDICTIONS_FILE = "predictions.jsonl"
+EXAMPLES_FILE = "examples.md"
+# Files written into it.
+LOSS_CURVE_FILE = "loss_curve.png"
+FLOW_FILE = "lora_flow.png"
+REPORT_FILE = "report.md"
+
+METRIC_LABELS = {
+    "bleu": "BLEU",
+    "rouge1": "ROUGE-1",
+    "rouge2": "ROUGE-2",
+    "rougeL": "ROUGE-L",
+    "perplexity": "Perplexity (lower is better)",
+}
+STAGE_ORDER = ("prepare", "train", "eval")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Readers
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All rows of a ``metrics.jsonl`` file, in file order (blank lines skipped)."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+    return rows
+
+
+def read_eval_results(path: Path) -> dict[str, dict[str, float]]:
+    """``eval_results.csv`` as ``{metric: {"base": value, "lora": value}}`` in file order; empty cells read as NaN."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = {"metric", "base", "lora"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: the header needs columns metric,base,lora; missing {', '.join(sorted(missing))}")
+        return {row["metric"]: {"base": _parse_cell(row["base"]), "lora": _parse_cell(row["lora"])} for row in reader}
+
+
+def _parse_cell(text: str | None) -> float:
+    return float(text) if text and text.strip() else math.nan
+
+
+def training_rows(rows: list[dict]) -> list[dict]:
+    """The training log rows (those with ``step`` and ``loss``), one per step, sorted by step.
+
+    A run resumed from a checkpoint logs the steps after that checkpoint a second time; the later row
+    is the one that belongs to the finished run, so it wins.
+    """
+    by_step = {row["step"]: row for row in rows if "step" in row and "loss" in row}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def eval_loss_rows(rows: list[dict]) -> list[dict]:
+    """The held-out loss rows (those with ``step`` and ``eval_loss``), one per step, sorted by step."""
+    by_step = {row["step"]: row for row in rows if "step" in row and "eval_loss" in row}
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def _summary_row(rows: list[dict]) -> dict | None:
+    summaries = [row for row in rows if "train_runtime" in row or "train_loss" in row]
+    return summaries[-1] if summaries else None
+
+
+class MissingRunFile(LoralabError, FileNotFoundError):
+    """A file the report cannot do without is missing from the run directory; the message names the stage to run."""
+
+
+def _require(run_dir: Path, name: str, stage: str, why: str) -> Path:
+    path = run_dir / name
+    if not path.is_file():
+        raise MissingRunFile(
+            f"{name} not found in {run_dir} ({why}); run the {stage} stage first: "
+            f"`loralab {stage} CONFIG` (or `loralab run CONFIG`)"
+        )
+    return path
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _count_records(path: Path) -> int | None:
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Formatting: one place, so the report and the tests that check it agree.
+
+
+def format_metric(value: float | None) -> str:
+    """A metric value as the report prints it: 4 decimals, ``n/a`` when missing."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
+
+
+def format_lr(value: float | None) -> str:
+    """A learning rate as the report prints it: scientific notation, 3 significant digits."""
+    return "n/a" if value is None else f"{value:.2e}"
+
+
+def _format_change(base: float, lora: float) -> str:
+    return "n/a" if math.isnan(base) or math.isnan(lora) else f"{lora - base:+.4f}"
+
+
+def _format_count(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def _format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def _format_targets(targets: Any) -> str:
+    if targets is None:
+        return "n/a"
+    return targets if isinstance(targets, str) else ", ".join(map(str, targets))
+
+
+def _format_parameters(params: dict | None) -> str:
+    if not params or not {"trainable", "total", "trainable_percent"} <= params.keys():
+        return "n/a"
+    return f"{params['trainable']:,} of {params['total']:,} ({params['trainable_percent']:.2f}%)"
+
+
+def _show(value: Any) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "---|" * len(header), *map(line, rows)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_loss_curve(rows: list[dict], path: Path) -> None:
+    """Plot training loss, gradient norm and learning rate against step, stacked, into a PNG at ``path``.
+
+    ``rows`` are ``metrics.jsonl`` rows as :func:`read_metrics` returns them; rows with ``eval_loss``
+    are drawn as held-out points on the loss panel, other kinds of rows are ignored. Raises
+    ``ValueError`` when there is no training row to plot.
+    """
+    train = training_rows(rows)
+    if not train:
+        raise ValueError("no training rows (with 'step' and 'loss') to plot")
+    heldout = eval_loss_rows(rows)
+
+    fig = Figure(figsize=(7.5, 7.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    loss_ax, grad_ax, lr_ax = fig.subplots(3, 1, sharex=True)
+    # Markers help read a short run; on a long one they only hide the line.
+    marker = "o" if len(train) <= 50 else None
+
+    loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], marker=marker, ms=3, label="training loss")
+    if heldout:
+        loss_ax.plot(
+            [r["step"] for r in heldout], [r["eval_loss"] for r in heldout], "s--", color="C1", ms=5, label="held-out loss"
+        )
+    loss_ax.legend(loc="upper right")
+    loss_ax.set_ylabel("loss")
+    loss_ax.grid(alpha=0.3)
+    _plot_series(grad_ax, train, "grad_norm", "grad norm", "C2", marker)
+    _plot_series(lr_ax, train, "learning_rate", "learning rate", "C3", marker)
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    lr_ax.set_xlabel("optimizer step")
+    lr_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("Training")
+    _save_figure(fig, path)
+
+
+def _plot_series(ax, rows: list[dict], key: str, ylabel: str, color: str, marker: str | None) -> None:
+    """Draw ``key`` against step from the rows that logged it; say so on the panel when none did."""
+    points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    if points:
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker=marker, ms=3, color=color)
+    else:
+        ax.text(0.5, 0.5, f"{key} not logged", transform=ax.transAxes, ha="center", va="center", color="0.4")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+def plot_lora_flow(info: dict, path: Path) -> None:
+    """Draw the run as a flow diagram, data → chat template and masking → LoRA on the frozen base → evaluation.
+
+    ``info`` carries the run's values; a missing key prints as ``n/a``: ``data_path``, ``source_records``,
+    ``train_examples``, ``eval_examples``, ``trained_token_fraction`` (0-1), ``max_length``, ``model``,
+    ``r``, ``lora_alpha``, ``target_modules``, ``parameters`` (manifest's ``{trainable, total,
+    trainable_percent}``) and ``metrics`` (``{name: {"base": x, "lora": y}}``; absent or ``None`` before
+    the eval stage has run).
+    """
+    fraction = info.get("trained_token_fraction")
+    params = info.get("parameters")
+    metrics = info.get("metrics")
+    # (title, fill colour, body lines, stage that leads from this box to the next)
+    boxes = [
+        (
+            "Raw data",
+            "#e8f0fe",
+            [
+                *_wrap(_show(info.get("data_path"))),
+                f"{_format_count(info.get('source_records'))} source records",
+                f"{_format_count(info.get('train_examples'))} train / {_format_count(info.get('eval_examples'))} held-out",
+            ],
+            "prepare",
+        ),
+        (
+            "Chat template + masking",
+            "#fef7e0",
+            [
+                "prompt and answer in the",
+                "model's chat template,",
+                f"at most {_show(info.get('max_length'))} tokens;",
+                "prompt tokens masked, loss",
+                "on answer tokens only:",
+                f"{'n/a' if fraction is None else f'{fraction:.1%}'} of tokens trained",
+            ],
+            "train",
+        ),
+        (
+            "LoRA adapters",
+            "#e6f4ea",
+            [
+                f"r = {_show(info.get('r'))}, alpha = {_show(info.get('lora_alpha'))}",
+                *_wrap("on " + _format_targets(info.get("target_modules"))),
+                "trainable parameters:",
+                *_wrap(_format_parameters(params)),
+            ],
+            "eval",
+        ),
+        ("Evaluation", "#fce8e6", _metric_lines(metrics), None),
+    ]
+
+    # Drawn in inches: axes limits equal the figure size, so text and boxes keep their proportions.
+    width, gap, bottom, top = 2.9, 0.8, 0.1, 3.2
+    fig_w, fig_h = 4 * width + 3 * gap + 0.2, top + 0.1
+    fig = Figure(figsize=(fig_w, fig_h))
+    FigureCanvasAgg(fig)
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(0, fig_w)
+    ax.set_ylim(0, fig_h)
+    ax.axis("off")
+
+    middle = (top + bottom) / 2
+    for i, (title, color, lines, stage) in enumerate(boxes):
+        x = 0.1 + i * (width + gap)
+        _box(ax, x, bottom, width, top - bottom, color)
+        ax.text(x + width / 2, top - 0.15, title, ha="center", va="top", fontsize=11, weight="bold")
+        ax.text(x + 0.15, top - 0.55, "\n".join(lines), ha="left", va="top", fontsize=9, linespacing=1.45)
+        if title == "LoRA adapters":
+            # The adapters ride on the base model, whose weights stay frozen: drawn as a box inside.
+            _box(ax, x + 0.15, bottom + 0.15, width - 0.3, 0.8, "#dddddd")
+            base_lines = ["frozen base model", *_wrap(_show(info.get("model")), 38)]
+            ax.text(
+                x + width / 2, bottom + 0.85, "\n".join(base_lines), ha="center", va="top", fontsize=8.5, linespacing=1.35
+            )
+        if stage:
+            start, end = (x + width + 0.08, middle), (x + width + gap - 0.08, middle)
+            ax.add_patch(FancyArrowPatch(start, end, arrowstyle="-|>", mutation_scale=20))
+            ax.text(x + width + gap / 2, middle + 0.1, stage, ha="center", va="bottom", fontsize=8.5, style="italic")
+    _save_figure(fig, path)
+
+
+def _metric_lines(metrics: dict | None) -> list[str]:
+    if not metrics:
+        return ["not run yet"]
+    lines = ["base → LoRA"]
+    for name, values in metrics.items():
+        label = METRIC_LABELS.get(name, name).split(" (")[0]
+        lines.append(f"{label}: {format_metric(values['base'])} → {format_metric(values['lora'])}")
+    return lines
+
+
+def _wrap(text: str, width: int = 34) -> list[str]:
+    return textwrap.wrap(text, width) or [""]
+
+
+def _box(ax, x: float, y: float, width: float, height: float, color: str) -> None:
+    ax.add_patch(FancyBboxPatch((x, y), width, height, boxstyle="round,pad=0,rounding_size=0.12", fc=color, ec="0.3"))
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
+    # Rendered in memory first, so a failed render never replaces a good image with half a file.
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    atomic_write_bytes(Path(path), buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report
+
+
+def run(cfg: ExperimentConfig) -> Path:
+    """The report stage: build the report in ``cfg``'s run directory and record the stage; return report.md's path."""
+    rundir = RunDir(cfg)
+    start = time.perf_counter()
+    path = build_report(rundir.root)
+    # Always rebuilt (about a second), from whatever the earlier stages last wrote; the hash records which eval.
+    rundir.mark_done("report", stage_hash(cfg, "report", rundir.recorded_hash("eval")), time.perf_counter() - start)
+    print(f"report: {path}")
+    return path
+
+
+def build_report(run_dir: Path) -> Path:
+    """Write ``loss_curve.png``, ``lora_flow.png`` and ``report.md`` into ``run_dir`` from its files; return report.md's path.
+
+    Raises :class:`MissingRunFile` (a ``FileNotFoundError``) naming the missing file and the stage that
+    writes it when ``config.yaml`` or ``metrics.jsonl`` is absent.
+    """
+    run_dir = Path(run_dir)
+    config_path = _require(run_dir, CONFIG_FILE, "prepare", "it holds the resolved experiment config")
+    metrics_path = _require(run_dir, METRICS_FILE, "train", "it holds the training log")
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    rows = read_metrics(metrics_path)
+    manifest = _read_json(run_dir / MANIFEST_FILE)
+    stats = _read_json(run_dir / STATS_FILE)
+    eval_path = run_dir / EVAL_RESULTS_FILE
+    eval_results = read_eval_results(eval_path) if eval_path.is_file() else None
+    n_predictions = _count_records(run_dir / PREDICTIONS_FILE)
+    examples_path = run_dir / EXAMPLES_FILE
+    examples = examples_path.read_text(encoding="utf-8") if examples_path.is_file() else None
+
+    # A run shorter than logging_steps logs no training row: nothing to plot, and the report says so.
+    if training_rows(rows):
+        plot_loss_curve(rows, run_dir / LOSS_CURVE_FILE)
+    plot_lora_flow(_flow_info(config, manifest, stats, eval_results), run_dir / FLOW_FILE)
+
+    sources = [
+        name
+        for name in (CONFIG_FILE, MANIFEST_FILE, STATS_FILE, METRICS_FILE, EVAL_RESULTS_FILE, PREDICTIONS_FILE, EXAMPLES_FILE)
+        if (run_dir / name).is_file()
+    ]
+    text = "\n\n".join(
+        [
+            f"# {config.get('name') or run_dir.name}: LoRA fine-tuning report",
+            "Every number below is read from the files of this run directory: "
+            + ", ".join(f"`{name}`" for name in sources)
+            + ".",
+            _setup_section(config, manifest, stats),
+            _results_section(eval_results, n_predictions),
+            _training_section(rows),
+            f"## How this run fits together\n\n![Data flow of this run]({FLOW_FILE})",
+            _examples_section(examples),
+        ]
+    )
+    report_path = run_dir / REPORT_FILE
+    atomic_write_text(report_path, text + "\n")
+    return report_path
+
+
+def _section(config: dict, name: str) -> dict:
+    return config.get(name) or {}
+
+
+def _flow_info(config: dict, manifest: dict | None, stats: dict | None, eval_results: dict | None) -> dict:
+    data, lora = _section(config, "data"), _section(config, "lora")
+    stats = stats or {}
+    return {
+        "data_path": data.get("path"),
+        "source_records": stats.get("source_records"),
+        "train_examples": (stats.get("train") or {}).get("examples"),
+        "eval_examples": (stats.get("eval") or {}).get("examples"),
+        "trained_token_fraction": stats.get("trained_token_fraction"),
+        "max_length": data.get("max_length"),
+        "model": _section(config, "model").get("name_or_path"),
+        "r": lora.get("r"),
+        "lora_alpha": lora.get("lora_alpha"),
+        "target_modules": lora.get("target_modules"),
+        "parameters": (manifest or {}).get("parameters"),
+        "metrics": eval_results,
+    }
+
+
+def _setup_section(config: dict, manifest: dict | None, stats: dict | None) -> str:
+    model, data, lora, train = (_section(config, name) for name in ("model", "data", "lora", "train"))
+    manifest = manifest or {}
+
+    if stats:
+        tr, ev = stats.get("train", {}), stats.get("eval", {})
+        examples = (
+            f"{_format_count(tr.get('examples'))} train / {_format_count(ev.get('examples'))} held-out "
+            f"(selected {_format_count(stats.get('selected'))} of {_format_count(stats.get('source_records'))} "
+            f"source records; {_format_count(stats.get('truncated'))} truncated, "
+            f"{_format_count(stats.get('dropped'))} dropped)"
+        )
+        fraction = stats.get("trained_token_fraction")
+        # prepare computes the share over train and held-out tokens together, so it is labelled as such.
+        tokens = (
+            f"{_format_count(tr.get('trained_tokens'))} of {_format_count(tr.get('tokens'))} train tokens carry loss "
+            f"(prompts masked); trained-token share over both splits "
+            f"{'n/a' if fraction is None else f'{fraction:.1%}'}"
+        )
+    else:
+        examples = tokens = f"not recorded (`{STATS_FILE}` is missing)"
+    template = (stats or {}).get("template") or data.get("template")
+
+    batch, accumulation = train.get("per_device_train_batch_size"), train.get("gradient_accumulation_steps")
+    per_step = batch * accumulation if batch is not None and accumulation is not None else None
+    device = manifest.get("device")
+    if device and manifest.get("device_name"):
+        device = f"{device} ({manifest['device_name']})"
+    seeds = manifest.get("seeds")
+    data_hash = manifest.get("data_sha256")
+
+    setup = [
+        ["Base model (frozen)", f"`{_show(model.get('name_or_path'))}`"],
+        ["Data", f"`{_show(data.get('path'))}`" + (f" (sha256 `{data_hash[:12]}`)" if data_hash else "")],
+        ["Examples", examples],
+        ["Tokens", tokens],
+        ["Prompt format", f"{_show(template)} template, at most {_show(data.get('max_length'))} tokens"],
+        [
+            "LoRA",
+            f"r = {_show(lora.get('r'))}, alpha = {_show(lora.get('lora_alpha'))}, "
+            f"dropout = {_show(lora.get('lora_dropout'))}",
+        ],
+        ["Target modules", _format_targets(lora.get("target_modules"))],
+        ["Trainable parameters", _format_parameters(manifest.get("parameters"))],
+        [
+            "Batch",
+            f"{_show(batch)} x {_show(accumulation)} accumulation = {_show(per_step)} examples per optimizer step",
+        ],
+        ["Steps", _show(train.get("max_steps"))],
+        [
+            "Learning rate",
+            f"{format_lr(train.get('learning_rate'))}, {_show(train.get('lr_scheduler_type'))} schedule, "
+            f"warmup {_show(train.get('warmup_steps'))} steps",
+        ],
+        ["Seeds", ", ".join(f"{k} {v}" for k, v in seeds.items()) if seeds else _show(train.get("seed"))],
+        ["Device", _show(device)],
+        # The manifest records the precision actually used, which can differ from the one asked for.
+        ["Precision", _show(manifest.get("precision") or train.get("precision"))],
+        ["loralab", f"{_show(manifest.get('loralab_version'))}, commit `{_show(manifest.get('git_commit'))}`"],
+    ]
+    parts = ["## Setup", _table(["Setting", "Value"], setup)]
+
+    # The report stage is left out: its entry, if any, is from an earlier report, not this one.
+    stages = {k: v for k, v in (manifest.get("stages") or {}).items() if k != "report"}
+    if stages:
+        ordered = sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
+        timing = [
+            [
+                stage,
+                _format_duration(stages[stage]["wall_s"]) if "wall_s" in stages[stage] else "n/a",
+                _show(stages[stage].get("finished_at")),
+            ]
+            for stage in ordered
+        ]
+        parts += ["Wall time per stage:", _table(["Stage", "Wall time", "Finished at"], timing)]
+    else:
+        parts.append(f"Wall time per stage: not recorded (`{MANIFEST_FILE}` has no stages).")
+    return "\n\n".join(parts)
+
+
+def _results_section(eval_results: dict | None, n_predictions: int | None) -> str:
+    if eval_results is None:
+        return f"## Results\n\n{_not_yet(EVAL_RESULTS_FILE)}"
+    rows = [
+        [METRIC_LABELS.get(name, name), format_metric(v["base"]), format_metric(v["lora"]), _format_change(v["base"], v["lora"])]
+        for name, v in eval_results.items()
+    ]
+    scope = (
+        f"Base model and LoRA model answered the same {n_predictions:,} held-out prompts (`{PREDICTIONS_FILE}`). "
+        if n_predictions
+        else ""
+    )
+    return "\n\n".join(
+        [
+            "## Results",
+            scope + "BLEU is corpus BLEU (sacrebleu), ROUGE the mean F1 over prompts; both on a 0-1 scale.",
+            _table(["Metric", "Base", "LoRA", "Change"], rows),
+            "BLEU and ROUGE reward n-gram overlap with a single reference answer. They do not measure whether "
+            "an answer is correct or helpful, and they score a correct paraphrase low, so read them next to "
+            "the examples below.",
+        ]
+    )
+
+
+def _training_section(rows: list[dict]) -> str:
+    train = training_rows(rows)
+    if not train:
+        return "## Training\n\n_No training rows were logged (is `logging_steps` larger than the number of steps?)._"
+    parts = ["## Training", f"![Training loss, gradient norm and learning rate]({LOSS_CURVE_FILE})"]
+
+    summary = _summary_row(rows)
+    if summary:
+        facts = []
+        if "train_loss" in summary:
+            facts.append(f"mean training loss over the run {format_metric(summary['train_loss'])}")
+        if "train_runtime" in summary:
+            facts.append(f"trainer runtime {_format_duration(summary['train_runtime'])}")
+        parts.append("Summary: " + "; ".join(facts) + ".")
+
+    heldout = eval_loss_rows(rows)
+    if heldout:
+        parts += [
+            "Held-out loss:",
+            _table(["Step", "Held-out loss"], [[str(r["step"]), format_metric(r["eval_loss"])] for r in heldout]),
+        ]
+
+    log = [
+        [
+            str(r["step"]),
+            "n/a" if r.get("epoch") is None else f"{r['epoch']:.2f}",
+            format_metric(r["loss"]),
+            format_metric(r.get("grad_norm")),
+            format_lr(r.get("learning_rate")),
+        ]
+        for r in train
+    ]
+    parts += ["Training log:", _table(["Step", "Epoch", "Loss", "Grad norm", "Learning rate"], log)]
+    return "\n\n".join(parts)
+
+
+def _examples_section(examples: str | None) -> str:
+    if examples is None:
+        return f"## Examples\n\n{_not_yet(EXAMPLES_FILE)}"
+    return "## Examples\n\n" + _nest_headings(examples.strip(), top_level=3)
+
+
+def _not_yet(name: str) -> str:
+    return f"_Not available yet: `{name}` is missing. Run the eval stage (`loralab eval CONFIG`), then the report again._"
+
+
+def _nest_headings(markdown: str, top_level: int) -> str:
+    """Shift the headings of ``markdown`` so its highest one sits at ``top_level`` (fenced code is left alone)."""
+    heading = re.compile(r"^(#{1,6})\s")
+    lines = markdown.splitlines()
+    levels, in_fence = {}, False  # line index -> heading level, for headings outside fenced code
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith(("```", "~~~")):
+            in_fence = not in_fence
+        elif not in_fence and (m := heading.match(line)):
+            levels[i] = len(m.group(1))
+    shift = top_level - min(levels.values(), default=top_level)
+    if shift <= 0:
+        return markdown
+    for i, level in levels.items():
+        lines[i] = "#" * min(level + shift, 6) + lines[i][level:]
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Offline stand-ins for hub models: a Llama-style tokenizer trained locally and Llama models from a config.
+
+Used by the demo, the tests and the benchmarks, which must run with no model hub. The tokenizer mimics
+Llama-2's sentencepiece conventions (``▁`` word boundaries, ``<s>``/``</s>``, no prefix space after a
+special token) so the classic boundary-space traps show up here as they would on the real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+# TinyLlama-1.1B-Chat-v1.0's own chat template (zephyr style), verbatim.
+TINYLLAMA_CHAT_TEMPLATE = (
+    "{% for message in messages %}\n"
+    "{% if message['role'] == 'user' %}\n"
+    "{{ '<|user|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'system' %}\n"
+    "{{ '<|system|>\n' + message['content'] + eos_token }}\n"
+    "{% elif message['role'] == 'assistant' %}\n"
+    "{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+    "{% endif %}\n"
+    "{% if loop.last and add_generation_prompt %}\n"
+    "{{ '<|assistant|>' }}\n"
+    "{% endif %}\n"
+    "{% endfor %}"
+)
+
+# TinyLlama/TinyLlama-1.1B-Chat-v1.0 config.json, the fields that shape the network.
+TINYLLAMA_CONFIG = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    hidden_act="silu",
+)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, chat_template: str | None = TINYLLAMA_CHAT_TEMPLATE):
+    """Train a Llama-style BPE tokenizer on ``texts`` and wrap it as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = list(texts)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Newlines stand alone, as Llama's byte-fallback <0x0A> does, so no merge crosses a line break.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")]
+    )
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = sorted(set("".join(texts)) | set("\n<|>/"))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    # Like Llama's tokenizer: a plain call prepends <s>.
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=None
+    )
+    if chat_template is not None:
+        wrapped.chat_template = chat_template
+    return wrapped
+
+
+def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides):
+    """A small LlamaConfig with the same structure as TinyLlama (GQA, SwiGLU, untied head)."""
+    from transformers import LlamaConfig
+
+    fields = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def build_tiny_llama(
+    out_dir: str | Path, texts: Iterable[str], vocab_size: int = 1000, seed: int = 0, fan_in_head: bool = False, **config_overrides
+) -> Path:
+    """Train a tokenizer on ``texts``, build a random tiny Llama, save both to ``out_dir``; return it.
+
+    ``fan_in_head`` draws the output head with std 1/sqrt(hidden) instead of transformers' 0.02: at
+    hidden 128 the default caps every logit near 2.5, so no adapter could make a confident prediction.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    config = tiny_llama_config(
+        len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **config_overrides,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    if fan_in_head:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, config.hidden_size**-0.5)
+    model.generation_config.pad_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,237 @@
+"""The train stage: LoRA on the prepared split with the Hugging Face Trainer; adapter saved with PEFT."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from loralab import prepare
+from loralab.config import ExperimentConfig
+from loralab.errors import LoralabError
+from loralab.loss import heldout_loss, response_loss_sum
+from loralab.modeling import add_lora, choose_precision, count_parameters, detect_device, device_name, load_model
+from loralab.packing import pack_examples
+from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
+
+
+class ResponseOnlyTrainer(Trainer):
+    """The Trainer with one hook changed: compute_loss asks the model for logits only at trained targets
+    (see loralab.loss) and normalises by the trained-token count of the whole optimizer step."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss_sum, count = response_loss_sum(model, inputs)
+        if not torch.isfinite(loss_sum):
+            raise NonFiniteLoss(self.state.global_step + 1, "loss", getattr(self, "precision", ""))
+        if num_items_in_batch is None:  # evaluation, or a caller that does not count: a plain mean
+            self.loss_is_scaled_for_ga = False
+            loss = loss_sum / max(count, 1)
+        else:
+            # Mean over every trained token of the accumulated step, so a step of 8 short examples
+            # weighs tokens as one packed batch of the same 8 would.
+            self.loss_is_scaled_for_ga = True
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                loss = loss * self.args.world_size  # DDP averages gradients; the count was summed over ranks
+        return (loss, None) if return_outputs else loss
+
+
+class NonFiniteLoss(LoralabError):
+    def __init__(self, step: int, what: str, precision: str = ""):
+        hint = (
+            "with fp16 this is usually overflow: lower train.learning_rate, or set train.precision: fp32"
+            if precision == "fp16"
+            else "lower train.learning_rate or check the data"
+        )
+        super().__init__(f"training stopped at step {step}: the {what} is NaN or infinite; {hint} (the last good checkpoint is kept)")
+
+
+class MetricsLog(TrainerCallback):
+    """Appends each log row to metrics.jsonl, stops on a non-finite loss or grad norm, and logs held-out loss."""
+
+    def __init__(self, path: Path, precision: str, eval_examples: list[dict], eval_every: int, device):
+        self.path = path
+        self.precision = precision
+        self.eval_examples = eval_examples
+        self.eval_every = eval_every
+        self.device = device
+        self.model = None
+        self.failure: NonFiniteLoss | None = None
+
+    def _write(self, row: dict) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def _log_eval(self, step: int) -> None:
+        if self.eval_examples and self.model is not None:
+            loss = heldout_loss(self.model, self.eval_examples, self.device)
+            self._write({"step": step, "eval_loss": round(loss, 6)})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.model = model
+        if state.global_step == 0:
+            self._log_eval(0)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.eval_every and state.global_step % self.eval_every == 0 and state.global_step < state.max_steps:
+            self._log_eval(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs:
+            row = {
+                "step": state.global_step,
+                "epoch": round(state.epoch or 0.0, 4),
+                "loss": logs["loss"],
+                "grad_norm": logs.get("grad_norm"),
+                "learning_rate": logs.get("learning_rate"),
+            }
+            self._write(row)
+            # fp16 with loss scaling meets infinite gradients on purpose (the scaler then skips the step).
+            bad_grad = self.precision != "fp16" and row["grad_norm"] is not None and not math.isfinite(row["grad_norm"])
+            if not math.isfinite(row["loss"]) or bad_grad:
+                self.failure = NonFiniteLoss(state.global_step, "loss" if not math.isfinite(row["loss"]) else "gradient norm", self.precision)
+                control.should_training_stop = True
+                control.should_save = False
+        elif "train_runtime" in logs:
+            self._write({"step": state.global_step, **{k: logs[k] for k in ("train_runtime", "train_loss") if k in logs}})
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.failure is None:
+            self._log_eval(state.global_step)
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop rows logged after the checkpoint so the log has no duplicated or orphaned steps."""
+    if path.exists():
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= after_step and "train_runtime" not in r]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+HASH_FILE = "train_hash.txt"  # which config the checkpoints beside it belong to
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None
+
+
+def newest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    found = [p for p in checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, device: str) -> TrainingArguments:
+    t = cfg.train
+    return TrainingArguments(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        warmup_steps=t.warmup_steps,
+        lr_scheduler_type=t.lr_scheduler_type,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        # Weights are already stored in bf16/fp16 (see load_model); fp16 adds autocast and the loss scaler
+        # it needs on GPUs without bf16. bf16 autocast over bf16 weights would only add casts.
+        fp16=precision == "fp16",
+        bf16=False,
+        use_cpu=device == "cpu",
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+def current_hash(cfg: ExperimentConfig) -> str:
+    return stage_hash(cfg, "train", prepare.current_hash(cfg))
+
+
+def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str:
+    """Train LoRA adapters; write adapter/, metrics.jsonl and checkpoints/; return the stage hash."""
+    rundir = RunDir(cfg)
+    upstream = prepare.current_hash(cfg)
+    rundir.require_current("prepare", upstream, "train")
+    expected = stage_hash(cfg, "train", upstream)
+    if not force and not resume and rundir.is_current("train", expected):
+        print(f"train: up to date ({rundir.adapter_dir})")
+        return expected
+
+    resume_from = None
+    if resume:
+        resume_from = newest_checkpoint(rundir.checkpoints_dir)
+        if resume_from is None:
+            raise LoralabError(f"--resume: no checkpoint in {rundir.checkpoints_dir}; run `loralab train CONFIG` to start")
+        if _read_text(rundir.checkpoints_dir / HASH_FILE) != expected:
+            raise LoralabError(f"--resume: {resume_from} was made with a different config; start afresh with `loralab train CONFIG`")
+
+    start = time.perf_counter()
+    device = detect_device(cfg.train.device)
+    precision = choose_precision(device, cfg.train.precision)
+    train_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.train_file)]
+    eval_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.eval_file)]
+
+    torch.manual_seed(cfg.train.seed)
+    model = add_lora(load_model(cfg.model, precision, device), cfg.lora)
+    counts = count_parameters(model)
+    print(f"train: {counts} on {device} ({device_name(device)}), precision {precision}")
+    rundir.update_manifest(
+        **environment_info(),
+        device=device, device_name=device_name(device), precision=precision, parameters=counts.as_dict()
+    )
+
+    if resume_from is None:
+        shutil.rmtree(rundir.checkpoints_dir, ignore_errors=True)
+        rundir.metrics_file.unlink(missing_ok=True)
+        rundir.checkpoints_dir.mkdir(parents=True)
+        (rundir.checkpoints_dir / HASH_FILE).write_text(expected)
+    else:
+        _truncate_metrics(rundir.metrics_file, int(resume_from.name.split("-")[-1]))
+    log = MetricsLog(rundir.metrics_file, precision, eval_examples, cfg.train.eval_loss_steps, device)
+    trainer = ResponseOnlyTrainer(
+        model=model,
+        args=training_arguments(cfg, rundir.checkpoints_dir, precision, device),
+        train_dataset=train_examples,
+        data_collator=pack_examples,
+        callbacks=[log],
+    )
+    trainer.precision = precision
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    if log.failure is not None:
+        raise log.failure
+
+    _save_adapter(model, rundir.adapter_dir)
+    rundir.mark_done("train", expected, time.perf_counter() - start, steps=trainer.state.global_step)
+    print(f"train: adapter saved to {rundir.adapter_dir}")
+    return expected
+
+
+def _save_adapter(model, adapter_dir: Path) -> None:
+    """Save to a fresh folder beside the target, then swap it in: an old adapter is never half-overwritten."""
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=".adapter-"))
+    try:
+        model.save_pretrained(tmp)
+        old = adapter_dir.with_name(".adapter-old")
+        shutil.rmtree(old, ignore_errors=True)
+        if adapter_dir.exists():
+            adapter_dir.rename(old)
+        tmp.rename(adapter_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

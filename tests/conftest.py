@@ -1,0 +1,59 @@
+import json
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+import yaml
+
+ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_en_1k.json"
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def alpaca_path() -> Path:
+    if not ALPACA.exists():
+        pytest.skip(f"shared Alpaca data not found at {ALPACA}")
+    return ALPACA
+
+
+@pytest.fixture(scope="session")
+def alpaca_records(alpaca_path) -> list[dict]:
+    return json.loads(alpaca_path.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, alpaca_records) -> Path:
+    """A random tiny Llama with a Llama-style tokenizer trained on the Alpaca text, saved like a hub model."""
+    from loralab.tiny import build_tiny_llama
+
+    texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in alpaca_records]
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts, vocab_size=1000)
+
+
+def write_config(path: Path, **sections) -> Path:
+    """Write a YAML experiment config; ``sections`` are merged over a small, fast CPU setup."""
+    cfg = {
+        "name": "t",
+        "output_dir": str(path.parent / "runs"),
+        "data": {"num_examples": 48, "eval_size": 8, "max_length": 192},
+        "train": {"max_steps": 4, "logging_steps": 1, "save_steps": 2, "gradient_accumulation_steps": 2, "warmup_steps": 1, "device": "cpu"},
+        "eval": {"max_new_tokens": 8, "prompts": ["Give 3 tips for studying effectively."]},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    path.write_text(yaml.safe_dump(cfg))
+    return path

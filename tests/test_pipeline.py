@@ -1,0 +1,109 @@
+"""End to end on a tiny local Llama and the real Alpaca records: the CLI, the run directory, the stages."""
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from conftest import write_config
+from loralab import cli
+from loralab.report import format_metric, read_eval_results, read_metrics
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir, alpaca_path):
+    """One full `loralab run` shared by the tests below; returns (config path, run dir)."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    cfg = write_config(tmp / "exp.yaml", model={"name_or_path": str(tiny_model_dir)}, data={"path": str(alpaca_path)})
+    assert cli.main(["run", str(cfg)]) == 0
+    return cfg, tmp / "runs" / "t"
+
+
+def test_run_directory_layout(run):
+    _, rd = run
+    for rel in [
+        "config.yaml", "manifest.json", "data/train.jsonl", "data/eval.jsonl", "data/stats.json",
+        "adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.jsonl",
+        "eval_results.csv", "predictions.jsonl", "examples.md", "loss_curve.png", "lora_flow.png", "report.md",
+    ]:
+        assert (rd / rel).is_file(), rel
+    manifest = json.loads((rd / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"prepare", "train", "eval", "report"}
+    assert manifest["precision"] in ("bf16", "fp32") and manifest["device"] == "cpu"
+    assert manifest["parameters"]["trainable"] > 0 and manifest["packages"]["torch"] == torch.__version__
+    stats = json.loads((rd / "data/stats.json").read_text())
+    assert stats["train"]["examples"] + stats["eval"]["examples"] + stats["dropped"] == 48
+
+
+def test_metrics_log_has_every_logged_step(run):
+    _, rd = run
+    rows = read_metrics(rd / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+    for r in train_rows:
+        assert math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["learning_rate"] >= 0 and r["epoch"] > 0
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4]
+
+
+def test_adapter_loads_with_plain_peft_and_was_trained(run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, rd = run
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[1, 50, 60, 70, 80]])
+    before = base(ids).logits
+    model = PeftModel.from_pretrained(base, str(rd / "adapter"))
+    after = model(ids).logits
+    assert not torch.allclose(before, after)
+
+
+def test_eval_results_and_report_agree(run):
+    _, rd = run
+    results = read_eval_results(rd / "eval_results.csv")
+    assert {"bleu", "rouge1", "rouge2", "rougeL", "perplexity"} <= set(results)
+    for name, cols in results.items():
+        assert set(cols) == {"base", "lora"}
+    report = (rd / "report.md").read_text()
+    for name in ("bleu", "rouge1", "rouge2", "rougeL"):
+        assert format_metric(results[name]["base"]) in report and format_metric(results[name]["lora"]) in report
+    for r in read_metrics(rd / "metrics.jsonl"):
+        if "loss" in r:
+            assert f"{r['loss']:.4f}" in report
+    preds = [json.loads(l) for l in (rd / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 8 and {"prompt", "reference", "base", "lora", "scores"} <= set(preds[0])
+    assert "Give 3 tips for studying effectively." in (rd / "examples.md").read_text()
+
+
+def test_unchanged_stages_are_skipped(run, capsys):
+    cfg, rd = run
+    before = (rd / "adapter/adapter_model.safetensors").stat().st_mtime_ns
+    assert cli.main(["run", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "prepare: up to date" in out and "train: up to date" in out and "eval: up to date" in out
+    assert (rd / "adapter/adapter_model.safetensors").stat().st_mtime_ns == before
+
+
+def test_changed_config_is_never_mixed_with_old_outputs(run, capsys):
+    cfg, rd = run
+    # A new LoRA rank makes the adapter stale: eval must refuse it, not score the old adapter.
+    assert cli.main(["eval", str(cfg), "--set", "lora.r=4"]) == 2
+    err = capsys.readouterr().err
+    assert "'train' outputs" in err and "different config" in err
+    # A new data seed makes the prepared data stale for train.
+    assert cli.main(["train", str(cfg), "--set", "data.seed=7"]) == 2
+    assert "'prepare' outputs" in capsys.readouterr().err
+
+
+def test_resume_continues_from_the_newest_checkpoint(tmp_path, tiny_model_dir, alpaca_path, capsys):
+    cfg = write_config(tmp_path / "exp.yaml", model={"name_or_path": str(tiny_model_dir)}, data={"path": str(alpaca_path)})
+    assert cli.main(["prepare", str(cfg)]) == 0
+    assert cli.main(["train", str(cfg), "--set", "train.max_steps=2"]) == 0  # leaves checkpoint-2
+    rd = tmp_path / "runs" / "t"
+    assert (rd / "checkpoints/checkpoint-2").is_dir()
+    # The stage hash covers max_steps, so resume with the same config as the checkpoints.
+    assert cli.main(["train", str(cfg), "--resume", "--set", "train.max_steps=2"]) == 0
+    assert cli.main(["train", str(cfg), "--resume"]) == 2
+    assert "different config" in capsys.readouterr().err
