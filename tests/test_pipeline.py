@@ -107,3 +107,11 @@ def test_resume_continues_from_the_newest_checkpoint(tmp_path, tiny_model_dir, a
     assert cli.main(["train", str(cfg), "--resume", "--set", "train.max_steps=2"]) == 0
     assert cli.main(["train", str(cfg), "--resume"]) == 2
     assert "different config" in capsys.readouterr().err
+
+
+def test_base_generations_come_from_the_cache_on_a_rerun(run, capsys):
+    cfg, rd = run
+    before = (rd / "predictions.jsonl").read_text()
+    assert cli.main(["eval", str(cfg), "--force"]) == 0
+    assert "base generations reused from the cache" in capsys.readouterr().out
+    assert (rd / "predictions.jsonl").read_text() == before  # greedy and cached: the same answers

@@ -93,7 +93,7 @@ def demo_config(out: Path, model_dir: Path, data_file: Path) -> dict:
         "data": {"path": str(data_file), "num_examples": None, "eval_size": 40, "seed": 42, "max_length": 64},
         "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]},
         "train": {
-            "per_device_train_batch_size": 1, "gradient_accumulation_steps": 8, "max_steps": 200,
+            "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 200,
             "learning_rate": 2e-3, "warmup_steps": 20, "logging_steps": 10, "save_steps": 100,
             "eval_loss_steps": 50, "seed": 42, "precision": "fp32", "device": "cpu",
         },

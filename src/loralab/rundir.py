@@ -29,6 +29,10 @@ STAGE_INPUTS = {
 }
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write via a temp file in the same folder and rename, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,6 +40,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -232,9 +237,10 @@ def environment_info() -> dict[str, Any]:
     except ImportError:
         pass
     try:
-        commit = subprocess.run(
+        proc = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=Path(loralab.__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip() or None
+        )
+        commit = proc.stdout.strip() if proc.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"loralab_version": loralab.__version__, "python": platform.python_version(), "packages": packages, "git_commit": commit}
