@@ -45,35 +45,35 @@ TINYLLAMA_CONFIG = dict(
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1000, chat_template: str | None = TINYLLAMA_CHAT_TEMPLATE):
-    """Train a Llama-style BPE tokenizer on ``texts`` and wrap it as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    """Train a BPE vocabulary on ``texts`` and load it into transformers' own LlamaTokenizer.
+
+    The tokenizer class is the one TinyLlama loads with (Metaspace ``▁`` boundaries, byte fallback, BOS
+    added, no prefix space after a special token), so only the vocabulary differs from the real one.
+    """
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
 
     texts = list(texts)
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    # Newlines stand alone, as Llama's byte-fallback <0x0A> does, so no merge crosses a line break.
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    # Learn merges within words and never across a newline (Llama's newline is the byte token <0x0A>).
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split("\n", behavior="isolated"), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")]
     )
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    alphabet = sorted(set("".join(texts)) | set("\n<|>/"))
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=alphabet,
+        initial_alphabet=sorted(set("".join(texts)) | set("\n<|>/▁")),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
-    # Like Llama's tokenizer: a plain call prepends <s>.
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    wrapped = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token=None
-    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=merges, add_bos_token=True, add_eos_token=False)
     if chat_template is not None:
-        wrapped.chat_template = chat_template
-    return wrapped
+        tokenizer.chat_template = chat_template
+    return tokenizer
 
 
 def tiny_llama_config(vocab_size: int, hidden_size: int = 64, num_hidden_layers: int = 2, **overrides):
