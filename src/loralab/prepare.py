@@ -114,7 +114,6 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
         "trained_token_fraction": (train_stats["trained_tokens"] + eval_stats["trained_tokens"]) / max(total_tokens, 1),
     }
     rundir.root.mkdir(parents=True, exist_ok=True)
-    rundir.write_config()
     write_jsonl(rundir.train_file, train)
     write_jsonl(rundir.eval_file, evals)
     write_json(rundir.stats_file, stats)

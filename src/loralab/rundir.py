@@ -206,6 +206,7 @@ class RunDir:
 
     def mark_done(self, stage: str, stage_hash_: str, wall_s: float, **extra: Any) -> None:
         # Later stages need no invalidation here: their expected hash chains this one's, so it changes too.
+        self.write_config()  # the resolved config of the newest stage (overrides included)
         stages = self.manifest().get("stages", {})
         stages[stage] = {
             "hash": stage_hash_,

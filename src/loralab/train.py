@@ -211,7 +211,10 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
         callbacks=[log],
     )
     trainer.precision = precision
-    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        _close_progress_bars(trainer)  # so an error message starts on its own line, not after a bar
     if log.failure is not None:
         raise log.failure
 
@@ -219,6 +222,14 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     rundir.mark_done("train", expected, time.perf_counter() - start, steps=trainer.state.global_step)
     print(f"train: adapter saved to {rundir.adapter_dir}")
     return expected
+
+
+def _close_progress_bars(trainer: Trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        bar = getattr(callback, "training_bar", None)
+        if bar is not None:
+            bar.close()
+            callback.training_bar = None
 
 
 def _save_adapter(model, adapter_dir: Path) -> None:

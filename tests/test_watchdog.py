@@ -1,0 +1,44 @@
+"""A NaN loss stops training at once with an actionable message, keeping the last good checkpoint."""
+
+import torch
+
+from conftest import write_config
+from loralab import cli, train
+
+
+def test_forced_nan_stops_training_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, alpaca_path, monkeypatch, capsys):
+    cfg = write_config(
+        tmp_path / "exp.yaml",
+        model={"name_or_path": str(tiny_model_dir)},
+        data={"path": str(alpaca_path)},
+        train={"max_steps": 6, "save_steps": 2, "gradient_accumulation_steps": 2, "logging_steps": 1},
+    )
+    assert cli.main(["prepare", str(cfg)]) == 0
+    real = train.response_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, count = real(model, batch)
+        if calls["n"] == 7:  # first micro-batch of optimizer step 4 (two micro-batches a step)
+            loss = loss * torch.tensor(float("nan"))
+        return loss, count
+
+    monkeypatch.setattr(train, "response_loss_sum", poisoned)
+    capsys.readouterr()
+    assert cli.main(["train", str(cfg)]) == 2
+    stderr = capsys.readouterr().err  # progress bars share stderr; the error is one line of its own
+    errors = [line for line in stderr.replace("\r", "\n").splitlines() if line.startswith("loralab: error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr
+    err = errors[0]
+    assert err.startswith("loralab: error: training stopped at step 4: the loss is NaN or infinite")
+    assert "learning_rate" in err and "last good checkpoint is kept" in err
+    rd = tmp_path / "runs" / "t"
+    assert sorted(p.name for p in (rd / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (rd / "adapter").exists()
+    assert calls["n"] == 7  # stopped at once: no further forward pass
+
+
+def test_fp16_hint_mentions_loss_scale_and_fp32():
+    err = train.NonFiniteLoss(12, "loss", "fp16")
+    assert "fp16" in str(err) and "train.precision: fp32" in str(err) and "learning_rate" in str(err)
