@@ -1,8 +1,10 @@
 """Bad input: one clear line on stderr, a non-zero exit, no traceback, nothing already written lost."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -98,3 +100,20 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"loralab: error: config file not found: {tmp_path / 'missing.yaml'}"]
+
+
+@pytest.mark.parametrize("section,key", [("model", "name_or_path"), ("data", "path")])
+def test_unreachable_hub_fails_fast_without_retry_noise(tmp_path, tiny_model_dir, alpaca_path, section, key):
+    # Online mode with an endpoint nobody listens on: huggingface_hub alone would retry with backoff.
+    model = "TinyLlama/TinyLlama-1.1B-Chat-v1.0" if section == "model" else str(tiny_model_dir)
+    data = "tatsu-lab/alpaca" if section == "data" else str(alpaca_path)
+    cfg = write_config(tmp_path / "c.yaml", model={"name_or_path": model}, data={"path": data})
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "loralab", "prepare", str(cfg)], capture_output=True, text=True, env=env, timeout=300)
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is unreachable and it is not in the local cache" in lines[0], proc.stderr
+    assert f"{section}.{key}" in lines[0]

@@ -11,6 +11,7 @@ import torch
 
 from loralab.config import LoraSection, ModelConfig
 from loralab.errors import LoralabError
+from loralab.hub import prepare_hub_access, why_not_loaded
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -106,12 +107,13 @@ def resolve_model_source(model: ModelConfig) -> str:
         return str(path)
     if _looks_like_local_path(model.name_or_path):
         raise LoralabError(f"model path {model.name_or_path} does not exist; set model.name_or_path to a model folder or a hub id")
+    prepare_hub_access()
     return model.name_or_path
 
 
 def _hub_error(name: str, err: Exception) -> LoralabError:
     return LoralabError(
-        f"cannot load '{name}' from the Hugging Face Hub ({type(err).__name__}); check the id, or download it where "
+        f"cannot load '{name}' from the Hugging Face Hub ({why_not_loaded(err)}); check the id, or download it where "
         f"the hub is reachable (`hf download {name} --local-dir DIR`) and set model.name_or_path: DIR"
     )
 

@@ -43,13 +43,16 @@ def read_local_records(path: Path) -> list:
 
 
 def read_hub_records(dataset_id: str, split: str) -> list:
+    from loralab.hub import prepare_hub_access, why_not_loaded
+
+    prepare_hub_access()
     import datasets
 
     try:
         ds = datasets.load_dataset(dataset_id, split=split)
     except Exception as err:  # datasets raises many types (connection, offline mode, missing id)
         raise DataError(
-            f"cannot load dataset '{dataset_id}' from the Hugging Face Hub ({type(err).__name__}); download it where the hub "
+            f"cannot load dataset '{dataset_id}' from the Hugging Face Hub ({why_not_loaded(err)}); download it where the hub "
             f"is reachable, save it as .json/.jsonl and set data.path to that file"
         ) from None
     return [dict(r) for r in ds]
