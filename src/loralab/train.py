@@ -15,9 +15,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from loralab import prepare
 from loralab.config import ExperimentConfig
 from loralab.errors import LoralabError
+from loralab.fused_lora import fuse_lora_layers
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import add_lora, choose_precision, count_parameters, detect_device, device_name, load_model
-from loralab.packing import pack_examples
+from loralab.packing import pack_examples, use_per_example_attention
 from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
 
 
@@ -158,6 +159,67 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
     )
 
 
+MMAP_THRESHOLD_BYTES = 4 << 20
+
+
+def return_freed_memory_to_os() -> bool:
+    """Have glibc serve allocations of 4 MiB and more by mmap, so memory a large freed tensor held goes back
+    to the system at once.
+
+    By default glibc raises its mmap threshold to 32 MiB after the first large free, so the activations
+    of a long packed row (8-25 MiB tensors for TinyLlama at 2,048 tokens) come from the heap, which keeps
+    them after the backward pass frees them: peak resident memory up to twice the live tensors
+    (bench/train_throughput.py --packed-memory: 10.6 -> 8.7 GB at 2,048 tokens). The threshold is not
+    lower because every mmap'd block is fresh zeroed pages: at 1 MiB the benchmark's short Alpaca examples
+    trained 4-13% slower (single runs on a noisy machine). False (nothing done) where libc is not glibc.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES))  # -3: M_MMAP_THRESHOLD (malloc.h)
+    except (OSError, AttributeError):
+        return False
+
+
+def use_cpu_fast_path(model) -> dict:
+    """On a CPU, route a LoRA model's plain LoRA layers through loralab.fused_lora and its attention through
+    loralab.packing.per_example_attention: the same losses and gradients (tests/test_fused.py), about twice
+    the tokens per second (bench/train_throughput.py); and return freed activations to the system
+    (return_freed_memory_to_os). GPUs keep PEFT's and transformers' own kernels, which is where those are
+    fast and where these were not measured."""
+    return {
+        "per_example_attention": use_per_example_attention(model.get_base_model()),
+        "fused_lora_layers": fuse_lora_layers(model),
+        "mmap_threshold": return_freed_memory_to_os(),
+    }
+
+
+def build_model(cfg: ExperimentConfig, precision: str, device: str):
+    """The base model in the compute dtype with fresh LoRA adapters, on a CPU set up for speed (use_cpu_fast_path)."""
+    torch.manual_seed(cfg.train.seed)
+    model = add_lora(load_model(cfg.model, precision, device), cfg.lora)
+    if device == "cpu":
+        use_cpu_fast_path(model)
+    return model
+
+
+def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, precision: str, device: str,
+                  callbacks: list) -> ResponseOnlyTrainer:
+    trainer = ResponseOnlyTrainer(
+        model=model,
+        args=training_arguments(cfg, out_dir, precision, device),
+        train_dataset=train_examples,
+        data_collator=pack_examples,
+        callbacks=callbacks,
+    )
+    trainer.precision = precision
+    return trainer
+
+
 def current_hash(cfg: ExperimentConfig) -> str:
     return stage_hash(cfg, "train", prepare.current_hash(cfg))
 
@@ -186,8 +248,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     train_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.train_file)]
     eval_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.eval_file)]
 
-    torch.manual_seed(cfg.train.seed)
-    model = add_lora(load_model(cfg.model, precision, device), cfg.lora)
+    model = build_model(cfg, precision, device)
     counts = count_parameters(model)
     print(f"train: {counts} on {device} ({device_name(device)}), precision {precision}")
     rundir.update_manifest(

@@ -1,0 +1,364 @@
+"""Training throughput on CPU: loralab's training path against the plain Trainer + PEFT recipes.
+
+All sides train the reference recipe (LoRA r=8, alpha 16, dropout 0.05 on q/k/v/o, 8 examples per
+optimizer step, lr 2e-4) on a TinyLlama-1.1B-shaped model (the real config, random weights, built
+offline once and cached in bf16 with a 32,000-token Llama-style tokenizer trained on the Alpaca texts)
+and on the same real Alpaca examples, encoded by loralab's own prepare stage (the same token ids and
+response-only labels for every side; the first steps x 8 examples of its seeded order):
+
+* loralab: what `loralab train` runs: its model loading (bf16 weights on a bf16-capable CPU), the
+  ResponseOnlyTrainer and its pack_examples collator, built by loralab.train.
+* seed-style: HF Trainer + PEFT get_peft_model, batch 1 x gradient accumulation 8, a
+  DataCollatorForSeq2Seq (padding, -100 labels), fp32 weights: the seed's recipe on a CPU.
+* bf16 hand-configured: the same with the base weights loaded in bf16, the best plain setup.
+
+Each side runs in its own subprocess, one after another. Throughput is real (non-padding) tokens per
+second from the end of the first (warm-up) optimizer step to the end of the last, from on_step_end
+timestamps; memory is the subprocess's peak resident set (ru_maxrss, model loading included). The
+same run measures this CPU's bf16 matmul peak and loralab's model FLOPs utilisation against it.
+
+    python bench/train_throughput.py                    # 1 warm-up + 3 measured steps per side (~10 min)
+    python bench/train_throughput.py --steps 6 --sides loralab,bf16
+    python bench/train_throughput.py --packed-memory    # also: peak RSS training 2,048-token packed rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_en_1k.json"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "loralab" / "bench-train"
+VOCAB_SIZE = 32000
+EXAMPLES_PER_STEP = 8
+LEARNING_RATE = 2e-4
+SEED = 42
+SIDES = {
+    "loralab": "loralab train (ResponseOnlyTrainer, packed collator, bf16 policy)",
+    "seed": "HF Trainer + PEFT, batch 1 x accum 8, fp32",
+    "bf16": "same, base weights in bf16 (hand-configured)",
+}
+TARGETS = {"seed": 2.0, "bf16": 1.1}  # loralab's tokens/s over each side's
+TARGET_MFU = 0.80
+TARGET_PACKED_GB = 8.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per side")
+    parser.add_argument("--warmup-steps", type=int, default=1, help="optimizer steps run first and not counted")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
+    parser.add_argument("--packed-memory", action="store_true", help="also measure peak RSS of loralab training on packed rows")
+    parser.add_argument("--packed-tokens", type=int, default=2048, help="row length of the --packed-memory check")
+    parser.add_argument("--packed-steps", type=int, default=2, help="optimizer steps (one packed row each) of that check")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Alpaca-format JSON records")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the model, tokenizer and encoded data are kept")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
+    args = parser.parse_args(argv)
+    unknown = set(args.sides.split(",")) - set(SIDES)
+    if unknown:
+        parser.error(f"unknown side(s) {', '.join(sorted(unknown))}; choose from {', '.join(SIDES)}")
+    return args
+
+
+# ---------------------------------------------------------------- assets (built once, cached)
+
+
+def asset_dir(cache_dir: Path, data: Path) -> Path:
+    """A cache folder keyed by everything the assets depend on."""
+    from loralab.tiny import TINYLLAMA_CONFIG
+
+    key = json.dumps([TINYLLAMA_CONFIG, VOCAB_SIZE, SEED, hashlib.sha256(data.read_bytes()).hexdigest()], sort_keys=True)
+    return cache_dir / ("tinyllama-random-" + hashlib.sha256(key.encode()).hexdigest()[:12])
+
+
+def experiment_config(root: Path, data: Path, max_steps: int = 1):
+    """The reference recipe as a loralab config (LoRA and lr are loralab's defaults), data kept whole."""
+    from loralab.config import DataConfig, ExperimentConfig, LoraSection, ModelConfig, TrainConfig
+
+    return ExperimentConfig(
+        name="alpaca",
+        output_dir=str(root / "runs"),
+        model=ModelConfig(name_or_path=str(root / "model")),
+        data=DataConfig(path=str(data), num_examples=None, eval_size=0, seed=SEED, max_length=512, template="auto"),
+        lora=LoraSection(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        train=TrainConfig(
+            per_device_train_batch_size=1, gradient_accumulation_steps=EXAMPLES_PER_STEP, max_steps=max_steps,
+            learning_rate=LEARNING_RATE, warmup_steps=0, logging_steps=1, save_steps=10**6, seed=SEED,
+            precision="auto", device="cpu",
+        ),
+    )
+
+
+def build_assets(root: Path, data: Path) -> None:
+    """Model (random weights, bf16 safetensors) + tokenizer, then the encoded examples via loralab prepare."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from loralab import prepare
+    from loralab.data import user_message, validate_record
+    from loralab.tiny import TINYLLAMA_CONFIG, train_tokenizer
+
+    model_dir = root / "model"
+    if not (model_dir / "complete").exists():
+        records = [validate_record(r, f"{data}[{i}]") for i, r in enumerate(json.loads(data.read_text()))]
+        tokenizer = train_tokenizer([user_message(r) + "\n" + r["output"] for r in records], vocab_size=VOCAB_SIZE)
+        config = LlamaConfig(**TINYLLAMA_CONFIG | dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                                      eos_token_id=tokenizer.eos_token_id))
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        (model_dir / "complete").write_text("")
+        del model
+    prepare.run(experiment_config(root, data))  # skips itself when up to date
+
+
+def load_examples(root: Path, data: Path, n: int) -> list[dict]:
+    from loralab.rundir import RunDir, read_jsonl
+
+    rows = read_jsonl(RunDir(experiment_config(root, data)).train_file)
+    if len(rows) < n:
+        raise SystemExit(f"only {len(rows)} encoded examples; fewer steps please")
+    return [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows[:n]]
+
+
+# ---------------------------------------------------------------- measurement helpers (in the worker)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def make_clock():
+    """A TrainerCallback timing optimizer steps, and a forward pre-hook counting real tokens fed."""
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.tokens = 0
+            self.marks: list[tuple[int, float, int]] = []  # (step, time, tokens so far)
+            self.losses: list[float] = []
+
+        def count_tokens(self, module, args, kwargs):
+            if module.training:
+                mask = kwargs.get("attention_mask")
+                ids = kwargs.get("input_ids", args[0] if args else None)
+                self.tokens += int(mask.sum()) if mask is not None else ids.numel()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.marks.append((state.global_step, time.perf_counter(), self.tokens))
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+        def result(self, warmup: int) -> dict:
+            (_, t0, n0), (_, t1, n1) = self.marks[warmup - 1], self.marks[-1]
+            step_times = [b[1] - a[1] for a, b in zip(self.marks[warmup - 1 :], self.marks[warmup:])]
+            return {"tokens": n1 - n0, "seconds": t1 - t0, "tokens_per_s": (n1 - n0) / (t1 - t0),
+                    "step_seconds": step_times, "losses": self.losses, "peak_rss": peak_rss_bytes()}
+
+    return StepClock()
+
+
+def loralab_trainer(cfg, dataset: list, out_dir: Path, callbacks: list, collator=None):
+    """Exactly the objects `loralab train` builds (see loralab.train.run)."""
+    from loralab import train
+    from loralab.modeling import choose_precision, detect_device
+
+    device = detect_device(cfg.train.device)
+    precision = choose_precision(device, cfg.train.precision)
+    model = train.build_model(cfg, precision, device)
+    trainer = train.build_trainer(cfg, model, dataset, out_dir, precision, device, callbacks)
+    if collator is not None:
+        trainer.data_collator = collator
+    return trainer, precision
+
+
+def plain_trainer(root: Path, examples: list[dict], max_steps: int, out_dir: Path, callbacks: list, bf16_weights: bool):
+    """The seed's recipe: plain Trainer, get_peft_model, padded micro-batches of 1, model-computed loss."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tokenizer = AutoTokenizer.from_pretrained(root / "model")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.bfloat16 if bf16_weights else torch.float32)
+    torch.manual_seed(SEED)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    args = TrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=1, gradient_accumulation_steps=EXAMPLES_PER_STEP,
+        max_steps=max_steps, learning_rate=LEARNING_RATE, warmup_steps=0, logging_steps=1, save_strategy="no",
+        seed=SEED, data_seed=SEED, use_cpu=True, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+    )
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    return Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks)
+
+
+def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict:
+    import torch
+
+    examples = load_examples(root, data, (warmup + steps) * EXAMPLES_PER_STEP)
+    clock = make_clock()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as tmp:
+        if side == "loralab":
+            cfg = experiment_config(root, data, max_steps=warmup + steps)
+            trainer, precision = loralab_trainer(cfg, examples, Path(tmp), [clock])
+        else:
+            trainer, precision = plain_trainer(root, examples, warmup + steps, Path(tmp), [clock], side == "bf16"), side
+        trainer.model.register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
+        trainer.train()
+    return clock.result(warmup) | {"precision": precision, "threads": torch.get_num_threads()}
+
+
+def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
+    """loralab's trainer on rows of up to ``tokens`` tokens, each a whole optimizer step (best-fit packed)."""
+    from loralab.packing import pack_examples, plan_rows
+
+    examples = load_examples(root, data, 999)
+    lengths = [len(e["input_ids"]) for e in examples]
+    rows = sorted(plan_rows(lengths, tokens), key=lambda r: -sum(lengths[i] for i in r))[:steps]
+    dataset = [[examples[i] for i in row] for row in rows]
+    cfg = experiment_config(root, data, max_steps=steps)
+    cfg.train.gradient_accumulation_steps = 1
+    clock = make_clock()
+    with tempfile.TemporaryDirectory(prefix="bench-packed-") as tmp:
+        # Each dataset item is one row's examples; the collator lays them end to end, as pack_examples does.
+        collator = lambda batch: pack_examples([ex for row in batch for ex in row])  # noqa: E731
+        trainer, precision = loralab_trainer(cfg, dataset, Path(tmp), [clock], collator)
+        trainer.model.register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
+        trainer.train()
+    return {"row_tokens": [sum(lengths[i] for i in r) for r in rows], "peak_rss": peak_rss_bytes(), "precision": precision,
+            "seconds": clock.marks[-1][1] - clock.marks[0][1] if len(clock.marks) > 1 else None}
+
+
+def matmul_peak(n: int = 4096, repeats: int = 6) -> dict:
+    """Best-of-``repeats`` bf16 (n x n) @ (n x n) throughput in FLOP/s."""
+    import torch
+
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return {"flops": 2 * n**3 / best, "n": n}
+
+
+def worker(job: dict) -> dict:
+    root, data = Path(job["root"]), Path(job["data"])
+    if job["kind"] == "assets":
+        build_assets(root, data)
+        return {}
+    if job["kind"] == "matmul":
+        return matmul_peak()
+    if job["kind"] == "packed":
+        return run_packed_memory(root, data, job["tokens"], job["steps"])
+    return run_side(job["kind"], root, data, job["steps"], job["warmup"])
+
+
+# ---------------------------------------------------------------- orchestration (parent process)
+
+
+def in_subprocess(job: dict) -> dict:
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{job['kind']} worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def flops_per_token(root: Path, examples: list[dict]) -> tuple[float, int]:
+    """Model FLOPs per trained-on token with a frozen base: 4 x non-embedding parameters (forward, and
+    the backward's input gradients) plus causal attention (QK^T and PV forward, 3x that with backward)."""
+    from transformers import AutoConfig
+
+    from loralab.tiny import TINYLLAMA_CONFIG
+
+    c = AutoConfig.from_pretrained(root / "model")
+    head_dim = c.hidden_size // c.num_attention_heads
+    kv = c.num_key_value_heads * head_dim
+    per_layer = c.hidden_size * (c.hidden_size * 2 + kv * 2) + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
+    non_embedding = c.num_hidden_layers * per_layer + c.hidden_size + c.hidden_size * c.vocab_size  # + final norm, lm_head
+    lengths = [len(e["input_ids"]) for e in examples]
+    # causal: position i attends to i+1 keys; 2 matmuls x 2 FLOPs x heads x head_dim, forward; backward is 2x forward
+    attention = 3 * sum(2 * 2 * c.hidden_size * n * (n + 1) / 2 for n in lengths) * c.num_hidden_layers / sum(lengths)
+    assert c.hidden_size == TINYLLAMA_CONFIG["hidden_size"]
+    return 4 * non_embedding + attention, non_embedding
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if not args.data.exists():
+        raise SystemExit(f"data file not found: {args.data} (pass --data)")
+    root = asset_dir(args.cache_dir, args.data)
+    base = {"root": str(root), "data": str(args.data), "steps": args.steps, "warmup": args.warmup_steps}
+    started = time.perf_counter()
+    in_subprocess(base | {"kind": "assets"})
+    print(f"assets: {root} (model, tokenizer, encoded examples; built once)", flush=True)
+
+    results = {}
+    for side in args.sides.split(","):
+        results[side] = in_subprocess(base | {"kind": side})
+        r = results[side]
+        print(f"  {side:<8} {r['tokens_per_s']:6.1f} tokens/s  ({r['tokens']} tokens in {r['seconds']:.1f} s, "
+              f"steps {', '.join(f'{s:.1f}' for s in r['step_seconds'])} s; losses {', '.join(f'{x:.4f}' for x in r['losses'])})",
+              flush=True)
+    peak = in_subprocess(base | {"kind": "matmul"})["flops"]
+
+    examples = load_examples(root, args.data, (args.warmup_steps + args.steps) * EXAMPLES_PER_STEP)
+    per_token, non_embedding = flops_per_token(root, examples[args.warmup_steps * EXAMPLES_PER_STEP :])
+    measured = sum(len(e["input_ids"]) for e in examples[args.warmup_steps * EXAMPLES_PER_STEP :])
+    import torch
+
+    print(f"\n== TinyLlama-1.1B shape, random weights; {args.warmup_steps} warm-up + {args.steps} measured optimizer steps "
+          f"x {EXAMPLES_PER_STEP} real Alpaca examples ({measured} tokens measured); torch threads {torch.get_num_threads()}")
+    print(f"   bf16 matmul peak ({4096}^3, best of 6): {peak / 1e9:.0f} GFLOP/s; model FLOPs per token "
+          f"{per_token / 1e9:.3f} GFLOP (4 x {non_embedding / 1e9:.3f} G non-embedding params + attention)")
+    header = f"   {'side':<50} {'tokens/s':>8} {'peak RSS':>9} {'vs seed':>8} {'vs bf16':>8} {'MFU':>6}"
+    print(header)
+    print("   " + "-" * (len(header) - 3))
+    for side, r in results.items():
+        ratio = {k: (f"{r['tokens_per_s'] / results[k]['tokens_per_s']:.2f}x" if k in results else "-") for k in ("seed", "bf16")}
+        mfu = r["tokens_per_s"] * per_token / peak
+        print(f"   {SIDES[side]:<50} {r['tokens_per_s']:8.1f} {r['peak_rss'] / 1e9:6.2f} GB {ratio['seed']:>8} {ratio['bf16']:>8} {100 * mfu:5.1f}%")
+
+    ok = True
+    if "loralab" in results:
+        ours = results["loralab"]["tokens_per_s"]
+        for side, target in TARGETS.items():
+            if side in results:
+                got = ours / results[side]["tokens_per_s"]
+                ok &= got >= target
+                print(f"   target loralab >= {target:.1f}x {side}: {got:.2f}x {'met' if got >= target else 'MISSED'}")
+        mfu = ours * per_token / peak
+        ok &= mfu >= TARGET_MFU
+        print(f"   target loralab MFU >= {100 * TARGET_MFU:.0f}% of the measured matmul peak: {100 * mfu:.1f}% "
+              f"{'met' if mfu >= TARGET_MFU else 'MISSED'}")
+    if args.packed_memory:
+        r = in_subprocess(base | {"kind": "packed", "tokens": args.packed_tokens, "steps": args.packed_steps})
+        gb = r["peak_rss"] / 1e9
+        ok &= gb < TARGET_PACKED_GB
+        print(f"   loralab training on packed rows of up to {args.packed_tokens} tokens ({', '.join(map(str, r['row_tokens']))} "
+              f"tokens, {r['precision']}): peak RSS {gb:.2f} GB, target < {TARGET_PACKED_GB:.0f} GB "
+              f"{'met' if gb < TARGET_PACKED_GB else 'MISSED'}")
+    print(f"   (whole benchmark {time.perf_counter() - started:.0f} s)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""The training speed paths are exact: fused LoRA layers and per-example attention give PEFT's and SDPA's
+losses and gradients, and a packed row through them equals its examples run one by one."""
+
+import pytest
+import torch
+
+from loralab.config import LoraSection, ModelConfig
+from loralab.fused_lora import LoraLinearFunction, fuse_lora_layers, keep_mask
+from loralab.loss import response_loss_sum
+from loralab.modeling import add_lora, load_model
+from loralab.packing import pack_examples, per_example_attention, use_per_example_attention
+from loralab.train import use_cpu_fast_path
+
+
+def _lora_model(model_dir, dropout=0.0, precision="fp32"):
+    torch.manual_seed(0)
+    model = add_lora(load_model(ModelConfig(name_or_path=str(model_dir)), precision, "cpu"), LoraSection(lora_dropout=dropout))
+    with torch.no_grad():  # LoRA B starts at zero, which would hide a wrong gradient through A
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _examples(vocab, lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return out
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad()
+    s, n = response_loss_sum(model, batch)
+    s.backward()
+    return s.item(), n, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    model.train()
+    batch = pack_examples(_examples(model.config.vocab_size, [17, 30, 9]))
+    peft_loss, n, peft_grads = _loss_and_grads(model, batch)
+    switched = fuse_lora_layers(model)
+    assert switched == 4 * model.config.num_hidden_layers  # q, k, v, o in every layer
+    fused_loss, n2, fused_grads = _loss_and_grads(model, batch)
+    assert n == n2
+    torch.testing.assert_close(fused_loss, peft_loss, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == peft_grads.keys()
+    for name in peft_grads:
+        torch.testing.assert_close(fused_grads[name], peft_grads[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_lora_dropout_forward_and_backward_use_one_mask(dtype, tol):
+    """The backward redraws the forward's dropout mask from the saved random state: gradients equal the
+    textbook formula with that one mask, and the generator ends where a single draw leaves it."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 32).to(dtype).requires_grad_()
+    weight = torch.randn(16, 32).to(dtype)
+    a = torch.randn(8, 32, requires_grad=True)
+    b = torch.randn(16, 8, requires_grad=True)
+    grad_out = torch.randn(4, 6, 16).to(dtype)
+    torch.manual_seed(1)
+    y = LoraLinearFunction.apply(x, weight, None, a, b, 2.0, 0.5)
+    after_forward = torch.get_rng_state()
+    y.backward(grad_out)
+    assert torch.equal(torch.get_rng_state(), after_forward)  # the backward's redraw left no trace
+
+    torch.manual_seed(1)
+    keep, q = keep_mask(torch.Size([24, 32]), 0.5, dtype, "cpu")
+    assert 0 < keep.float().mean() < 1
+    xr, ar, br = x.detach().float().requires_grad_(), a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    x2 = xr.reshape(24, 32)
+    ref = x2 @ weight.float().t() + ((x2 * keep.float()) @ ar.t()) @ br.t() * (2.0 / q)
+    ref.backward(grad_out.float().reshape(24, 16))
+    assert a.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == dtype
+    # relative error of the whole tensor: bf16 rounding moves single elements, a different mask moves all
+    for got, want in [(y.reshape(24, 16), ref), (x.grad, xr.grad), (a.grad, ar.grad), (b.grad, br.grad)]:
+        assert (got.detach().float() - want.detach()).norm() / want.norm() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_keep_mask_is_binary_with_the_right_rate(dtype):
+    torch.manual_seed(0)
+    mask, q = keep_mask(torch.Size([200_000]), 0.05, dtype, "cpu")
+    assert mask.dtype == dtype
+    values = set(mask.float().unique().tolist())
+    assert values == {0.0, 1.0}
+    assert abs(q - 0.95) < 1e-4
+    assert abs(mask.float().mean().item() - q) < 0.005
+
+
+def test_per_example_attention_equals_sdpa_with_a_block_mask():
+    torch.manual_seed(0)
+    heads, kv_heads, dim, lengths = 4, 2, 16, [5, 12, 7]
+    total = sum(lengths)
+    q = torch.randn(1, heads, total, dim, requires_grad=True)
+    k = torch.randn(1, kv_heads, total, dim, requires_grad=True)
+    v = torch.randn(1, kv_heads, total, dim, requires_grad=True)
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    out, _ = per_example_attention(None, q, k, v, None, position_ids=position_ids, scaling=dim**-0.5)
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    allowed = (seg[:, None] == seg[None, :]) & torch.ones(total, total, dtype=torch.bool).tril()
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(heads // kv_heads, 1), v.repeat_interleave(heads // kv_heads, 1), attn_mask=allowed
+    ).transpose(1, 2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = torch.autograd.grad(ref, (q, k, v), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_training_model_packed_equals_one_by_one(tiny_model_dir):
+    """The model `loralab train` builds on a CPU (fused LoRA, per-example attention): packing changes nothing."""
+    model = _lora_model(tiny_model_dir)
+    switched = use_cpu_fast_path(model)
+    assert switched["per_example_attention"] and switched["fused_lora_layers"] == 4 * model.config.num_hidden_layers
+    model.train()
+    examples = _examples(model.config.vocab_size, [17, 5, 30, 11])
+    total, count, summed = 0.0, 0, None
+    for ex in examples:
+        s, n, g = _loss_and_grads(model, pack_examples([ex]))
+        total, count = total + s, count + n
+        summed = g if summed is None else {k: summed[k] + g[k] for k in g}
+    s, n, packed = _loss_and_grads(model, pack_examples(examples))
+    assert n == count
+    torch.testing.assert_close(s, total, rtol=1e-5, atol=1e-5)
+    for name in packed:
+        torch.testing.assert_close(packed[name], summed[name], rtol=1e-4, atol=1e-6)
+
+
+def test_generation_with_padding_still_works_after_switching_attention(tiny_model_dir):
+    model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), "fp32", "cpu").eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7], [4, 5, 6, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    before = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert use_per_example_attention(model)
+    after = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(before, after)
