@@ -33,6 +33,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints/")
         if name == "plan":
             p.add_argument("--device", default="auto", help="device profile: t4, a100, h100, m2-16gb, cpu or auto")
+            p.add_argument("--calibrate", action="store_true",
+                           help="on a CPU, measure this machine's matmul peaks first (a few seconds) instead of the reference CPU's")
         if name == "inspect":
             p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to render (default 3)")
     demo = sub.add_parser("demo", help="the whole pipeline offline on a tiny model, in a few minutes on a CPU")
@@ -73,7 +75,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "plan":
         from loralab import plan
 
-        plan.run(cfg, device=args.device)
+        plan.run(cfg, device=args.device, calibrate=args.calibrate)
     elif args.command == "inspect":
         from loralab import inspect_data
 

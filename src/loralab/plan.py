@@ -1,0 +1,696 @@
+"""`loralab plan`: predict peak memory and training time on a device before loading any weights.
+
+The estimate is arithmetic on the model's config.json, the LoRA and train sections and the prepared
+example lengths, for loralab's own training loop (see loralab.train):
+
+* base weights frozen and stored in the compute dtype; LoRA weights, their gradients and AdamW's two
+  moments in fp32 (4 + 4 + 8 bytes per trainable parameter);
+* one micro-batch = ``per_device_train_batch_size`` examples packed padding-free into one row; the
+  largest such row (the batch's longest examples together) sets the peak;
+* activations: what autograd saves for each decoder layer's backward (frozen linears save nothing;
+  LoRA saves an fp32 copy of its input, and dropout its mask; RMSNorm an fp32 copy of its input; the
+  MLP its three intermediates; attention q, k, v, its output), or with gradient checkpointing only
+  each layer's boundary tensors plus one layer recomputed during the backward pass; times what the
+  allocator holds per live byte (glibc on CPU: about 2x);
+* logits only at trained positions, upcast to fp32 for the loss (loralab.loss), never tokens x vocab;
+* time per micro-batch: matmul FLOPs (forward 2 x params per token, backward 2 x params for the input
+  gradient only: the frozen base needs no weight gradient; one more forward with checkpointing) over
+  peak x efficiency; attention FLOPs over its own (lower, head_dim-dependent) efficiency; activation
+  traffic over memory bandwidth; dropout masks; per-layer host overhead. Whole run = max_steps x
+  accumulation x micro-batch.
+
+Device profiles are data (PROFILES); add an entry to plan for another device. The CPU numbers were
+measured on a 2-core AVX-512-BF16 EPYC; bench/plan_validation.py checks them against real steps and
+fits them (--calibrate) on shapes other than the ones it validates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from loralab.config import ExperimentConfig, LoraSection, ModelConfig, TrainConfig
+from loralab.errors import LoralabError
+
+GB = 1e9
+GiB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+LORA_STATE_BYTES = 4 + 4 + 8  # fp32 weight + fp32 gradient + AdamW exp_avg and exp_avg_sq
+LOGITS_PEAK_BYTES = 12  # per kept logit at the loss backward: fp32 log-probs + incoming grad + outgoing grad
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    description: str
+    memory_bytes: int
+    """Memory training can use (GPU memory; RAM available to the process on CPU)."""
+    peak_flops: dict[str, float]
+    """Dense matmul peak in FLOP/s per compute precision; the keys are the precisions the device supports."""
+    bandwidth: float
+    """Memory bandwidth in bytes/s (elementwise work and weight reads are bound by it)."""
+    default_precision: str
+    """What train.precision: auto picks on this device (loralab.modeling.choose_precision)."""
+    efficiency: float
+    """Fraction of the matmul peak a LoRA training step's linear layers reach."""
+    attention_efficiency: dict[int, float]
+    """Fraction of the matmul peak the fused attention kernel reaches, by head_dim (interpolated in log2)."""
+    attention_block: int
+    """Key block of the causal attention kernel: blocks on the diagonal are computed whole, so an
+    example shorter than this costs all of its tokens x tokens pairs, not half."""
+    framework_bytes: int
+    """Memory in use before the first weight: CUDA context and kernels, or interpreter and libraries on CPU."""
+    op_overhead_s: float
+    """Host time per decoder layer per micro-batch: dispatching ~100 forward+backward ops, AdamW's share."""
+    step_overhead_s: float
+    """Host time per micro-batch outside the layers: collation, loss, bookkeeping."""
+    async_dispatch: bool
+    """GPUs run kernels while the host queues the next ones (time = max); a CPU does one then the other (sum)."""
+    dropout_mask_bytes: int
+    """Bytes per element of the dropout mask autograd keeps: a bool on CUDA, the scaled fp32 mask elsewhere."""
+    dropout_s_per_element: float = 0.0
+    """Time to draw one dropout mask element: a CPU's random-number generator is far slower than a copy."""
+    score_s_per_element: float = 0.0
+    """On a CPU, per-example attention's cost per (head, query, key) score beyond its matmuls at the matmul
+    efficiency (masking, softmax and its backward, small-matrix inefficiency), forward and backward."""
+    basis: str = "vendor peaks x typical efficiencies, not measured by loralab"
+    """Where the time constants come from, printed under the plan."""
+    allocator_factor: float = 1.0
+    """Memory held per byte of live activations. glibc's heap keeps freed activation memory mapped (its
+    mmap threshold rises to the largest freed block), so on CPU peak RSS is about twice the live bytes;
+    CUDA's caching allocator reuses blocks and loses only fragmentation."""
+
+
+def _cuda(name, description, memory, flops, bandwidth, precision, efficiency) -> DeviceProfile:
+    return DeviceProfile(
+        name=name, description=description, memory_bytes=memory, peak_flops=flops, bandwidth=bandwidth,
+        default_precision=precision, efficiency=efficiency,
+        attention_efficiency={64: 0.3, 128: 0.4}, attention_block=128,  # SDPA flash / memory-efficient kernels
+        framework_bytes=int(0.6 * GiB),  # CUDA context, cuBLAS workspace, allocator slack
+        op_overhead_s=2.0e-3, step_overhead_s=5e-3, async_dispatch=True, dropout_mask_bytes=1,
+        allocator_factor=1.1,
+    )
+
+
+# GPU peaks are vendor dense (no sparsity) tensor-core figures; their efficiencies are typical for
+# LoRA-sized matmuls (a few thousand tokens x a few thousand features), not validated on the device here.
+PROFILES: dict[str, DeviceProfile] = {
+    "t4": _cuda("t4", "NVIDIA T4 16 GB (Colab free tier)", 15 * GiB,
+                {"fp16": 65e12, "fp32": 8.1e12}, 320e9, "fp16", 0.30),
+    "a100": _cuda("a100", "NVIDIA A100 40 GB", 40 * GiB,
+                  {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 1555e9, "bf16", 0.45),
+    "h100": _cuda("h100", "NVIDIA H100 SXM 80 GB", 80 * GiB,
+                  {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 3350e9, "bf16", 0.40),
+    "m2-16gb": DeviceProfile(
+        name="m2-16gb", description="Apple M2, 16 GB unified memory (MPS)",
+        memory_bytes=int(0.67 * 16 * GiB),  # macOS lets Metal wire about two thirds of RAM
+        peak_flops={"bf16": 3.6e12, "fp32": 3.6e12}, bandwidth=100e9, default_precision="bf16",
+        efficiency=0.5, attention_efficiency={64: 0.2, 128: 0.3}, attention_block=128,
+        framework_bytes=int(0.8 * GiB), op_overhead_s=3.0e-3, step_overhead_s=10e-3,
+        async_dispatch=True, dropout_mask_bytes=4, allocator_factor=1.1,
+    ),
+    # Measured on a 2-core AMD EPYC with AVX-512-BF16 (torch 2.13, oneDNN): matmul peaks with 2 threads;
+    # bandwidth (torch.add on 64 MB tensors), attention efficiency (SDPA causal forward+backward) and the
+    # dropout mask cost by micro-benchmarks on one core; efficiency, host overheads and framework memory
+    # fitted by `bench/plan_validation.py --calibrate` on shapes the validation does not use.
+    # memory_bytes is replaced by this machine's available RAM at plan time (cpu_profile).
+    "cpu": DeviceProfile(
+        name="cpu", description="this machine's CPU", memory_bytes=16 * GiB,
+        peak_flops={"bf16": 316e9, "fp32": 172e9}, bandwidth=23e9, default_precision="bf16",
+        efficiency=0.84, attention_efficiency={16: 0.18, 32: 0.27, 64: 0.38, 128: 0.46}, attention_block=512,
+        framework_bytes=int(0.45 * GiB), op_overhead_s=3.2e-3, step_overhead_s=3.8e-3,
+        async_dispatch=False, dropout_mask_bytes=4, dropout_s_per_element=6.2e-9, allocator_factor=2.0,
+        score_s_per_element=4e-9,  # loralab.packing.CausalAttention, one core: 2.9-4.8 ns at 8-16 heads, L 384-512
+        basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 7%, time within 15% there (31% over with "
+        "gradient checkpointing); bench/plan_validation.py checks another CPU",
+    ),
+}
+
+
+def attention_efficiency(profile: DeviceProfile, head_dim: int) -> float:
+    """The profile's attention efficiency at ``head_dim``, interpolated in log2(head_dim), clamped at the ends."""
+    points = sorted(profile.attention_efficiency.items())
+    x = math.log2(head_dim)
+    if x <= math.log2(points[0][0]):
+        return points[0][1]
+    for (d0, e0), (d1, e1) in zip(points, points[1:]):
+        x0, x1 = math.log2(d0), math.log2(d1)
+        if x <= x1:
+            return e0 + (e1 - e0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+# Model shape --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a Llama-style decoder (Llama, Mistral, Qwen2/3, Gemma, TinyLlama) that size a run."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    tied_embeddings: bool
+    biased: tuple[str, ...] = ()
+    """Linears that carry a bias (Llama's attention_bias: q/k/v/o; Qwen2: q/k/v; mlp_bias: the MLP's)."""
+
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear in a decoder layer, by its module name."""
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    @property
+    def layer_linear_params(self) -> int:
+        dims = self.module_dims()
+        return sum(a * b for a, b in dims.values()) + sum(dims[m][1] for m in self.biased)
+
+    @property
+    def total_params(self) -> int:
+        embed = self.vocab_size * self.hidden_size
+        head = 0 if self.tied_embeddings else embed
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return embed + head + self.num_layers * self.layer_linear_params + norms
+
+
+def model_shape(config: dict[str, Any]) -> ModelShape:
+    """Read a Llama-style shape from config.json fields (a multimodal config's ``text_config`` is used)."""
+    if isinstance(config.get("text_config"), dict):
+        config = config["text_config"]
+    needed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    missing = [k for k in needed if not isinstance(config.get(k), int)]
+    if missing:
+        kind = config.get("model_type", "unknown")
+        raise LoralabError(
+            f"plan understands Llama-style decoder configs (Llama, Mistral, Qwen2, Gemma); this config "
+            f"(model_type {kind}) lacks {', '.join(missing)}"
+        )
+    heads = config["num_attention_heads"]
+    biased: tuple[str, ...] = ()
+    if config.get("attention_bias"):
+        biased += ("q_proj", "k_proj", "v_proj", "o_proj")
+    elif config.get("model_type") == "qwen2":
+        biased += ("q_proj", "k_proj", "v_proj")  # Qwen2 always has q/k/v biases and no config key for them
+    if config.get("mlp_bias"):
+        biased += ("gate_proj", "up_proj", "down_proj")
+    return ModelShape(
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+        # transformers' own default is tied; Llama-family configs say so explicitly.
+        tied_embeddings=bool(config.get("tie_word_embeddings", True)),
+        biased=biased,
+    )
+
+
+def lora_modules(shape: ModelShape, lora: LoraSection) -> list[tuple[int, int]]:
+    """(in, out) of every adapted linear across all layers."""
+    dims = shape.module_dims()
+    unknown = [m for m in lora.target_modules if m not in dims]
+    if unknown:
+        raise LoralabError(f"plan does not know lora.target_modules {unknown}; it knows {', '.join(dims)}")
+    return [dims[m] for m in lora.target_modules] * shape.num_layers
+
+
+def lora_trainable_params(shape: ModelShape, lora: LoraSection) -> int:
+    return sum(lora.r * (a + b) for a, b in lora_modules(shape, lora))
+
+
+# The estimate -------------------------------------------------------------------------------------
+
+@dataclass
+class MemoryItem:
+    label: str
+    bytes: float
+    note: str = ""
+
+
+@dataclass
+class Suggestion:
+    settings: list[str]
+    """The config change as ``section.key=value`` overrides (``--set`` arguments)."""
+    note: str
+    peak_bytes: float
+    fits: bool
+    microbatch_seconds: float
+
+
+@dataclass
+class Plan:
+    device: DeviceProfile
+    precision: str
+    total_params: int
+    trainable_params: int
+    peak_tokens: int
+    """Tokens in the largest micro-batch (the ``batch`` longest examples packed), which sets peak memory."""
+    mean_tokens: float
+    memory: list[MemoryItem]
+    flops_per_microbatch: float
+    microbatch_seconds: float
+    step_seconds: float
+    run_seconds: float
+    tokens_per_second: float
+    max_steps: int
+    notes: list[str] = field(default_factory=list)
+    suggestions: list[Suggestion] = field(default_factory=list)
+
+    @property
+    def peak_bytes(self) -> float:
+        return sum(item.bytes for item in self.memory)
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.device.memory_bytes
+
+
+# Inputs that adapted linears of one layer share: q/k/v read the same normed hidden state, gate/up another.
+_SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in", "up_proj": "mlp_in"}
+PER_EXAMPLE_MAX_TOKENS = 1024  # loralab.packing.MATERIALISED_MAX_TOKENS: longer examples use SDPA's kernel
+
+
+def cpu_fast_path(profile: DeviceProfile, attn_implementation: str) -> bool:
+    """Whether `loralab train` runs fused LoRA layers and per-example attention (loralab.train.use_cpu_fast_path)."""
+    return profile.name == "cpu" and attn_implementation == "sdpa"
+
+
+def activation_bytes_per_token(shape: ModelShape, lora: LoraSection, act_bytes: int, mask_bytes: int,
+                               fused: bool = False) -> float:
+    """Bytes autograd keeps per token for one decoder layer's backward (no checkpointing).
+
+    ``fused``: LoRA layers run through loralab.fused_lora, which keeps each distinct input once in the
+    compute dtype and the rank-r product (the dropout mask is drawn again in the backward), instead of PEFT's
+    fp32 input copies and masks.
+    """
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    norms = 2 * h * 4  # RMSNorm computes in fp32 and keeps its fp32 input
+    mlp = 3 * i * act_bytes  # gate, silu(gate), up: the frozen down_proj keeps nothing
+    attention = (2 * q + 2 * kv) * act_bytes + shape.num_heads * 4  # q, output, k, v; log-sum-exp
+    dims = shape.module_dims()
+    if fused:
+        inputs = {_SHARED_INPUT.get(m, m): dims[m][0] for m in lora.target_modules}
+        adapters = sum(inputs.values()) * act_bytes + len(lora.target_modules) * lora.r * act_bytes
+        return norms + mlp + attention + adapters
+    # PEFT upcasts each adapted linear's input to the fp32 LoRA dtype; lora_A keeps it (and dropout its mask).
+    per_input = 4 + (mask_bytes if lora.lora_dropout > 0 else 0)
+    adapters = sum(dims[m][0] * per_input + lora.r * 4 for m in lora.target_modules)
+    return norms + mlp + attention + adapters
+
+
+def backward_transient_per_token(shape: ModelShape, act_bytes: int) -> float:
+    """Gradients alive at once inside one layer's backward (the MLP's, the widest, plus the norms')."""
+    return 4 * shape.intermediate_size * act_bytes + 4 * shape.hidden_size * 4
+
+
+def estimate(
+    model_config: dict[str, Any],
+    lora: LoraSection,
+    train: TrainConfig,
+    lengths: list[int],
+    profile: DeviceProfile,
+    precision: str,
+    *,
+    trained_counts: list[int] | None = None,
+    attn_implementation: str = "sdpa",
+    with_suggestions: bool = True,
+) -> Plan:
+    """Predict peak memory and time for training on ``profile``.
+
+    ``lengths`` are the training examples' token counts; ``trained_counts`` their trained (response)
+    token counts (default: every token trained, the worst case for the logits).
+    """
+    if not lengths:
+        raise LoralabError("plan needs at least one training example length")
+    if precision not in profile.peak_flops:
+        raise LoralabError(
+            f"{profile.description} cannot train in {precision}; set train.precision to one of {', '.join(profile.peak_flops)}"
+        )
+    trained_counts = list(lengths) if trained_counts is None else list(trained_counts)
+    shape = model_shape(model_config)
+    b = DTYPE_BYTES[precision]
+    batch = train.per_device_train_batch_size
+    n_layers = shape.num_layers
+    notes: list[str] = []
+
+    # Worst micro-batch for memory; the average one for time. A split smaller than the batch is one micro-batch.
+    batch = min(batch, len(lengths))
+    peak_tokens = sum(sorted(lengths, reverse=True)[:batch])
+    peak_trained = sum(sorted(trained_counts, reverse=True)[:batch])
+    mean_len = statistics.fmean(lengths)
+    mean_tokens = batch * mean_len
+    mean_trained = batch * statistics.fmean(trained_counts)
+
+    total = shape.total_params
+    trainable = lora_trainable_params(shape, lora)
+    fast = cpu_fast_path(profile, attn_implementation)
+    per_token = activation_bytes_per_token(shape, lora, b, profile.dropout_mask_bytes, fused=fast)
+    # A checkpointed layer keeps about two hidden-size tensors per token (its input and the residual it
+    # returns, measured on CPU); the backward pass recomputes one layer at a time.
+    kept_per_layer = 2 * shape.hidden_size * b
+    if train.gradient_checkpointing:
+        saved = peak_tokens * (n_layers * kept_per_layer + per_token)
+        act_note = f"{n_layers} checkpointed layer inputs + 1 recomputed layer, {peak_tokens:,} tokens"
+    else:
+        saved = peak_tokens * n_layers * per_token
+        act_note = f"{n_layers} layers x {peak_tokens:,} tokens x {per_token / 1e3:.0f} kB"
+    saved += peak_tokens * shape.hidden_size * (b + 4)  # embeddings out, final norm's fp32 input
+    if batch > 1 and attn_implementation != "flash_attention_2" and not fast:
+        saved += peak_tokens**2  # the packed row's block-causal mask (bool, tokens x tokens)
+    if fast:
+        # per-example attention keeps each example's (heads x L x L) probabilities in the compute dtype
+        layers_kept = 1 if train.gradient_checkpointing else n_layers
+        peak_examples = sorted(lengths, reverse=True)[:batch]
+        saved += layers_kept * shape.num_heads * sum(n * n for n in peak_examples if n <= PER_EXAMPLE_MAX_TOKENS) * b
+    if attn_implementation == "eager":
+        # eager attention materialises (heads, tokens, tokens) probabilities and keeps them per layer
+        layers_kept = 1 if train.gradient_checkpointing else n_layers
+        saved += layers_kept * shape.num_heads * peak_tokens**2 * (b + 4)
+        notes.append("attn_implementation eager keeps heads x tokens^2 attention probabilities per layer; sdpa does not")
+    logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
+    # loralab.train.return_freed_memory_to_os has glibc give freed activations back: no heap left holding them
+    held = 1.0 if fast else profile.allocator_factor
+    transient = peak_tokens * backward_transient_per_token(shape, b) * held
+    if train.gradient_checkpointing:
+        buffers_note = "gradients inside one layer's backward, on top of its recomputed activations"
+    else:
+        # Each layer's backward reuses the memory its freed activations leave, so only the part larger
+        # than the logits (freed just before) adds to the peak. Both rules match CPU measurements.
+        transient = max(0.0, transient - logits)
+        buffers_note = "gradients inside one layer's backward, beyond the memory the logits freed"
+    if held != 1.0:
+        act_note += f", x{held:g} held by the allocator"
+
+    memory = [
+        MemoryItem("base weights", total * b, f"{total:,} params x {b} bytes ({precision}), frozen"),
+        MemoryItem("LoRA params + grads + AdamW", trainable * LORA_STATE_BYTES, f"{trainable:,} trainable x 16 bytes (fp32)"),
+        MemoryItem("activations", saved * held, act_note),
+        MemoryItem("logits (fp32)", logits,
+                   f"only the {peak_trained:,} trained positions x {shape.vocab_size:,} vocab, fp32 for the loss"),
+        MemoryItem("backward buffers", transient, buffers_note),
+        MemoryItem("framework", profile.framework_bytes, "runtime before any weight: CUDA context on GPUs, Python + libraries on CPU"),
+    ]
+
+    # Time ------------------------------------------------------------------------------------------
+    dense = n_layers * shape.layer_linear_params
+    head = shape.vocab_size * shape.hidden_size
+    # Frozen base: forward 2 x params per token, backward 2 x params (input gradient only). The head runs
+    # only at trained positions. LoRA: forward 2x, backward 4x (input and weight gradients) its params.
+    # Checkpointing runs the layers' forward once more.
+    layers_forward = 2 * (dense + trainable) * mean_tokens
+    base_matmul = 2 * layers_forward + 4 * head * mean_trained + 2 * trainable * mean_tokens
+    recompute = 1.0 if train.gradient_checkpointing else 0.0
+    matmul = base_matmul + recompute * layers_forward
+    # Attention: QK^T and AV are 4 x q_dim FLOPs per (query, key) pair forward, backward ~2.5x that.
+    # One example per row runs the causal kernel (about half the pairs, whole blocks on the diagonal);
+    # a packed row with a block mask pays every pair of the row.
+    q_dim = shape.num_heads * shape.head_dim
+    if batch == 1 or attn_implementation == "flash_attention_2":
+        block = profile.attention_block
+        pairs = batch * statistics.fmean(min(n * n, n * n / 2 + n * block / 2) for n in lengths)
+    else:
+        pairs = batch * statistics.fmean(n * n for n in lengths) + batch * (batch - 1) * mean_len**2
+    attention_fwd = n_layers * 4 * q_dim * pairs
+    attention = attention_fwd * (3.5 + recompute)
+    flops = matmul + attention
+    peak = profile.peak_flops[precision]
+    weight_reads_s = (2 + recompute) * total * b / profile.bandwidth  # small micro-batches only read weights
+    matmul_s = max(matmul / (peak * profile.efficiency), weight_reads_s)
+    attention_s = attention / (peak * attention_efficiency(profile, shape.head_dim))
+    if fast:
+        # Per example, as batched matmuls over the full L x L scores (the causal half is masked, not skipped)
+        # at the matmul efficiency, plus the per-score work (mask, softmax, its backward).
+        short = [n for n in lengths if n <= PER_EXAMPLE_MAX_TOKENS]
+        long_share = 1 - sum(short) / sum(lengths)
+        full_pairs = batch * statistics.fmean([n * n if n <= PER_EXAMPLE_MAX_TOKENS else 0 for n in lengths])
+        mat_s = n_layers * 4 * q_dim * full_pairs * 3 / (peak * profile.efficiency)
+        scores_s = n_layers * shape.num_heads * full_pairs * profile.score_s_per_element
+        attention_s = attention_s * long_share + mat_s + scores_s
+    # Elementwise work (norms, casts, SiLU, RoPE, the loss) streams the activations: each saved byte is
+    # written, read back by the backward pass, and its gradient written and read; the loss ~30 bytes per logit.
+    elementwise_s = (4 * mean_tokens * n_layers * per_token + 30 * mean_trained * shape.vocab_size) / profile.bandwidth
+    dropout_inputs = sum(shape.module_dims()[m][0] for m in lora.target_modules) if lora.lora_dropout > 0 else 0
+    dropout_s = (1 + recompute) * mean_tokens * n_layers * dropout_inputs * profile.dropout_s_per_element  # a mask per forward
+    if fast:
+        dropout_s /= 2  # loralab.fused_lora.keep_mask, ~4x cheaper than bernoulli_, is drawn in forward and backward
+    device_s = matmul_s + attention_s + elementwise_s + dropout_s
+    host_s = n_layers * profile.op_overhead_s * (1 + recompute / 2) + profile.step_overhead_s
+    micro_s = max(device_s, host_s) if profile.async_dispatch else device_s + host_s
+    step_s = train.gradient_accumulation_steps * micro_s
+    plan = Plan(
+        device=profile, precision=precision, total_params=total, trainable_params=trainable,
+        peak_tokens=peak_tokens, mean_tokens=mean_tokens, memory=memory, flops_per_microbatch=flops,
+        microbatch_seconds=micro_s, step_seconds=step_s, run_seconds=train.max_steps * step_s,
+        tokens_per_second=mean_tokens / micro_s, max_steps=train.max_steps, notes=notes,
+    )
+    if with_suggestions and not plan.fits:
+        plan.suggestions = suggest(model_config, lora, train, lengths, trained_counts, profile, precision, attn_implementation)
+    return plan
+
+
+def truncate_lengths(lengths: list[int], trained: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Lengths and trained counts after cutting examples to ``max_length`` (prepare cuts from the response end)."""
+    cut = [min(n, max_length) for n in lengths]
+    kept = [max(0, t - (n - c)) for n, t, c in zip(lengths, trained, cut)]
+    return cut, kept
+
+
+def suggest(
+    model_config: dict, lora: LoraSection, train: TrainConfig, lengths: list[int], trained: list[int],
+    profile: DeviceProfile, precision: str, attn_implementation: str = "sdpa",
+) -> list[Suggestion]:
+    """Single changes that make the run fit, each with its predicted peak; all of them at once if none does alone."""
+
+    def trial(settings: list[str], note: str, train_: TrainConfig, lengths_=lengths, trained_=trained,
+              precision_=precision) -> Suggestion:
+        p = estimate(model_config, lora, train_, lengths_, profile, precision_, trained_counts=trained_,
+                     attn_implementation=attn_implementation, with_suggestions=False)
+        return Suggestion(settings, note, p.peak_bytes, p.fits, p.microbatch_seconds)
+
+    def first_fit(trials: list[Suggestion]) -> Suggestion | None:
+        """The first (mildest) change that fits, else the strongest one tried."""
+        return next((t for t in trials if t.fits), trials[-1] if trials else None)
+
+    def shorter(settings: list[str], note: str, train_: TrainConfig, precision_: str) -> list[Suggestion]:
+        trials = []
+        for new_max in (2**k for k in range(15, 5, -1)):  # powers of two below the longest example
+            if new_max < max(lengths):
+                cut, kept = truncate_lengths(lengths, trained, new_max)
+                n_cut = sum(n > new_max for n in lengths)
+                trials.append(trial(settings + [f"data.max_length={new_max}"],
+                                    f"{note}cuts {n_cut} of {len(lengths)} examples; run prepare again", train_, cut, kept, precision_))
+        return trials
+
+    out: list[Suggestion | None] = []
+    batch, accum = train.per_device_train_batch_size, train.gradient_accumulation_steps
+    smaller = [b for b in (batch // 2**k for k in range(1, 12)) if b >= 1]
+    out.append(first_fit([
+        trial([f"train.per_device_train_batch_size={b}", f"train.gradient_accumulation_steps={math.ceil(batch * accum / b)}"],
+              "same examples per optimizer step", replace(train, per_device_train_batch_size=b,
+                                                          gradient_accumulation_steps=math.ceil(batch * accum / b)))
+        for b in sorted(set(smaller), reverse=True)
+    ]))
+    if not train.gradient_checkpointing:
+        out.append(trial(["train.gradient_checkpointing=true"], "about 1/3 more compute", replace(train, gradient_checkpointing=True)))
+    lower = next((p for p in ("bf16", "fp16") if p in profile.peak_flops), None)
+    if DTYPE_BYTES[precision] > 2 and lower:
+        out.append(trial([f"train.precision={lower}"], "16-bit base weights and activations", train, precision_=lower))
+    out.append(first_fit(shorter([], "", train, precision)))
+    found = [s for s in out if s is not None]
+    if not any(s.fits for s in found):
+        combo = replace(train, per_device_train_batch_size=1, gradient_accumulation_steps=batch * accum, gradient_checkpointing=True)
+        settings = ["train.per_device_train_batch_size=1", f"train.gradient_accumulation_steps={batch * accum}",
+                    "train.gradient_checkpointing=true"]
+        combo_precision = lower if DTYPE_BYTES[precision] > 2 and lower else precision
+        if combo_precision != precision:
+            settings.append(f"train.precision={combo_precision}")
+        trials = [trial(settings, "all together", combo, precision_=combo_precision)]
+        trials += shorter(settings, "all together; ", combo, combo_precision)
+        found.append(first_fit(trials))
+    return found
+
+
+# Devices ------------------------------------------------------------------------------------------
+
+def measure_matmul_peak(precision: str, size: int = 2048, seconds: float = 1.0, cpu_time: bool = False) -> float:
+    """FLOP/s of a square torch.matmul on this CPU (a second or so per precision).
+
+    ``cpu_time`` divides by the process's CPU time instead of wall time: with one thread, that is the
+    speed of a core even while other jobs share the machine.
+    """
+    import time
+
+    import torch
+
+    from loralab.modeling import DTYPES
+
+    clock = time.process_time if cpu_time else time.perf_counter
+    a = torch.randn(size, size, dtype=DTYPES[precision])
+    bm = torch.randn(size, size, dtype=DTYPES[precision])
+    torch.matmul(a, bm)  # warm-up: thread pool, oneDNN kernel selection
+    runs, start = 0, clock()
+    while clock() - start < seconds or runs < 2:
+        torch.matmul(a, bm)
+        runs += 1
+    return 2 * size**3 * runs / (clock() - start)
+
+
+def cpu_profile(calibrate: bool = False) -> DeviceProfile:
+    """The cpu profile with this machine's available RAM, and native bf16 only where the CPU has it."""
+    import psutil
+
+    from loralab.modeling import cpu_has_native_bf16
+
+    base = PROFILES["cpu"]
+    peaks = dict(base.peak_flops)
+    if not cpu_has_native_bf16():
+        peaks.pop("bf16", None)
+    if calibrate:
+        peaks = {p: measure_matmul_peak(p) for p in peaks}
+    ram = psutil.virtual_memory()
+    return replace(
+        base, memory_bytes=ram.available, peak_flops=peaks, default_precision="bf16" if "bf16" in peaks else "fp32",
+        description=f"this CPU ({ram.total / GB:.1f} GB RAM, {ram.available / GB:.1f} GB available now"
+        + (", matmul peaks measured just now)" if calibrate else ", matmul peaks of the reference CPU)"),
+    )
+
+
+def resolve_profile(device: str, calibrate: bool = False) -> DeviceProfile:
+    """A named profile, or ``auto``: the GPU/Mac/CPU this process sees."""
+    device = device.lower()
+    if device == "cpu":
+        return cpu_profile(calibrate)
+    if device in PROFILES:
+        return PROFILES[device]
+    if device != "auto":
+        raise LoralabError(f"unknown device '{device}' for plan; choose one of {', '.join(PROFILES)} or auto")
+    import torch
+
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name(0)
+        memory = torch.cuda.get_device_properties(0).total_memory
+        for key in ("t4", "a100", "h100"):
+            if key in name.lower():
+                return replace(PROFILES[key], description=name, memory_bytes=memory)
+        return replace(PROFILES["t4"], name="cuda", description=f"{name} (speed assumed T4-like)", memory_bytes=memory)
+    if torch.backends.mps.is_available():
+        import psutil
+
+        return replace(PROFILES["m2-16gb"], name="mps", description="this Mac (MPS)",
+                       memory_bytes=int(0.67 * psutil.virtual_memory().total))
+    return cpu_profile(calibrate)
+
+
+# I/O edge -----------------------------------------------------------------------------------------
+
+def read_model_config(model: ModelConfig) -> dict[str, Any]:
+    """config.json of a local model folder, or the hub's through AutoConfig (no weights are read)."""
+    from loralab.hub import why_not_loaded
+    from loralab.modeling import resolve_model_source
+
+    source = resolve_model_source(model)
+    if Path(source).is_dir():
+        return json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source, revision=model.revision).to_dict()
+    except (OSError, ValueError) as err:
+        raise LoralabError(
+            f"cannot read the config of '{source}' from the Hugging Face Hub ({why_not_loaded(err)}); download the "
+            f"model where the hub is reachable (`hf download {source} --local-dir DIR`) and set model.name_or_path: DIR"
+        ) from None
+
+
+def read_lengths(cfg: ExperimentConfig) -> tuple[list[int], list[int], str]:
+    """(lengths, trained counts, where from): the prepared train split, or max_length for every example."""
+    from loralab import IGNORE_INDEX
+    from loralab.rundir import RunDir, read_jsonl
+
+    train_file = RunDir(cfg).train_file
+    if train_file.exists():
+        rows = read_jsonl(train_file)
+        if rows:
+            lengths = [len(r["input_ids"]) for r in rows]
+            trained = [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows]
+            return lengths, trained, f"{len(rows)} prepared examples in {train_file}"
+    n = cfg.data.max_length
+    count = max(cfg.train.per_device_train_batch_size, (cfg.data.num_examples or 0) - cfg.data.eval_size)
+    return [n] * count, [n] * count, (
+        f"data not prepared: assuming every example is data.max_length={n} tokens (run `loralab prepare CONFIG` for real lengths)"
+    )
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.0f} MB"
+
+
+def _fmt_seconds(s: float) -> str:
+    if s < 1:
+        return f"{s * 1e3:.0f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def format_plan(plan: Plan, source: str = "") -> str:
+    """The plan as a plain-text table."""
+    lines = [f"plan for {plan.device.description} [{plan.device.name}], precision {plan.precision}"]
+    if source:
+        lines.append(f"lengths: {source}")
+    lines.append(f"params: {plan.total_params:,} total, {plan.trainable_params:,} trainable (LoRA)")
+    lines.append(f"largest micro-batch: {plan.peak_tokens:,} tokens packed in one row; average {plan.mean_tokens:,.0f}")
+    lines.append("")
+    width = max(len(m.label) for m in plan.memory)
+    lines.append(f"{'memory':<{width}}  {'bytes':>9}  what")
+    for m in plan.memory:
+        if m.bytes == 0:
+            continue
+        lines.append(f"{m.label:<{width}}  {_fmt_bytes(m.bytes):>9}  {m.note}")
+    verdict = "fits" if plan.fits else "DOES NOT FIT"
+    share = plan.peak_bytes / plan.device.memory_bytes
+    lines.append(f"{'peak':<{width}}  {_fmt_bytes(plan.peak_bytes):>9}  {verdict}: {100 * share:.0f}% of {_fmt_bytes(plan.device.memory_bytes)}")
+    if plan.fits and share > 0.9:
+        lines.append(f"{'':<{width}}  {'':>9}  tight: under 10% headroom; gradient checkpointing would add margin")
+    lines.append("")
+    lines.append(f"time: {plan.flops_per_microbatch / 1e12:.2f} TFLOP per micro-batch -> {_fmt_seconds(plan.microbatch_seconds)}; "
+                 f"{_fmt_seconds(plan.step_seconds)} per optimizer step; {plan.max_steps} steps -> {_fmt_seconds(plan.run_seconds)} "
+                 f"({plan.tokens_per_second:,.0f} tokens/s)")
+    lines.append(f"time constants: {plan.device.basis}")
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    if plan.suggestions:
+        lines.append("")
+        lines.append("to make it fit (each alone, predicted peak):")
+        for s in plan.suggestions:
+            mark = "fits" if s.fits else "still too big"
+            flags = " ".join(f"--set {kv}" for kv in s.settings)
+            lines.append(f"  {flags}  ({s.note}): {_fmt_bytes(s.peak_bytes)}, {mark}, {_fmt_seconds(s.microbatch_seconds)} per micro-batch")
+        if not any(s.fits for s in plan.suggestions):
+            lines.append("  nothing loralab can change fits this model here: pick a smaller model or a bigger device")
+    return "\n".join(lines)
+
+
+def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False) -> Plan:
+    """Print the plan for ``cfg`` on ``device``; return it."""
+    profile = resolve_profile(device, calibrate)
+    precision = profile.default_precision if cfg.train.precision == "auto" else cfg.train.precision
+    model_config = read_model_config(cfg.model)
+    lengths, trained, source = read_lengths(cfg)
+    plan = estimate(model_config, cfg.lora, cfg.train, lengths, profile, precision, trained_counts=trained,
+                    attn_implementation=cfg.model.attn_implementation)
+    print(format_plan(plan, source))
+    return plan
+

@@ -1,0 +1,182 @@
+"""`loralab plan`: estimator arithmetic on known shapes, monotonicity, suggestions, and the CLI path."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from conftest import write_config
+from loralab import IGNORE_INDEX, cli
+from loralab.config import LoraSection, TrainConfig, apply_overrides, config_from_dict
+from loralab.errors import LoralabError
+from loralab.plan import PROFILES, estimate, format_plan, lora_trainable_params, model_shape, resolve_profile, truncate_lengths
+from loralab.tiny import TINYLLAMA_CONFIG, build_tiny_llama
+
+LORA = LoraSection()  # r=8 on q/k/v/o, as the reference recipe
+A100 = PROFILES["a100"]
+
+
+def _plan(train=None, lengths=(512,) * 8, profile=A100, precision="bf16", config=TINYLLAMA_CONFIG, **kw):
+    return estimate(config, LORA, train or TrainConfig(), list(lengths), profile, precision, **kw)
+
+
+def _item(plan, label):
+    return next(m.bytes for m in plan.memory if m.label == label)
+
+
+def test_tinyllama_weights_and_lora_state_are_exact():
+    plan = _plan()
+    assert plan.total_params == 1_100_048_384
+    assert _item(plan, "base weights") == 1_100_048_384 * 2  # 2.2 GB in 16-bit
+    assert plan.trainable_params == 2_252_800
+    assert _item(plan, "LoRA params + grads + AdamW") == 2_252_800 * (4 + 4 + 8)
+    assert _item(_plan(precision="fp32"), "base weights") == 1_100_048_384 * 4
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides, target_modules",
+    [
+        ("llama", {}, ["q_proj", "v_proj"]),
+        ("llama", {"num_key_value_heads": 4, "tie_word_embeddings": True},
+         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+        ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 24}, ["k_proj", "down_proj"]),
+        ("qwen2", {}, ["q_proj", "k_proj", "v_proj", "o_proj"]),  # q/k/v biases without a config key
+    ],
+)
+def test_parameter_arithmetic_matches_a_real_model(model_type, overrides, target_modules):
+    """Counts from config fields equal those of the transformers model PEFT wraps (built on the meta device)."""
+    from transformers import AutoConfig
+
+    from loralab.modeling import count_parameters_from_config
+
+    fields = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    fields.update(overrides)
+    config = AutoConfig.for_model(model_type, **fields)
+    lora = LoraSection(r=4, target_modules=target_modules)
+    real = count_parameters_from_config(config, lora)
+    shape = model_shape(config.to_dict())
+    assert (shape.total_params, lora_trainable_params(shape, lora)) == (real.total, real.trainable)
+
+
+def test_longer_examples_and_bigger_batches_need_more_memory():
+    short, long_ = _plan(lengths=[256] * 8), _plan(lengths=[1024] * 8)
+    assert long_.peak_bytes > short.peak_bytes
+    assert _item(long_, "activations") == pytest.approx(4 * _item(short, "activations"), rel=0.01)
+    one = _plan(TrainConfig(per_device_train_batch_size=1))
+    four = _plan(TrainConfig(per_device_train_batch_size=4))
+    assert four.peak_bytes > one.peak_bytes and four.peak_tokens == 4 * one.peak_tokens
+    assert four.microbatch_seconds > one.microbatch_seconds
+
+
+def test_peak_uses_the_longest_examples_and_trained_counts():
+    plan = _plan(TrainConfig(per_device_train_batch_size=2), lengths=[100, 400, 300, 50], trained_counts=[90, 10, 250, 40])
+    assert plan.peak_tokens == 700 and plan.mean_tokens == pytest.approx(425)
+    assert _item(plan, "logits (fp32)") == (250 + 90) * 32000 * 12
+
+
+def test_gradient_checkpointing_trades_memory_for_time():
+    plain = _plan(lengths=[2048])
+    ckpt = _plan(replace(TrainConfig(), gradient_checkpointing=True), lengths=[2048])
+    assert _item(ckpt, "activations") < _item(plain, "activations") / 5
+    assert ckpt.peak_bytes < plain.peak_bytes
+    assert 1.2 < ckpt.microbatch_seconds / plain.microbatch_seconds < 1.6
+    assert ckpt.run_seconds > plain.run_seconds
+
+
+def test_time_is_flops_over_peak_and_adds_up_over_the_run():
+    train = TrainConfig(gradient_accumulation_steps=4, max_steps=10)
+    plan = _plan(train, lengths=[512])
+    # Forward 2 x params + input-grad backward 2 x params per token: 4 x (non-embedding) params dominate.
+    dense = 4 * 512 * (1_100_048_384 - 2 * 32000 * 2048)
+    assert dense < plan.flops_per_microbatch < 1.15 * dense
+    assert plan.step_seconds == pytest.approx(4 * plan.microbatch_seconds)
+    assert plan.run_seconds == pytest.approx(10 * plan.step_seconds)
+
+
+def test_too_big_for_a_t4_gets_suggestions_that_fit():
+    t4 = PROFILES["t4"]
+    train = TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    plan = estimate(TINYLLAMA_CONFIG, LORA, train, [1024] * 64, t4, "fp32")
+    assert not plan.fits and plan.peak_bytes > t4.memory_bytes
+    fitting = [s for s in plan.suggestions if s.fits]
+    assert len(fitting) >= 2
+    for s in fitting:
+        assert s.peak_bytes <= t4.memory_bytes
+    changes = " ".join(kv for s in plan.suggestions for kv in s.settings)
+    assert "train.gradient_checkpointing=true" in changes and "per_device_train_batch_size=" in changes
+    assert "train.precision=fp16" in changes and "data.max_length=" in changes
+    # Each suggestion's settings are valid --set overrides, and its peak is the estimate of the changed config.
+    raw = {"name": "x", "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "precision": "fp32"}}
+    for s in plan.suggestions:
+        if any(kv.startswith("data.") for kv in s.settings):
+            continue  # needs prepare again; the truncation arithmetic is tested below
+        cfg = config_from_dict(apply_overrides(raw, s.settings))
+        again = estimate(TINYLLAMA_CONFIG, LORA, cfg.train, [1024] * 64, t4, cfg.train.precision)
+        assert s.peak_bytes == pytest.approx(again.peak_bytes)
+    assert "--set train.gradient_checkpointing=true" in format_plan(plan)
+
+
+def test_a_model_that_cannot_fit_says_so():
+    huge = dict(TINYLLAMA_CONFIG, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+    plan = estimate(huge, LORA, TrainConfig(), [512], PROFILES["t4"], "fp16")
+    assert not plan.fits and plan.suggestions and not any(s.fits for s in plan.suggestions)
+    assert "pick a smaller model or a bigger device" in format_plan(plan)
+
+
+def test_truncated_lengths_keep_prompts_and_cut_responses():
+    assert truncate_lengths([100, 30], [60, 20], 50) == ([50, 30], [10, 20])
+    assert truncate_lengths([100], [20], 50) == ([50], [0])
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(LoralabError, match="cannot train in bf16"):
+        _plan(profile=PROFILES["t4"], precision="bf16")
+    with pytest.raises(LoralabError, match="does not know lora.target_modules"):
+        estimate(TINYLLAMA_CONFIG, LoraSection(target_modules=["c_attn"]), TrainConfig(), [64], A100, "bf16")
+    with pytest.raises(LoralabError, match="Llama-style"):
+        _plan(config={"model_type": "gpt2", "n_embd": 768, "vocab_size": 50257})
+    with pytest.raises(LoralabError, match="unknown device 'tpu'"):
+        resolve_profile("tpu")
+
+
+def test_cpu_profile_reads_this_machines_ram():
+    import psutil
+
+    cpu = resolve_profile("cpu")
+    assert 0 < cpu.memory_bytes <= psutil.virtual_memory().total
+    assert cpu.default_precision in cpu.peak_flops
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    texts = ["Give three tips for staying healthy.", "Eat well, sleep, and exercise."] * 10
+    return build_tiny_llama(tmp_path_factory.mktemp("plan-model"), texts, vocab_size=200)
+
+
+def test_cli_plan_on_a_tiny_local_model(tmp_path, tiny_dir, capsys):
+    cfg = write_config(tmp_path / "exp.yaml", model={"name_or_path": str(tiny_dir)})
+    assert cli.main(["plan", str(cfg), "--device", "t4"]) == 0
+    out = capsys.readouterr().out
+    params = model_shape(json.loads((tiny_dir / "config.json").read_text())).total_params
+    assert "NVIDIA T4" in out and "precision fp16" in out and f"{params:,} total" in out
+    assert "data not prepared" in out and "data.max_length=192" in out
+    assert "base weights" in out and "logits (fp32)" in out and "fits" in out and "DOES NOT FIT" not in out
+
+
+def test_cli_plan_reads_prepared_lengths(tmp_path, tiny_dir, capsys):
+    cfg = write_config(tmp_path / "exp.yaml", model={"name_or_path": str(tiny_dir)})
+    data = tmp_path / "runs" / "t" / "data"
+    data.mkdir(parents=True)
+    rows = [{"input_ids": [1] * n, "labels": [IGNORE_INDEX] * 10 + [5] * (n - 10), "record": {}} for n in (40, 90, 70)]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert cli.main(["plan", str(cfg), "--device", "cpu", "--set", "train.per_device_train_batch_size=2"]) == 0
+    out = capsys.readouterr().out
+    assert "3 prepared examples" in out and "largest micro-batch: 160 tokens" in out
+
+
+def test_cli_plan_unreachable_hub_names_the_local_path_fix(tmp_path, capsys):
+    cfg = write_config(tmp_path / "exp.yaml", model={"name_or_path": "no-such-org/no-such-model-xyz"})
+    assert cli.main(["plan", str(cfg), "--device", "t4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("loralab: error:") and "--local-dir DIR" in err and "model.name_or_path: DIR" in err
