@@ -1,0 +1,226 @@
+"""Batched greedy generation equals one-prompt-at-a-time greedy decoding; cache keys and batch sizing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from loralab.generation import (
+    available_memory_bytes,
+    choose_batch_size,
+    generate_greedy,
+    generation_cache_key,
+    load_cached_generations,
+    model_fingerprint,
+    save_cached_generations,
+)
+from loralab.tiny import TINYLLAMA_CONFIG, build_tiny_llama
+
+TEXTS = [
+    "Give three tips for staying healthy.",
+    "Eat a balanced diet and make sure to include plenty of fruits and vegetables.",
+    "Exercise regularly to keep your body active and strong.",
+    "Get enough sleep and maintain a consistent sleep schedule.",
+    "What are the three primary colors? The three primary colors are red, blue and yellow.",
+    "Describe the structure of an atom. An atom is made up of a nucleus and electrons.",
+]
+# Mixed lengths, so every batch below needs left padding.
+PROMPT_LENGTHS = [2, 11, 5, 23, 8, 1, 16]
+MAX_NEW_TOKENS = 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On models this small, syncing threads costs more than the matmuls: with 2 threads on 2 busy shared
+    # cores this module ran ~10x slower than on 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny"), TEXTS, vocab_size=300, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    generator = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    # Ids from 3 up skip <unk>, <s>, </s>.
+    return [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+def argmax_continuation(model, prompt: list[int], steps: int) -> list[int]:
+    """Reference greedy decoding: one unpadded sequence, the full forward pass at every step, no cache."""
+    ids = list(prompt)
+    with torch.inference_mode():
+        for _ in range(steps):
+            logits = model(torch.tensor([ids])).logits  # (1, len(ids), vocab)
+            ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="module")
+def references(model, prompts):
+    return [argmax_continuation(model, prompt, MAX_NEW_TOKENS) for prompt in prompts]
+
+
+def greedy(model, prompts, **kwargs):
+    settings = dict(max_new_tokens=MAX_NEW_TOKENS, eos_token_ids=[], pad_token_id=0, progress=False)
+    return generate_greedy(model, prompts, **(settings | kwargs))
+
+
+@pytest.mark.parametrize("batch_size", [3, None])
+def test_batched_greedy_equals_unpadded_argmax_loop(model, prompts, references, batch_size):
+    outputs = greedy(model, prompts, batch_size=batch_size)
+    assert outputs == references
+    assert all(len(output) == MAX_NEW_TOKENS for output in outputs)
+
+
+def test_each_sequence_stops_at_its_own_eos(model, prompts, references):
+    # Stop token: what prompt A greedily produces at step k, absent from A's earlier steps and from
+    # B's whole continuation, so only A stops (at k) and B, in the same batch, runs to the end.
+    a, b = 3, 1
+    step, stop = next(
+        (k, token)
+        for k, token in enumerate(references[a])
+        if k >= 2 and token not in references[a][:k] and token not in references[b]
+    )
+    outputs = greedy(model, [prompts[a], prompts[b]], eos_token_ids=[stop], batch_size=2)
+    assert outputs[0] == references[a][:step]
+    assert outputs[1] == references[b]
+
+
+def test_rejects_empty_prompts_and_bad_batch_size(model):
+    assert greedy(model, []) == []
+    with pytest.raises(ValueError, match="at least one token"):
+        greedy(model, [[5, 6], []])
+    with pytest.raises(ValueError, match="batch_size"):
+        greedy(model, [[5, 6]], batch_size=0)
+
+
+def test_progress_bar_counts_prompts(model, prompts, capsys):
+    greedy(model, prompts, batch_size=4, progress=True, desc="base model")
+    err = capsys.readouterr().err
+    assert "base model" in err and f"{len(prompts)}/{len(prompts)}" in err
+
+
+def test_training_mode_is_restored(model, prompts):
+    model.train()
+    try:
+        greedy(model, prompts[:2], batch_size=2)
+        assert model.training
+    finally:
+        model.eval()
+
+
+def test_merged_lora_gives_the_same_greedy_outputs_as_the_peft_model(model_dir, prompts, references):
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
+    )
+    # LoRA B starts at zero, which would make the merge trivially exact and the adapter a no-op.
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    unmerged = greedy(peft_model, prompts, batch_size=3)
+    merged = greedy(peft_model.merge_and_unload().eval(), prompts, batch_size=3)
+    assert merged == unmerged
+    assert unmerged != references  # the perturbed adapter really changes the generations
+
+
+def test_cache_key_changes_with_each_input_and_is_stable_otherwise():
+    prompts, settings = [[1, 5, 9], [1, 7]], {"max_new_tokens": 64, "eos_token_ids": [2], "dtype": "bf16"}
+    key = generation_cache_key("local:abc", prompts, settings)
+    assert key == generation_cache_key("local:abc", [list(p) for p in prompts], dict(reversed(settings.items())))
+    assert len(key) == 64 and int(key, 16) >= 0
+    variants = [
+        generation_cache_key("local:abd", prompts, settings),
+        generation_cache_key("local:abc", [[1, 5, 9], [1, 8]], settings),
+        generation_cache_key("local:abc", [[1, 7], [1, 5, 9]], settings),
+        generation_cache_key("local:abc", prompts, settings | {"max_new_tokens": 65}),
+        generation_cache_key("local:abc", prompts, settings | {"eos_token_ids": [2, 3]}),
+        generation_cache_key("local:abc", prompts, settings | {"dtype": "fp32"}),
+        generation_cache_key("local:abc", prompts, settings | {"batch_size": 8}),
+    ]
+    assert len({key, *variants}) == len(variants) + 1
+
+
+def test_cached_generations_round_trip(tmp_path):
+    cache_dir = tmp_path / "cache" / "generations"
+    outputs = [[4, 5, 6], [], [7]]
+    assert load_cached_generations(cache_dir, "a" * 64) is None
+    path = save_cached_generations(cache_dir, "a" * 64, outputs)
+    assert path.parent == cache_dir and path.exists()
+    assert load_cached_generations(cache_dir, "a" * 64) == outputs
+    assert load_cached_generations(cache_dir, "b" * 64) is None
+    save_cached_generations(cache_dir, "a" * 64, [[1]])  # overwriting replaces the file whole
+    assert load_cached_generations(cache_dir, "a" * 64) == [[1]]
+    assert sorted(p.name for p in cache_dir.iterdir()) == ["a" * 64 + ".json"]  # no temp files left
+
+
+def test_model_fingerprint_tracks_weight_files_and_config(tmp_path):
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"0" * 100)
+    first = model_fingerprint(str(tmp_path))
+    assert model_fingerprint(str(tmp_path)) == first
+
+    weights.write_bytes(b"1" * 101)  # new size
+    second = model_fingerprint(str(tmp_path))
+    assert second != first
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # same size, newer
+    third = model_fingerprint(str(tmp_path))
+    assert third != second
+    (tmp_path / "adapter_model.bin").write_bytes(b"2")  # another weight file
+    fourth = model_fingerprint(str(tmp_path))
+    assert fourth != third
+    (tmp_path / "config.json").write_text('{"hidden_size": 32}')
+    assert model_fingerprint(str(tmp_path)) != fourth
+    (tmp_path / "notes.txt").write_text("not a weight file")
+    assert model_fingerprint(str(tmp_path)) == model_fingerprint(str(tmp_path))
+
+
+def test_model_fingerprint_of_an_uncached_hub_id_is_the_id():
+    assert model_fingerprint("loralab-tests/not-a-cached-model") == "hub:loralab-tests/not-a-cached-model"
+
+
+def test_choose_batch_size_arithmetic_on_tinyllama_shape():
+    config = LlamaConfig(**TINYLLAMA_CONFIG)
+    kv_per_token = 2 * 22 * 4 * 64 * 2  # keys+values x layers x kv heads x head dim x bf16 bytes
+    assert kv_per_token == 22_528
+    per_sequence = kv_per_token * 512 + 32_000 * (2 + 4)  # KV for 512 tokens + bf16 and fp32 logits
+    available = 2**30
+    expected = int(0.4 * available) // per_sequence
+    assert expected == 36
+    assert choose_batch_size(config, 512, torch.bfloat16, available) == expected
+    # fp32 doubles the KV cache.
+    assert choose_batch_size(config, 512, torch.float32, available) == int(0.4 * available) // (
+        2 * kv_per_token * 512 + 32_000 * 8
+    )
+
+
+def test_choose_batch_size_is_monotone_capped_and_at_least_one():
+    config = LlamaConfig(**TINYLLAMA_CONFIG)
+    sizes = [choose_batch_size(config, 1024, torch.bfloat16, gib * 2**30) for gib in (0, 0.01, 1, 2, 4, 8, 16, 64)]
+    assert sizes == sorted(sizes)
+    assert sizes[0] == sizes[1] == 1
+    assert sizes[-1] == 64
+    assert choose_batch_size(config, 1024, torch.bfloat16, 2**40, cap=16) == 16
+
+
+def test_available_memory_on_cpu_is_positive():
+    assert available_memory_bytes("cpu") > 0
