@@ -125,8 +125,8 @@ PROFILES: dict[str, DeviceProfile] = {
         framework_bytes=int(0.45 * GiB), op_overhead_s=3.2e-3, step_overhead_s=3.8e-3,
         async_dispatch=False, dropout_mask_bytes=4, dropout_s_per_element=6.2e-9, allocator_factor=2.0,
         score_s_per_element=4e-9,  # loralab.packing.CausalAttention, one core: 2.9-4.8 ns at 8-16 heads, L 384-512
-        basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 7%, time within 15% there (31% over with "
-        "gradient checkpointing); bench/plan_validation.py checks another CPU",
+        basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 10%, time within 23% of loralab train's "
+        "CPU path there; bench/plan_validation.py checks another CPU",
     ),
 }
 
