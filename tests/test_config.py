@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from loralab.config import ConfigError, load_config
+from loralab.config import ConfigError, config_from_dict, load_config
+from loralab.errors import LoralabError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -85,3 +86,14 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(_write(tmp_path, "name: [x\n"))
+
+
+@pytest.mark.parametrize("value,expected", [("auto", "auto"), (True, True), (False, False)])
+def test_gradient_checkpointing_takes_auto_or_a_bool(value, expected):
+    cfg = config_from_dict({"name": "x", "train": {"gradient_checkpointing": value}})
+    assert cfg.train.gradient_checkpointing == expected
+
+
+def test_gradient_checkpointing_rejects_other_values():
+    with pytest.raises(LoralabError, match="gradient_checkpointing"):
+        config_from_dict({"name": "x", "train": {"gradient_checkpointing": "sometimes"}})

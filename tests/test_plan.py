@@ -96,7 +96,7 @@ def test_time_is_flops_over_peak_and_adds_up_over_the_run():
 
 def test_too_big_for_a_t4_gets_suggestions_that_fit():
     t4 = PROFILES["t4"]
-    train = TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    train = TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2, gradient_checkpointing=False)
     plan = estimate(TINYLLAMA_CONFIG, LORA, train, [1024] * 64, t4, "fp32")
     assert not plan.fits and plan.peak_bytes > t4.memory_bytes
     fitting = [s for s in plan.suggestions if s.fits]
@@ -107,7 +107,8 @@ def test_too_big_for_a_t4_gets_suggestions_that_fit():
     assert "train.gradient_checkpointing=true" in changes and "per_device_train_batch_size=" in changes
     assert "train.precision=fp16" in changes and "data.max_length=" in changes
     # Each suggestion's settings are valid --set overrides, and its peak is the estimate of the changed config.
-    raw = {"name": "x", "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "precision": "fp32"}}
+    raw = {"name": "x", "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "precision": "fp32",
+                                  "gradient_checkpointing": False}}
     for s in plan.suggestions:
         if any(kv.startswith("data.") for kv in s.settings):
             continue  # needs prepare again; the truncation arithmetic is tested below
@@ -180,3 +181,43 @@ def test_cli_plan_unreachable_hub_names_the_local_path_fix(tmp_path, capsys):
     assert cli.main(["plan", str(cfg), "--device", "t4"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("loralab: error:") and "--local-dir DIR" in err and "model.name_or_path: DIR" in err
+
+
+def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit():
+    from loralab.plan import resolve_checkpointing
+
+    auto = replace(TrainConfig(), gradient_checkpointing="auto")
+    assert TrainConfig().gradient_checkpointing == "auto"
+    roomy = replace(A100, memory_bytes=80 * 2**30)
+    without = estimate(TINYLLAMA_CONFIG, LORA, replace(auto, gradient_checkpointing=False), [2048], roomy, "bf16")
+    with_ckpt = estimate(TINYLLAMA_CONFIG, LORA, replace(auto, gradient_checkpointing=True), [2048], roomy, "bf16")
+    assert with_ckpt.peak_bytes < without.peak_bytes
+    between = replace(roomy, memory_bytes=int((with_ckpt.peak_bytes + without.peak_bytes) / 2))
+    assert resolve_checkpointing(TINYLLAMA_CONFIG, LORA, auto, [2048], roomy, "bf16").gradient_checkpointing is False
+    assert resolve_checkpointing(TINYLLAMA_CONFIG, LORA, auto, [2048], between, "bf16").gradient_checkpointing is True
+    plan = estimate(TINYLLAMA_CONFIG, LORA, auto, [2048], between, "bf16")
+    assert plan.fits and plan.peak_bytes == with_ckpt.peak_bytes
+    assert any("auto: on" in note for note in plan.notes)
+    forced = replace(auto, gradient_checkpointing=False)  # an explicit choice is kept even when it does not fit
+    assert resolve_checkpointing(TINYLLAMA_CONFIG, LORA, forced, [2048], between, "bf16") is forced
+
+
+def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monkeypatch, capsys):
+    from loralab import plan as plan_module
+    from loralab.train import decide_checkpointing
+
+    cfg = config_from_dict({"name": "x", "model": {"name_or_path": str(tiny_model_dir)}})
+    examples = [{"input_ids": list(range(3, 403)), "labels": [IGNORE_INDEX] * 100 + list(range(103, 403))}] * 4
+    assert decide_checkpointing(cfg, "cpu", "fp32", examples) is False  # a tiny model fits this machine
+    assert capsys.readouterr().out == ""
+    model_config = json.loads((tiny_model_dir / "config.json").read_text())
+    lengths = [400] * 4
+    off, on = (estimate(model_config, LORA, replace(cfg.train, gradient_checkpointing=ck), lengths, PROFILES["cpu"], "fp32",
+                              trained_counts=[299] * 4).peak_bytes for ck in (False, True))
+    assert on < off
+    monkeypatch.setattr(plan_module, "resolve_profile", lambda device, calibrate=False: replace(
+        PROFILES["cpu"], memory_bytes=(on + off) // 2))  # fits only with checkpointing
+    assert decide_checkpointing(cfg, "cpu", "fp32", examples) is True
+    assert "turning it on" in capsys.readouterr().out
+    forced = replace(cfg, train=replace(cfg.train, gradient_checkpointing=False))
+    assert decide_checkpointing(forced, "cpu", "fp32", examples) is False

@@ -100,8 +100,9 @@ class TrainConfig:
     """Seed of LoRA initialisation, dropout and example order."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision; "auto" picks per device (see loralab.modeling.choose_precision)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about 50% more compute for LoRA."""
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
+    """Recompute activations in the backward pass: less memory, about 50% more compute for LoRA.
+    "auto": on only when `loralab plan`'s estimate says the run would not fit this device's memory without it."""
     eval_loss_steps: int = 0
     """Compute the held-out loss every this many optimizer steps (0: only at the end)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

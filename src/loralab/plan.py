@@ -332,6 +332,10 @@ def estimate(
     """
     if not lengths:
         raise LoralabError("plan needs at least one training example length")
+    auto_checkpointing = train.gradient_checkpointing == "auto"
+    if auto_checkpointing:
+        train = resolve_checkpointing(model_config, lora, train, lengths, profile, precision,
+                                      trained_counts=trained_counts, attn_implementation=attn_implementation)
     if precision not in profile.peak_flops:
         raise LoralabError(
             f"{profile.description} cannot train in {precision}; set train.precision to one of {', '.join(profile.peak_flops)}"
@@ -342,6 +346,9 @@ def estimate(
     batch = train.per_device_train_batch_size
     n_layers = shape.num_layers
     notes: list[str] = []
+    if auto_checkpointing:
+        notes.append("gradient_checkpointing auto: " + ("on, the run does not fit without it" if train.gradient_checkpointing
+                                                        else "off, the run fits without it"))
 
     # Worst micro-batch for memory; the average one for time. A split smaller than the batch is one micro-batch.
     batch = min(batch, len(lengths))
@@ -456,6 +463,26 @@ def estimate(
     if with_suggestions and not plan.fits:
         plan.suggestions = suggest(model_config, lora, train, lengths, trained_counts, profile, precision, attn_implementation)
     return plan
+
+
+def resolve_checkpointing(
+    model_config: dict[str, Any],
+    lora: LoraSection,
+    train: TrainConfig,
+    lengths: list[int],
+    profile: DeviceProfile,
+    precision: str,
+    *,
+    trained_counts: list[int] | None = None,
+    attn_implementation: str = "sdpa",
+) -> TrainConfig:
+    """``train`` with gradient_checkpointing decided: "auto" is on only when the run would not fit without it."""
+    if train.gradient_checkpointing != "auto":
+        return train
+    off = replace(train, gradient_checkpointing=False)
+    plan = estimate(model_config, lora, off, lengths, profile, precision, trained_counts=trained_counts,
+                    attn_implementation=attn_implementation, with_suggestions=False)
+    return replace(train, gradient_checkpointing=not plan.fits)
 
 
 def truncate_lengths(lengths: list[int], trained: list[int], max_length: int) -> tuple[list[int], list[int]]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from loralab import prepare
+from loralab import IGNORE_INDEX, prepare
 from loralab.config import ExperimentConfig
 from loralab.errors import LoralabError
 from loralab.fused_lora import fuse_lora_layers
@@ -127,7 +127,9 @@ def newest_checkpoint(checkpoints_dir: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
-def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, device: str) -> TrainingArguments:
+def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, device: str,
+                       gradient_checkpointing: bool = False) -> TrainingArguments:
+    """The Trainer's arguments; ``gradient_checkpointing`` is cfg.train's, with "auto" already decided."""
     t = cfg.train
     return TrainingArguments(
         output_dir=str(out_dir),
@@ -150,8 +152,8 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
         fp16=precision == "fp16",
         bf16=False,
         use_cpu=device == "cpu",
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        gradient_checkpointing=gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         report_to="none",
@@ -207,11 +209,32 @@ def build_model(cfg: ExperimentConfig, precision: str, device: str):
     return model
 
 
+def decide_checkpointing(cfg: ExperimentConfig, device: str, precision: str, train_examples: list[dict]) -> bool:
+    """train.gradient_checkpointing, with "auto" decided by loralab.plan's memory estimate for this device."""
+    if cfg.train.gradient_checkpointing != "auto":
+        return bool(cfg.train.gradient_checkpointing)
+    from loralab import plan
+
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    trained = [sum(1 for x in e["labels"][1:] if x != IGNORE_INDEX) for e in train_examples]
+    profile = plan.resolve_profile("cpu" if device == "cpu" else "auto")
+    resolved = plan.resolve_checkpointing(
+        plan.read_model_config(cfg.model), cfg.lora, cfg.train, lengths, profile, precision,
+        trained_counts=trained, attn_implementation=cfg.model.attn_implementation,
+    )
+    if resolved.gradient_checkpointing:
+        print(f"train: the estimate says this run would not fit {profile.description} without gradient checkpointing; "
+              f"turning it on (about 1/3 more compute; `loralab plan CONFIG` shows the figures)")
+    return resolved.gradient_checkpointing
+
+
 def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, precision: str, device: str,
                   callbacks: list) -> ResponseOnlyTrainer:
+    """The ResponseOnlyTrainer `loralab train` runs: packed micro-batches, checkpointing decided for this device."""
+    checkpointing = decide_checkpointing(cfg, device, precision, train_examples)
     trainer = ResponseOnlyTrainer(
         model=model,
-        args=training_arguments(cfg, out_dir, precision, device),
+        args=training_arguments(cfg, out_dir, precision, device, checkpointing),
         train_dataset=train_examples,
         data_collator=pack_examples,
         callbacks=callbacks,
@@ -264,14 +287,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     else:
         _truncate_metrics(rundir.metrics_file, int(resume_from.name.split("-")[-1]))
     log = MetricsLog(rundir.metrics_file, precision, eval_examples, cfg.train.eval_loss_steps, device)
-    trainer = ResponseOnlyTrainer(
-        model=model,
-        args=training_arguments(cfg, rundir.checkpoints_dir, precision, device),
-        train_dataset=train_examples,
-        data_collator=pack_examples,
-        callbacks=[log],
-    )
-    trainer.precision = precision
+    trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log])
+    rundir.update_manifest(gradient_checkpointing=trainer.args.gradient_checkpointing)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
