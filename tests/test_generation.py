@@ -224,3 +224,15 @@ def test_choose_batch_size_is_monotone_capped_and_at_least_one():
 
 def test_available_memory_on_cpu_is_positive():
     assert available_memory_bytes("cpu") > 0
+
+
+def test_head_sees_contiguous_inputs_and_no_hook_is_left_behind(model, prompts):
+    head = model.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
+    try:
+        generate_greedy(model, prompts, max_new_tokens=3, eos_token_ids=[], pad_token_id=0, batch_size=4, progress=False)
+    finally:
+        probe.remove()
+    assert seen and all(seen)
+    assert not head._forward_pre_hooks

@@ -62,6 +62,12 @@ def generate_greedy(
     eos = set(eos_token_ids)
     was_training = model.training
     model.eval()
+    # At prefill transformers feeds the head hidden_states[:, -1:, :], a strided view; torch.matmul cannot
+    # fold a strided 3-D input into one matrix product, so it broadcasts the (vocab x hidden) head weight to
+    # every row of the batch and runs bmm: on a CPU, copying a 32k-vocab head 64 times took longer than the
+    # whole rest of the prefill. A contiguous input makes it one mm (bench/eval_throughput.py).
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
     try:
         with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
             start = 0
@@ -81,7 +87,13 @@ def generate_greedy(
                 start += size
     finally:
         model.train(was_training)
+        if hook is not None:
+            hook.remove()
     return outputs
+
+
+def _contiguous_input(module, args):
+    return (args[0].contiguous(), *args[1:])
 
 
 def greedy_generation_config(max_new_tokens: int, eos_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
