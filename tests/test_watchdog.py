@@ -42,3 +42,19 @@ def test_forced_nan_stops_training_and_keeps_last_checkpoint(tmp_path, tiny_mode
 def test_fp16_hint_mentions_loss_scale_and_fp32():
     err = train.NonFiniteLoss(12, "loss", "fp16")
     assert "fp16" in str(err) and "train.precision: fp32" in str(err) and "learning_rate" in str(err)
+
+
+def test_only_the_main_process_writes_metrics(tmp_path):
+    from transformers import TrainerControl, TrainerState
+
+    from loralab.train import MetricsLog
+
+    for main, expected in [(False, ""), (True, '"loss": 1.5')]:
+        path = tmp_path / f"metrics-{main}.jsonl"
+        log = MetricsLog(path, "fp32", [], 0, "cpu")
+        state = TrainerState(is_world_process_zero=main)
+        state.global_step, state.epoch = 1, 0.1
+        log.on_train_begin(None, state, TrainerControl())
+        log.on_log(None, state, TrainerControl(), logs={"loss": 1.5, "grad_norm": 0.3, "learning_rate": 1e-4})
+        text = path.read_text() if path.exists() else ""
+        assert (expected in text) if expected else text == ""

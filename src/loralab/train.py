@@ -64,18 +64,22 @@ class MetricsLog(TrainerCallback):
         self.device = device
         self.model = None
         self.failure: NonFiniteLoss | None = None
+        self.main_process = True  # under torchrun/accelerate only rank 0 writes and evaluates (on_train_begin)
 
     def _write(self, row: dict) -> None:
+        if not self.main_process:
+            return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
     def _log_eval(self, step: int) -> None:
-        if self.eval_examples and self.model is not None:
+        if self.eval_examples and self.model is not None and self.main_process:
             loss = heldout_loss(self.model, self.eval_examples, self.device)
             self._write({"step": step, "eval_loss": round(loss, 6)})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.model = model
+        self.main_process = state.is_world_process_zero
         if state.global_step == 0:
             self._log_eval(0)
 
