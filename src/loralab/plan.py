@@ -639,17 +639,24 @@ def read_model_config(model: ModelConfig) -> dict[str, Any]:
         ) from None
 
 
+def example_lengths(examples: list[dict]) -> tuple[list[int], list[int]]:
+    """(token counts, trained-target counts) of encoded examples; a label at position 0 predicts nothing."""
+    from loralab import IGNORE_INDEX
+
+    lengths = [len(e["input_ids"]) for e in examples]
+    trained = [sum(1 for x in e["labels"][1:] if x != IGNORE_INDEX) for e in examples]
+    return lengths, trained
+
+
 def read_lengths(cfg: ExperimentConfig) -> tuple[list[int], list[int], str]:
     """(lengths, trained counts, where from): the prepared train split, or max_length for every example."""
-    from loralab import IGNORE_INDEX
     from loralab.rundir import RunDir, read_jsonl
 
     train_file = RunDir(cfg).train_file
     if train_file.exists():
         rows = read_jsonl(train_file)
         if rows:
-            lengths = [len(r["input_ids"]) for r in rows]
-            trained = [sum(1 for x in r["labels"] if x != IGNORE_INDEX) for r in rows]
+            lengths, trained = example_lengths(rows)
             return lengths, trained, f"{len(rows)} prepared examples in {train_file}"
     n = cfg.data.max_length
     count = max(cfg.train.per_device_train_batch_size, (cfg.data.num_examples or 0) - cfg.data.eval_size)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from loralab import IGNORE_INDEX, prepare
+from loralab import prepare
 from loralab.config import ExperimentConfig
 from loralab.errors import LoralabError
 from loralab.fused_lora import fuse_lora_layers
@@ -175,7 +175,8 @@ def return_freed_memory_to_os() -> bool:
     By default glibc raises its mmap threshold to 32 MiB after the first large free, so the activations
     of a long packed row (8-25 MiB tensors for TinyLlama at 2,048 tokens) come from the heap, which keeps
     them after the backward pass frees them: peak resident memory up to twice the live tensors
-    (bench/train_throughput.py --packed-memory: 10.6 -> 8.7 GB at 2,048 tokens). The threshold is not
+    (bench/train_throughput.py --packed-memory, 2,048-token rows: 10.6 GB without, 8.7 GB with a 1 MiB
+    threshold, before fused_lora stopped storing dropout masks; 7.9 GB now, at 4 MiB). The threshold is not
     lower because every mmap'd block is fresh zeroed pages: at 1 MiB the benchmark's short Alpaca examples
     trained 4-13% slower (single runs on a noisy machine). False (nothing done) where libc is not glibc.
     """
@@ -219,8 +220,7 @@ def decide_checkpointing(cfg: ExperimentConfig, device: str, precision: str, tra
         return bool(cfg.train.gradient_checkpointing)
     from loralab import plan
 
-    lengths = [len(e["input_ids"]) for e in train_examples]
-    trained = [sum(1 for x in e["labels"][1:] if x != IGNORE_INDEX) for e in train_examples]
+    lengths, trained = plan.example_lengths(train_examples)
     profile = plan.resolve_profile("cpu" if device == "cpu" else "auto")
     resolved = plan.resolve_checkpointing(
         plan.read_model_config(cfg.model), cfg.lora, cfg.train, lengths, profile, precision,
