@@ -106,7 +106,7 @@ def worker(spec: dict) -> dict:
     from loralab.loss import response_loss_sum
     from loralab.modeling import add_lora
     from loralab.packing import pack_examples
-    from loralab.train import use_cpu_fast_path
+    from loralab.train import tune_allocator, use_cpu_fast_path
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -116,9 +116,10 @@ def worker(spec: dict) -> dict:
     model = LlamaForCausalLM(LlamaConfig(**spec["config"], attn_implementation="sdpa"))
     torch.set_default_dtype(torch.float32)
     model = add_lora(model, LORA)
-    # What `loralab train` runs on a CPU: fused LoRA layers and per-example attention.
+    # What `loralab train` runs on a CPU: fused LoRA layers and per-example attention, the allocator set for the row.
     switched = use_cpu_fast_path(model)
     assert switched["per_example_attention"] and switched["fused_lora_layers"], switched
+    tune_allocator(spec["tokens"])
     if spec["checkpointing"]:  # as the Trainer sets it up for train.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loralab.config import LoraSection, ModelConfig
-from loralab.fused_lora import LoraLinearFunction, fuse_lora_layers, keep_mask
+from loralab.fused_lora import LoraLinearFunction, drop_positions, fuse_lora_layers
 from loralab.loss import response_loss_sum
 from loralab.modeling import add_lora, load_model
 from loralab.packing import pack_examples, per_example_attention, use_per_example_attention
@@ -55,7 +55,7 @@ def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_lora_dropout_forward_and_backward_use_one_mask(dtype, tol):
-    """The backward redraws the forward's dropout mask from the saved random state: gradients equal the
+    """The backward redraws the forward's dropped positions from the saved random state: gradients equal the
     textbook formula with that one mask, and the generator ends where a single draw leaves it."""
     torch.manual_seed(0)
     x = torch.randn(4, 6, 32).to(dtype).requires_grad_()
@@ -70,11 +70,13 @@ def test_fused_lora_dropout_forward_and_backward_use_one_mask(dtype, tol):
     assert torch.equal(torch.get_rng_state(), after_forward)  # the backward's redraw left no trace
 
     torch.manual_seed(1)
-    keep, q = keep_mask(torch.Size([24, 32]), 0.5, dtype, "cpu")
-    assert 0 < keep.float().mean() < 1
+    keep = torch.ones(24 * 32)
+    keep[drop_positions(24 * 32, 0.5, "cpu")] = 0
+    keep, q = keep.view(24, 32), 0.5
+    assert 0.3 < keep.mean() < 0.7
     xr, ar, br = x.detach().float().requires_grad_(), a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     x2 = xr.reshape(24, 32)
-    ref = x2 @ weight.float().t() + ((x2 * keep.float()) @ ar.t()) @ br.t() * (2.0 / q)
+    ref = x2 @ weight.float().t() + ((x2 * keep) @ ar.t()) @ br.t() * (2.0 / q)
     ref.backward(grad_out.float().reshape(24, 16))
     assert a.grad.dtype == b.grad.dtype == torch.float32 and x.grad.dtype == dtype
     # relative error of the whole tensor: bf16 rounding moves single elements, a different mask moves all
@@ -82,15 +84,24 @@ def test_fused_lora_dropout_forward_and_backward_use_one_mask(dtype, tol):
         assert (got.detach().float() - want.detach()).norm() / want.norm() < tol
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_keep_mask_is_binary_with_the_right_rate(dtype):
+def test_drop_positions_are_independent_coins_of_rate_p():
     torch.manual_seed(0)
-    mask, q = keep_mask(torch.Size([200_000]), 0.05, dtype, "cpu")
-    assert mask.dtype == dtype
-    values = set(mask.float().unique().tolist())
-    assert values == {0.0, 1.0}
-    assert abs(q - 0.95) < 1e-4
-    assert abs(mask.float().mean().item() - q) < 0.005
+    n, p = 200_000, 0.05
+    pos = drop_positions(n, p, "cpu")
+    assert pos.dtype == torch.int64 and 0 <= int(pos[0]) and int(pos[-1]) < n
+    assert bool((pos[1:] > pos[:-1]).all())  # sorted, no position twice
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[pos] = True
+    assert abs(dropped.float().mean().item() - p) < 0.003  # 6 standard deviations
+    both = (dropped[1:] & dropped[:-1]).float().mean().item()  # neighbours independent: p^2
+    assert abs(both - p * p) < 0.001
+    # every position, the first and the last included, is dropped at rate p (an off-by-one would show here)
+    counts = torch.zeros(40)
+    for _ in range(3000):
+        counts[drop_positions(40, 0.3, "cpu")] += 1
+    rate = counts / 3000
+    assert (rate - 0.3).abs().max() < 0.04  # ~5 standard deviations per position
+    assert drop_positions(1000, 0.999, "cpu").numel() > 990  # a dense draw still ends inside the range
 
 
 def test_per_example_attention_equals_sdpa_with_a_block_mask():

@@ -1,4 +1,6 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
 from loralab.config import LoraSection, ModelConfig
 from loralab.loss import response_loss_sum
@@ -69,3 +71,99 @@ def test_plan_rows_best_fit():
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in r) <= 2048 or len(r) == 1 for r in rows)
     assert len(rows) == 3  # 2100 alone; 1200+700+100+40; 900+300
+
+
+def test_pack_rows_keeps_every_example_once_within_the_budget():
+    from loralab.packing import pack_rows
+
+    examples = _examples(1000, [300, 120, 700, 90, 250, 40])
+    batch = pack_rows(examples, 512)
+    lengths = [r["input_ids"].shape[1] for r in batch["rows"]]
+    assert all(n <= 512 for n in lengths if n != 700) and 700 in lengths  # too long for a row: alone
+    assert sum(lengths) == sum(len(e["input_ids"]) for e in examples)
+    assert len(batch["rows"]) == 3  # 700 | 300 + 120 + 90 | 250 + 40
+    # the step-level tensors the Trainer counts on: every trained target of every row, once
+    trained = sum(int((r["labels"][0, 1:] != -100).sum()) for r in batch["rows"])
+    assert int((batch["labels"] != -100).sum()) == trained == sum(len(e["input_ids"]) - 3 for e in examples)
+    assert batch["input_ids"].shape == batch["labels"].shape == (1, sum(lengths))
+
+
+def test_a_steps_update_does_not_depend_on_how_its_examples_are_split_into_rows(tmp_path, tiny_model_dir, alpaca_path):
+    """loralab train's trainer: rows of one example each and one row holding a whole step train the same weights."""
+    from loralab import prepare, train
+    from loralab.config import config_from_dict
+    from loralab.rundir import RunDir, read_jsonl
+
+    def trained_weights(row_tokens):
+        cfg = config_from_dict({
+            "name": "rows", "output_dir": str(tmp_path / "runs"), "model": {"name_or_path": str(tiny_model_dir)},
+            "data": {"path": str(alpaca_path), "num_examples": 24, "eval_size": 0, "max_length": 128},
+            "lora": {"lora_dropout": 0.0},
+            "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "warmup_steps": 0,
+                      "logging_steps": 1, "save_steps": 100, "device": "cpu", "precision": "fp32", "row_tokens": row_tokens,
+                      "gradient_checkpointing": False},
+        })
+        prepare.run(cfg)
+        examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(RunDir(cfg).train_file)]
+        model = train.build_model(cfg, "fp32", "cpu")
+        trainer = train.build_trainer(cfg, model, examples, tmp_path / f"ckpt-{row_tokens}", "fp32", "cpu", [])
+        rows_seen = []
+        real_step = trainer.training_step
+        trainer.training_step = lambda m, inputs, n=None: rows_seen.append(len(inputs["rows"])) or real_step(m, inputs, n)
+        trainer.train()
+        weights = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+        return weights, rows_seen, trainer.state.log_history
+
+    alone, rows_alone, log_alone = trained_weights(1)
+    together, rows_together, log_together = trained_weights(4096)
+    assert rows_alone == [8, 8] and rows_together == [1, 1]  # 8 examples a step: 8 rows, or 1
+    for name in alone:
+        torch.testing.assert_close(together[name], alone[name], rtol=1e-4, atol=1e-6)
+    losses = [[r["loss"] for r in log if "loss" in r] for log in (log_alone, log_together)]
+    assert len(losses[0]) == 2 and losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert any("lora_B" in name and w.abs().max() > 0 for name, w in alone.items())  # B starts at zero: it trained
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_frozen_head_cross_entropy_equals_the_upcast_logits_loss(monkeypatch, dtype, tol):
+    from loralab import loss
+
+    monkeypatch.setattr(loss, "CHUNK_ROWS", 16)  # 50 positions: four chunks, the last one short
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 32).to(dtype).requires_grad_()
+    weight = torch.randn(300, 32).to(dtype)
+    targets = torch.randint(0, 300, (50,))
+    got = loss.FrozenHeadCrossEntropy.apply(hidden, weight, targets)
+    (got * 0.5).backward()
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    want = F.cross_entropy((ref_hidden @ weight.t()).float(), targets, reduction="sum")
+    (want * 0.5).backward()
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    assert hidden.grad.dtype == dtype
+    assert (hidden.grad.float() - ref_hidden.grad.float()).norm() / ref_hidden.grad.float().norm() < tol
+
+
+def test_training_loss_and_grads_through_the_fused_head_equal_the_models_own_head(tiny_model_dir, monkeypatch):
+    from loralab import loss
+
+    torch.manual_seed(0)
+    model = add_lora(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), "fp32", "cpu"), LoraSection(lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    assert loss._frozen_plain_head(model) is not None  # the tiny Llama takes the fused path
+    batch = pack_examples(_examples(model.config.vocab_size, [40, 25]))
+
+    def run():
+        model.zero_grad()
+        s, n = response_loss_sum(model, batch)
+        s.backward()
+        return s.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    fused_loss, fused_grads = run()
+    monkeypatch.setattr(loss, "_frozen_plain_head", lambda m: None)  # the model's own forward and head
+    own_loss, own_grads = run()
+    torch.testing.assert_close(fused_loss, own_loss, rtol=1e-5, atol=1e-5)
+    for name in own_grads:
+        torch.testing.assert_close(fused_grads[name], own_grads[name], rtol=1e-4, atol=1e-6)

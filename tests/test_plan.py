@@ -59,18 +59,24 @@ def test_parameter_arithmetic_matches_a_real_model(model_type, overrides, target
     assert (shape.total_params, lora_trainable_params(shape, lora)) == (real.total, real.trainable)
 
 
-def test_longer_examples_and_bigger_batches_need_more_memory():
+def test_longer_examples_and_longer_rows_need_more_memory():
     short, long_ = _plan(lengths=[256] * 8), _plan(lengths=[1024] * 8)
     assert long_.peak_bytes > short.peak_bytes
     assert _item(long_, "activations") == pytest.approx(4 * _item(short, "activations"), rel=0.01)
-    one = _plan(TrainConfig(per_device_train_batch_size=1))
-    four = _plan(TrainConfig(per_device_train_batch_size=4))
+    one = _plan(TrainConfig(row_tokens=512))
+    four = _plan(TrainConfig(row_tokens=2048))
     assert four.peak_bytes > one.peak_bytes and four.peak_tokens == 4 * one.peak_tokens
     assert four.microbatch_seconds > one.microbatch_seconds
+    # the same 8 examples per optimizer step either way: 8 rows of one, or 2 rows of four
+    assert one.step_seconds == pytest.approx(8 * one.microbatch_seconds)
+    assert four.step_seconds == pytest.approx(2 * four.microbatch_seconds)
+    # auto: the longest example on a GPU, 1024 tokens on a CPU
+    assert _plan().peak_tokens == 512 and _plan(profile=PROFILES["cpu"]).peak_tokens == 1024
 
 
 def test_peak_uses_the_longest_examples_and_trained_counts():
-    plan = _plan(TrainConfig(per_device_train_batch_size=2), lengths=[100, 400, 300, 50], trained_counts=[90, 10, 250, 40])
+    # rows of 700 tokens: the fullest holds 400 + 300; in order, best fit makes rows of 700 and 150
+    plan = _plan(TrainConfig(row_tokens=700), lengths=[100, 400, 300, 50], trained_counts=[90, 10, 250, 40])
     assert plan.peak_tokens == 700 and plan.mean_tokens == pytest.approx(425)
     assert _item(plan, "logits (fp32)") == (250 + 90) * 32000 * 12
 
@@ -85,8 +91,8 @@ def test_gradient_checkpointing_trades_memory_for_time():
 
 
 def test_time_is_flops_over_peak_and_adds_up_over_the_run():
-    train = TrainConfig(gradient_accumulation_steps=4, max_steps=10)
-    plan = _plan(train, lengths=[512])
+    train = TrainConfig(gradient_accumulation_steps=4, max_steps=10, row_tokens=512)
+    plan = _plan(train, lengths=[512] * 4)
     # Forward 2 x params + input-grad backward 2 x params per token: 4 x (non-embedding) params dominate.
     dense = 4 * 512 * (1_100_048_384 - 2 * 32000 * 2048)
     assert dense < plan.flops_per_microbatch < 1.15 * dense
@@ -96,7 +102,7 @@ def test_time_is_flops_over_peak_and_adds_up_over_the_run():
 
 def test_too_big_for_a_t4_gets_suggestions_that_fit():
     t4 = PROFILES["t4"]
-    train = TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2, gradient_checkpointing=False)
+    train = TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2, gradient_checkpointing=False, row_tokens=8192)
     plan = estimate(TINYLLAMA_CONFIG, LORA, train, [1024] * 64, t4, "fp32")
     assert not plan.fits and plan.peak_bytes > t4.memory_bytes
     fitting = [s for s in plan.suggestions if s.fits]
@@ -104,11 +110,11 @@ def test_too_big_for_a_t4_gets_suggestions_that_fit():
     for s in fitting:
         assert s.peak_bytes <= t4.memory_bytes
     changes = " ".join(kv for s in plan.suggestions for kv in s.settings)
-    assert "train.gradient_checkpointing=true" in changes and "per_device_train_batch_size=" in changes
+    assert "train.gradient_checkpointing=true" in changes and "train.row_tokens=" in changes
     assert "train.precision=fp16" in changes and "data.max_length=" in changes
     # Each suggestion's settings are valid --set overrides, and its peak is the estimate of the changed config.
     raw = {"name": "x", "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "precision": "fp32",
-                                  "gradient_checkpointing": False}}
+                                  "gradient_checkpointing": False, "row_tokens": 8192}}
     for s in plan.suggestions:
         if any(kv.startswith("data.") for kv in s.settings):
             continue  # needs prepare again; the truncation arithmetic is tested below
@@ -171,7 +177,7 @@ def test_cli_plan_reads_prepared_lengths(tmp_path, tiny_dir, capsys):
     data.mkdir(parents=True)
     rows = [{"input_ids": [1] * n, "labels": [IGNORE_INDEX] * 10 + [5] * (n - 10), "record": {}} for n in (40, 90, 70)]
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert cli.main(["plan", str(cfg), "--device", "cpu", "--set", "train.per_device_train_batch_size=2"]) == 0
+    assert cli.main(["plan", str(cfg), "--device", "cpu", "--set", "train.row_tokens=160"]) == 0
     out = capsys.readouterr().out
     assert "3 prepared examples" in out and "largest micro-batch: 160 tokens" in out
 

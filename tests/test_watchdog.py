@@ -11,7 +11,8 @@ def test_forced_nan_stops_training_and_keeps_last_checkpoint(tmp_path, tiny_mode
         tmp_path / "exp.yaml",
         model={"name_or_path": str(tiny_model_dir)},
         data={"path": str(alpaca_path)},
-        train={"max_steps": 6, "save_steps": 2, "gradient_accumulation_steps": 2, "logging_steps": 1},
+        # row_tokens 1: every example is a row of its own, two rows (forward passes) per optimizer step
+        train={"max_steps": 6, "save_steps": 2, "gradient_accumulation_steps": 2, "logging_steps": 1, "row_tokens": 1},
     )
     assert cli.main(["prepare", str(cfg)]) == 0
     real = train.response_loss_sum
@@ -20,7 +21,7 @@ def test_forced_nan_stops_training_and_keeps_last_checkpoint(tmp_path, tiny_mode
     def poisoned(model, batch):
         calls["n"] += 1
         loss, count = real(model, batch)
-        if calls["n"] == 7:  # first micro-batch of optimizer step 4 (two micro-batches a step)
+        if calls["n"] == 7:  # first row of optimizer step 4
             loss = loss * torch.tensor(float("nan"))
         return loss, count
 

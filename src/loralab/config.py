@@ -75,9 +75,15 @@ class LoraSection:
 @dataclass
 class TrainConfig:
     per_device_train_batch_size: int = 1
-    """Examples per micro-batch."""
+    """Examples per device per accumulation step. An optimizer step sees batch x accumulation examples
+    per device; loralab lays them out in rows (row_tokens), so only that product changes what is trained."""
     gradient_accumulation_steps: int = 8
-    """Micro-batches per optimizer step; an optimizer step sees batch x accumulation examples."""
+    """Accumulation steps per optimizer step (see per_device_train_batch_size)."""
+    row_tokens: Union[int, Literal["auto"]] = "auto"
+    """The most tokens in one forward and backward pass. An optimizer step's examples are packed end to end,
+    best fit, into rows of at most this many tokens (an example longer than that gets a row alone); the
+    gradients equal those of one example at a time. "auto": 1024 on a CPU (the fastest in
+    bench/train_throughput.py), data.max_length on GPUs and MPS. Lower it to save memory."""
     max_steps: int = 500
     """Optimizer steps to train."""
     learning_rate: float = 2e-4
@@ -240,6 +246,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive, got {value}")
+    if cfg.train.row_tokens != "auto" and cfg.train.row_tokens <= 0:
+        raise ConfigError(f"config key 'train.row_tokens' must be positive or \"auto\", got {cfg.train.row_tokens}")
     if cfg.data.num_examples is not None and cfg.data.num_examples <= 0:
         raise ConfigError(f"config key 'data.num_examples' must be positive or null, got {cfg.data.num_examples}")
     if cfg.data.eval_size < 0:

@@ -50,6 +50,32 @@ def plan_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
     return rows
 
 
+def pack_rows(examples: list[dict], max_tokens: int) -> dict:
+    """One optimizer step's examples as best-fit rows of at most ``max_tokens`` tokens (see plan_rows).
+
+    Returns ``rows`` (pack_examples of each row, run forward and backward one at a time by
+    loralab.train.ResponseOnlyTrainer) and the step's input_ids and labels end to end, which is what the
+    Trainer counts tokens and trained targets on.
+    """
+    groups = plan_rows([len(ex["input_ids"]) for ex in examples], max_tokens)
+    rows = [pack_examples([examples[i] for i in group]) for group in groups]
+    return {
+        "input_ids": torch.cat([r["input_ids"] for r in rows], dim=1),
+        "labels": torch.cat([r["labels"] for r in rows], dim=1),
+        "rows": rows,
+    }
+
+
+class RowCollator:
+    """The Trainer's data collator: a batch of examples -> pack_rows with this row budget."""
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+
+    def __call__(self, examples: list[dict]) -> dict:
+        return pack_rows(examples, self.max_tokens)
+
+
 PER_EXAMPLE_ATTENTION = "loralab_per_example"
 MATERIALISED_MAX_TOKENS = 1024  # longer examples use SDPA's flash kernel: the probabilities would take 32 x L^2 x 2 bytes a layer
 

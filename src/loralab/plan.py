@@ -5,8 +5,10 @@ example lengths, for loralab's own training loop (see loralab.train):
 
 * base weights frozen and stored in the compute dtype; LoRA weights, their gradients and AdamW's two
   moments in fp32 (4 + 4 + 8 bytes per trainable parameter);
-* one micro-batch = ``per_device_train_batch_size`` examples packed padding-free into one row; the
-  largest such row (the batch's longest examples together) sets the peak;
+* one micro-batch = one row: an optimizer step's ``per_device_train_batch_size x
+  gradient_accumulation_steps`` examples are packed padding-free, best fit, into rows of at most
+  ``train.row_tokens`` tokens (resolve_row_tokens); the fullest possible row (the longest examples that
+  fit together) sets the peak, rows laid out from the examples in order set the time;
 * activations: what autograd saves for each decoder layer's backward (frozen linears save nothing;
   LoRA saves an fp32 copy of its input, and dropout its mask; RMSNorm an fp32 copy of its input; the
   MLP its three intermediates; attention q, k, v, its output), or with gradient checkpointing only
@@ -17,7 +19,7 @@ example lengths, for loralab's own training loop (see loralab.train):
   gradient only: the frozen base needs no weight gradient; one more forward with checkpointing) over
   peak x efficiency; attention FLOPs over its own (lower, head_dim-dependent) efficiency; activation
   traffic over memory bandwidth; dropout masks; per-layer host overhead. Whole run = max_steps x
-  accumulation x micro-batch.
+  rows per step x micro-batch.
 
 Device profiles are data (PROFILES); add an entry to plan for another device. The CPU numbers were
 measured on a 2-core AVX-512-BF16 EPYC; bench/plan_validation.py checks them against real steps and
@@ -253,7 +255,7 @@ class Plan:
     total_params: int
     trainable_params: int
     peak_tokens: int
-    """Tokens in the largest micro-batch (the ``batch`` longest examples packed), which sets peak memory."""
+    """Tokens in the fullest row (the longest examples that fit in train.row_tokens), which sets peak memory."""
     mean_tokens: float
     memory: list[MemoryItem]
     flops_per_microbatch: float
@@ -277,6 +279,40 @@ class Plan:
 # Inputs that adapted linears of one layer share: q/k/v read the same normed hidden state, gate/up another.
 _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in", "up_proj": "mlp_in"}
 PER_EXAMPLE_MAX_TOKENS = 1024  # loralab.packing.MATERIALISED_MAX_TOKENS: longer examples use SDPA's kernel
+
+
+CPU_ROW_TOKENS = 1024  # train.row_tokens "auto" on a CPU: the fastest of 512-2048 in bench/train_throughput.py
+
+
+def resolve_row_tokens(train: TrainConfig, device: str, lengths: list[int]) -> int:
+    """train.row_tokens with "auto" decided: CPU_ROW_TOKENS on a CPU, the longest example elsewhere (whose
+    fastest row length was not measured here; data.max_length bounds it)."""
+    if train.row_tokens != "auto":
+        return int(train.row_tokens)
+    return CPU_ROW_TOKENS if device == "cpu" else max(lengths)
+
+
+def peak_row(lengths: list[int], per_step: int, row_tokens: int) -> list[int]:
+    """Indices of the examples in the fullest row a step can make: the longest examples that fit together
+    (one of ``per_step`` examples alone if it is longer than ``row_tokens``)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:per_step]
+    row, used = [], 0
+    for i in order:
+        if used + lengths[i] <= row_tokens or not row:
+            row.append(i)
+            used += lengths[i]
+    return row
+
+
+def typical_rows(lengths: list[int], per_step: int, row_tokens: int, steps: int = 64) -> list[list[int]]:
+    """The rows of the first ``steps`` optimizer steps, taking the examples in order (each row a list of lengths)."""
+    from loralab.packing import plan_rows
+
+    rows = []
+    for start in range(0, min(len(lengths), steps * per_step), per_step):
+        step = lengths[start : start + per_step]
+        rows += [[step[i] for i in group] for group in plan_rows(step, row_tokens)]
+    return rows
 
 
 def cpu_fast_path(profile: DeviceProfile, attn_implementation: str) -> bool:
@@ -343,20 +379,26 @@ def estimate(
     trained_counts = list(lengths) if trained_counts is None else list(trained_counts)
     shape = model_shape(model_config)
     b = DTYPE_BYTES[precision]
-    batch = train.per_device_train_batch_size
     n_layers = shape.num_layers
     notes: list[str] = []
     if auto_checkpointing:
         notes.append("gradient_checkpointing auto: " + ("on, the run does not fit without it" if train.gradient_checkpointing
                                                         else "off, the run fits without it"))
 
-    # Worst micro-batch for memory; the average one for time. A split smaller than the batch is one micro-batch.
-    batch = min(batch, len(lengths))
-    peak_tokens = sum(sorted(lengths, reverse=True)[:batch])
-    peak_trained = sum(sorted(trained_counts, reverse=True)[:batch])
-    mean_len = statistics.fmean(lengths)
-    mean_tokens = batch * mean_len
-    mean_trained = batch * statistics.fmean(trained_counts)
+    # The fullest row for memory; rows as the first steps lay them out for time.
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    row_tokens = resolve_row_tokens(train, "cpu" if profile.name == "cpu" else "gpu", lengths)
+    peak = peak_row(lengths, per_step, row_tokens)
+    peak_examples = [lengths[i] for i in peak]
+    peak_tokens = sum(peak_examples)
+    peak_trained = sum(sorted(trained_counts, reverse=True)[: len(peak)])
+    rows = typical_rows(lengths, per_step, row_tokens)
+    rows_per_step = len(rows) / math.ceil(sum(len(r) for r in rows) / per_step)
+    mean_tokens = statistics.fmean(sum(r) for r in rows)
+    mean_trained = mean_tokens * sum(trained_counts) / sum(lengths)
+    packed = max(len(r) for r in rows) > 1 or len(peak) > 1
+    notes.append(f"rows of up to {row_tokens:,} tokens (train.row_tokens): {rows_per_step:.1f} per optimizer step of "
+                 f"{per_step} examples on average")
 
     total = shape.total_params
     trainable = lora_trainable_params(shape, lora)
@@ -372,12 +414,11 @@ def estimate(
         saved = peak_tokens * n_layers * per_token
         act_note = f"{n_layers} layers x {peak_tokens:,} tokens x {per_token / 1e3:.0f} kB"
     saved += peak_tokens * shape.hidden_size * (b + 4)  # embeddings out, final norm's fp32 input
-    if batch > 1 and attn_implementation != "flash_attention_2" and not fast:
+    if packed and attn_implementation != "flash_attention_2" and not fast:
         saved += peak_tokens**2  # the packed row's block-causal mask (bool, tokens x tokens)
     if fast:
         # per-example attention keeps each example's (heads x L x L) probabilities in the compute dtype
         layers_kept = 1 if train.gradient_checkpointing else n_layers
-        peak_examples = sorted(lengths, reverse=True)[:batch]
         saved += layers_kept * shape.num_heads * sum(n * n for n in peak_examples if n <= PER_EXAMPLE_MAX_TOKENS) * b
     if attn_implementation == "eager":
         # eager attention materialises (heads, tokens, tokens) probabilities and keeps them per layer
@@ -385,7 +426,7 @@ def estimate(
         saved += layers_kept * shape.num_heads * peak_tokens**2 * (b + 4)
         notes.append("attn_implementation eager keeps heads x tokens^2 attention probabilities per layer; sdpa does not")
     logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
-    # loralab.train.return_freed_memory_to_os has glibc give freed activations back: no heap left holding them
+    # loralab.train.tune_allocator keeps glibc's heap from holding much beyond the live activations
     held = 1.0 if fast else profile.allocator_factor
     transient = peak_tokens * backward_transient_per_token(shape, b) * held
     if train.gradient_checkpointing:
@@ -422,11 +463,11 @@ def estimate(
     # One example per row runs the causal kernel (about half the pairs, whole blocks on the diagonal);
     # a packed row with a block mask pays every pair of the row.
     q_dim = shape.num_heads * shape.head_dim
-    if batch == 1 or attn_implementation == "flash_attention_2":
+    if not packed or attn_implementation == "flash_attention_2":
         block = profile.attention_block
-        pairs = batch * statistics.fmean(min(n * n, n * n / 2 + n * block / 2) for n in lengths)
+        pairs = statistics.fmean(sum(min(n * n, n * n / 2 + n * block / 2) for n in r) for r in rows)
     else:
-        pairs = batch * statistics.fmean(n * n for n in lengths) + batch * (batch - 1) * mean_len**2
+        pairs = statistics.fmean(sum(r) ** 2 for r in rows)
     attention_fwd = n_layers * 4 * q_dim * pairs
     attention = attention_fwd * (3.5 + recompute)
     flops = matmul + attention
@@ -439,7 +480,7 @@ def estimate(
         # at the matmul efficiency, plus the per-score work (mask, softmax, its backward).
         short = [n for n in lengths if n <= PER_EXAMPLE_MAX_TOKENS]
         long_share = 1 - sum(short) / sum(lengths)
-        full_pairs = batch * statistics.fmean([n * n if n <= PER_EXAMPLE_MAX_TOKENS else 0 for n in lengths])
+        full_pairs = statistics.fmean(sum(n * n for n in r if n <= PER_EXAMPLE_MAX_TOKENS) for r in rows)
         mat_s = n_layers * 4 * q_dim * full_pairs * 3 / (peak * profile.efficiency)
         scores_s = n_layers * shape.num_heads * full_pairs * profile.score_s_per_element
         attention_s = attention_s * long_share + mat_s + scores_s
@@ -453,7 +494,7 @@ def estimate(
     device_s = matmul_s + attention_s + elementwise_s + dropout_s
     host_s = n_layers * profile.op_overhead_s * (1 + recompute / 2) + profile.step_overhead_s
     micro_s = max(device_s, host_s) if profile.async_dispatch else device_s + host_s
-    step_s = train.gradient_accumulation_steps * micro_s
+    step_s = rows_per_step * micro_s
     plan = Plan(
         device=profile, precision=precision, total_params=total, trainable_params=trainable,
         peak_tokens=peak_tokens, mean_tokens=mean_tokens, memory=memory, flops_per_microbatch=flops,
@@ -519,13 +560,11 @@ def suggest(
         return trials
 
     out: list[Suggestion | None] = []
-    batch, accum = train.per_device_train_batch_size, train.gradient_accumulation_steps
-    smaller = [b for b in (batch // 2**k for k in range(1, 12)) if b >= 1]
+    row_tokens = resolve_row_tokens(train, "cpu" if profile.name == "cpu" else "gpu", lengths)
+    fewer = [2**k for k in range(14, 6, -1) if 2**k < row_tokens and 2**k >= min(lengths)]
     out.append(first_fit([
-        trial([f"train.per_device_train_batch_size={b}", f"train.gradient_accumulation_steps={math.ceil(batch * accum / b)}"],
-              "same examples per optimizer step", replace(train, per_device_train_batch_size=b,
-                                                          gradient_accumulation_steps=math.ceil(batch * accum / b)))
-        for b in sorted(set(smaller), reverse=True)
+        trial([f"train.row_tokens={n}"], "same examples per optimizer step, in more, shorter rows", replace(train, row_tokens=n))
+        for n in fewer
     ]))
     if not train.gradient_checkpointing:
         out.append(trial(["train.gradient_checkpointing=true"], "about 1/3 more compute", replace(train, gradient_checkpointing=True)))
@@ -535,9 +574,9 @@ def suggest(
     out.append(first_fit(shorter([], "", train, precision)))
     found = [s for s in out if s is not None]
     if not any(s.fits for s in found):
-        combo = replace(train, per_device_train_batch_size=1, gradient_accumulation_steps=batch * accum, gradient_checkpointing=True)
-        settings = ["train.per_device_train_batch_size=1", f"train.gradient_accumulation_steps={batch * accum}",
-                    "train.gradient_checkpointing=true"]
+        shortest = min(lengths)
+        combo = replace(train, row_tokens=shortest, gradient_checkpointing=True)  # one example per row
+        settings = [f"train.row_tokens={shortest}", "train.gradient_checkpointing=true"]
         combo_precision = lower if DTYPE_BYTES[precision] > 2 and lower else precision
         if combo_precision != precision:
             settings.append(f"train.precision={combo_precision}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -18,13 +19,27 @@ from loralab.errors import LoralabError
 from loralab.fused_lora import fuse_lora_layers
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import add_lora, choose_precision, count_parameters, detect_device, device_name, load_model
-from loralab.packing import pack_examples, use_per_example_attention
+from loralab.packing import RowCollator, use_per_example_attention
 from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
 
 
 class ResponseOnlyTrainer(Trainer):
-    """The Trainer with one hook changed: compute_loss asks the model for logits only at trained targets
-    (see loralab.loss) and normalises by the trained-token count of the whole optimizer step."""
+    """The Trainer with two hooks changed. Each batch is one optimizer step's examples as packed rows
+    (loralab.packing.pack_rows; the Trainer's accumulation is 1, see training_arguments): training_step runs
+    forward and backward on one row at a time. compute_loss asks the model for logits only at trained
+    targets (see loralab.loss) and normalises by the trained-token count of the whole optimizer step, so
+    how the examples are split into rows does not change the gradients."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        rows = inputs["rows"]
+        total = None
+        for i, row in enumerate(rows):
+            # Under DDP the gradients are all-reduced once, after the step's last row.
+            sync = contextlib.nullcontext() if i == len(rows) - 1 else self.accelerator.no_sync(model)
+            with sync:
+                loss = super().training_step(model, row, num_items_in_batch)
+            total = loss if total is None else total + loss
+        return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, count = response_loss_sum(model, inputs)
@@ -137,8 +152,9 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
     t = cfg.train
     return TrainingArguments(
         output_dir=str(out_dir),
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        # One batch = one optimizer step's examples, which ResponseOnlyTrainer splits into rows itself.
+        per_device_train_batch_size=t.per_device_train_batch_size * t.gradient_accumulation_steps,
+        gradient_accumulation_steps=1,
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
         warmup_steps=t.warmup_steps,
@@ -165,43 +181,45 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
     )
 
 
-MMAP_THRESHOLD_BYTES = 4 << 20
+LEAN_ALLOCATOR_ROW_TOKENS = 1024  # rows longer than this return freed memory to the system at once
+LEAN_MMAP_THRESHOLD = 4 << 20
+FAST_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold (64-bit), fixed from the start
 
 
-def return_freed_memory_to_os() -> bool:
-    """Have glibc serve allocations of 4 MiB and more by mmap, so memory a large freed tensor held goes back
-    to the system at once.
+def tune_allocator(longest_row_tokens: int) -> int | None:
+    """Set glibc's mmap threshold for rows of up to ``longest_row_tokens``; return it (None: not glibc).
 
-    By default glibc raises its mmap threshold to 32 MiB after the first large free, so the activations
-    of a long packed row (8-25 MiB tensors for TinyLlama at 2,048 tokens) come from the heap, which keeps
-    them after the backward pass frees them: peak resident memory up to twice the live tensors
-    (bench/train_throughput.py --packed-memory, 2,048-token rows: 10.6 GB without, 8.7 GB with a 1 MiB
-    threshold, before fused_lora stopped storing dropout masks; 7.9 GB now, at 4 MiB). The threshold is not
-    lower because every mmap'd block is fresh zeroed pages: at 1 MiB the benchmark's short Alpaca examples
-    trained 4-13% slower (single runs on a noisy machine). False (nothing done) where libc is not glibc.
+    Allocations at or above the threshold are mmap'd and go back to the system when freed; smaller ones
+    come from the heap, which keeps freed memory for reuse. Each mmap'd block is fresh zeroed pages:
+    elementwise ops writing a 6 MB tensor ran 2-8x slower on them than on reused heap memory. So rows of
+    up to 1,024 tokens (TinyLlama: tensors of up to 11 MB) use 32 MiB and train at heap speed, while
+    longer rows use 4 MiB, because there the heap's kept memory adds gigabytes to the peak:
+    bench/train_throughput.py --packed-memory, 2,048-token rows, peaked at 7.9 GB with 4 MiB and 9.7 GB
+    with 32 MiB, for about 25% more time per row.
     """
     import ctypes
     import platform
 
     if platform.system() != "Linux":
-        return False
+        return None
+    threshold = LEAN_MMAP_THRESHOLD if longest_row_tokens > LEAN_ALLOCATOR_ROW_TOKENS else FAST_MMAP_THRESHOLD
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD_BYTES))  # -3: M_MMAP_THRESHOLD (malloc.h)
+        ok = libc.mallopt(-3, threshold) and libc.mallopt(-1, 2 * threshold)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
     except (OSError, AttributeError):
-        return False
+        return None
+    return threshold if ok else None
 
 
 def use_cpu_fast_path(model) -> dict:
     """On a CPU, route a LoRA model's plain LoRA layers through loralab.fused_lora and its attention through
     loralab.packing.per_example_attention: the same losses and gradients (tests/test_fused.py), about twice
-    the tokens per second (bench/train_throughput.py); and return freed activations to the system
-    (return_freed_memory_to_os). GPUs keep PEFT's and transformers' own kernels, which is where those are
-    fast and where these were not measured."""
+    the tokens per second (bench/train_throughput.py). GPUs keep PEFT's and transformers' own kernels,
+    which is where those are fast and where these were not measured. (build_trainer tunes the allocator
+    for the row length: tune_allocator.)"""
     return {
         "per_example_attention": use_per_example_attention(model.get_base_model()),
         "fused_lora_layers": fuse_lora_layers(model),
-        "mmap_threshold": return_freed_memory_to_os(),
     }
 
 
@@ -234,15 +252,24 @@ def decide_checkpointing(cfg: ExperimentConfig, device: str, precision: str, tra
 
 def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, precision: str, device: str,
                   callbacks: list) -> ResponseOnlyTrainer:
-    """The ResponseOnlyTrainer `loralab train` runs: packed micro-batches, checkpointing decided for this device."""
+    """The ResponseOnlyTrainer `loralab train` runs: each optimizer step's examples in rows of train.row_tokens
+    (resolved for this device), checkpointing decided for this device, on a CPU the allocator tuned for the rows."""
+    from loralab import plan
+
     checkpointing = decide_checkpointing(cfg, device, precision, train_examples)
+    lengths, _ = plan.example_lengths(train_examples)
+    row_tokens = plan.resolve_row_tokens(cfg.train, device, lengths)
+    if device == "cpu":
+        per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
+        tune_allocator(sum(lengths[i] for i in plan.peak_row(lengths, per_step, row_tokens)))
     trainer = ResponseOnlyTrainer(
         model=model,
         args=training_arguments(cfg, out_dir, precision, device, checkpointing),
         train_dataset=train_examples,
-        data_collator=pack_examples,
+        data_collator=RowCollator(row_tokens),
         callbacks=callbacks,
     )
+    trainer.row_tokens = row_tokens
     trainer.precision = precision
     return trainer
 
@@ -292,7 +319,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
         _truncate_metrics(rundir.metrics_file, int(resume_from.name.split("-")[-1]))
     log = MetricsLog(rundir.metrics_file, precision, eval_examples, cfg.train.eval_loss_steps, device)
     trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log])
-    rundir.update_manifest(gradient_checkpointing=trainer.args.gradient_checkpointing)
+    rundir.update_manifest(gradient_checkpointing=trainer.args.gradient_checkpointing, row_tokens=trainer.row_tokens)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
