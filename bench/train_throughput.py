@@ -173,6 +173,11 @@ def make_clock():
     return StepClock()
 
 
+def decoder_of(model):
+    """The transformer body every side's forward passes through (loralab's loss calls it directly)."""
+    return model.get_base_model().get_decoder()
+
+
 def loralab_trainer(cfg, dataset: list, out_dir: Path, callbacks: list):
     """Exactly the objects `loralab train` builds (see loralab.train.run)."""
     from loralab import train
@@ -217,7 +222,7 @@ def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict
             trainer, precision = loralab_trainer(cfg, examples, Path(tmp), [clock])
         else:
             trainer, precision = plain_trainer(root, examples, warmup + steps, Path(tmp), [clock], side == "bf16"), side
-        trainer.model.register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
+        decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
         before = matmul_peak()["flops"]
         trainer.train()
         after = matmul_peak()["flops"]
@@ -243,7 +248,7 @@ def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
         trainer.train_dataset = [[examples[i] for i in row] for row in rows]
         trainer.data_collator = lambda batch: pack_rows([ex for step in batch for ex in step], tokens)
         threshold = train.tune_allocator(max(sum(lengths[i] for i in row) for row in rows))  # as build_trainer does for such rows
-        trainer.model.register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
+        decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
         trainer.train()
     return {"row_tokens": [sum(lengths[i] for i in r) for r in rows], "peak_rss": peak_rss_bytes(), "precision": precision,
             "seconds": clock.marks[-1][1] - clock.marks[0][1] if len(clock.marks) > 1 else None, "mmap_threshold": threshold}

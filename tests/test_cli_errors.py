@@ -117,3 +117,30 @@ def test_unreachable_hub_fails_fast_without_retry_noise(tmp_path, tiny_model_dir
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "is unreachable and it is not in the local cache" in lines[0], proc.stderr
     assert f"{section}.{key}" in lines[0]
+
+
+@pytest.mark.parametrize("key", ["liger_kernels", "torch_compile"])
+def test_cuda_only_switches_on_a_cpu_fail_before_loading_the_model(capsys, tmp_path, tiny_model_dir, alpaca_path, key):
+    cfg = write_config(tmp_path / "c.yaml", model={"name_or_path": str(tiny_model_dir)}, data={"path": str(alpaca_path)},
+                       train={key: True})
+    assert cli.main(["prepare", str(cfg)]) == 0
+    capsys.readouterr()
+    _fails_cleanly(capsys, ["train", str(cfg)], f"train.{key} is for CUDA GPUs and this run trains on cpu; set train.{key}: false")
+    assert not (tmp_path / "runs" / "t" / "adapter").exists()
+
+
+def test_cuda_switches_reach_the_trainer_and_liger_needs_its_package(monkeypatch, tmp_path):
+    import importlib.util
+
+    from loralab import train
+    from loralab.config import config_from_dict
+    from loralab.errors import LoralabError
+
+    cfg = config_from_dict({"name": "x", "train": {"liger_kernels": True, "torch_compile": True}})
+    args = train.training_arguments(cfg, tmp_path, "bf16", "cuda")
+    assert args.use_liger_kernel and args.torch_compile
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
+    with pytest.raises(LoralabError, match="pip install liger-kernel"):
+        train.check_cuda_switches(cfg, "cuda")
+    train.check_cuda_switches(config_from_dict({"name": "x", "train": {"torch_compile": True}}), "cuda")  # no package needed

@@ -109,6 +109,12 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     """Recompute activations in the backward pass: less memory, about 50% more compute for LoRA.
     "auto": on only when `loralab plan`'s estimate says the run would not fit this device's memory without it."""
+    liger_kernels: bool = False
+    """CUDA only: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) patched into the model through the Trainer's
+    use_liger_kernel; needs `pip install liger-kernel`. Not measured by loralab (no GPU where it is built)."""
+    torch_compile: bool = False
+    """CUDA only: compile the model with torch.compile through the Trainer (the first steps are slow while it
+    compiles). Not measured by loralab. On a CPU, loralab's own training path is used instead."""
     eval_loss_steps: int = 0
     """Compute the held-out loss every this many optimizer steps (0: only at the end)."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

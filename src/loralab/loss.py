@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loralab import IGNORE_INDEX
+from loralab import IGNORE_INDEX, LOSS_CHUNK_ROWS, PLAIN_HEAD_MODELS
 from loralab.packing import pack_examples
 
 
-CHUNK_ROWS = 128  # positions per logits chunk: 128 x 32,000 fp32 logits = 16 MB, reused from the heap
+CHUNK_ROWS = LOSS_CHUNK_ROWS
 
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -48,8 +48,6 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         return grad * grad_total.to(grad.dtype), None, None
 
-
-PLAIN_HEAD_MODELS = {"llama", "mistral", "qwen2", "qwen3"}  # logits = lm_head(final hidden), nothing after it
 
 
 def _frozen_plain_head(model):

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from loralab import LOSS_CHUNK_ROWS as CHUNK_ROWS
+from loralab import PLAIN_HEAD_MODELS
 from loralab.config import ExperimentConfig, LoraSection, ModelConfig, TrainConfig
 from loralab.errors import LoralabError
 
@@ -425,12 +427,17 @@ def estimate(
         layers_kept = 1 if train.gradient_checkpointing else n_layers
         saved += layers_kept * shape.num_heads * peak_tokens**2 * (b + 4)
         notes.append("attn_implementation eager keeps heads x tokens^2 attention probabilities per layer; sdpa does not")
-    logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
+    fused_head = fast and model_config.get("model_type") in PLAIN_HEAD_MODELS
+    if fused_head:  # loralab.loss.FrozenHeadCrossEntropy: one chunk of fp32 logits, and the hidden states' gradient
+        logits = CHUNK_ROWS * shape.vocab_size * (4 + b) + peak_trained * shape.hidden_size * b
+    else:
+        logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
     # loralab.train.tune_allocator keeps glibc's heap from holding much beyond the live activations
     held = 1.0 if fast else profile.allocator_factor
     transient = peak_tokens * backward_transient_per_token(shape, b) * held
-    if train.gradient_checkpointing:
-        buffers_note = "gradients inside one layer's backward, on top of its recomputed activations"
+    if train.gradient_checkpointing or fused_head:
+        buffers_note = "gradients inside one layer's backward, on top of its recomputed activations" if train.gradient_checkpointing \
+            else "gradients inside one layer's backward"
     else:
         # Each layer's backward reuses the memory its freed activations leave, so only the part larger
         # than the logits (freed just before) adds to the peak. Both rules match CPU measurements.
@@ -444,7 +451,8 @@ def estimate(
         MemoryItem("LoRA params + grads + AdamW", trainable * LORA_STATE_BYTES, f"{trainable:,} trainable x 16 bytes (fp32)"),
         MemoryItem("activations", saved * held, act_note),
         MemoryItem("logits (fp32)", logits,
-                   f"only the {peak_trained:,} trained positions x {shape.vocab_size:,} vocab, fp32 for the loss"),
+                   f"{CHUNK_ROWS} positions x {shape.vocab_size:,} vocab at a time (of the {peak_trained:,} trained), fp32 for the loss"
+                   if fused_head else f"only the {peak_trained:,} trained positions x {shape.vocab_size:,} vocab, fp32 for the loss"),
         MemoryItem("backward buffers", transient, buffers_note),
         MemoryItem("framework", profile.framework_bytes, "runtime before any weight: CUDA context on GPUs, Python + libraries on CPU"),
     ]
@@ -490,7 +498,8 @@ def estimate(
     dropout_inputs = sum(shape.module_dims()[m][0] for m in lora.target_modules) if lora.lora_dropout > 0 else 0
     dropout_s = (1 + recompute) * mean_tokens * n_layers * dropout_inputs * profile.dropout_s_per_element  # a mask per forward
     if fast:
-        dropout_s /= 2  # loralab.fused_lora.keep_mask, ~4x cheaper than bernoulli_, is drawn in forward and backward
+        # loralab.fused_lora.drop_positions draws p x N numbers, in forward and backward, instead of N masks
+        dropout_s *= 2 * lora.lora_dropout
     device_s = matmul_s + attention_s + elementwise_s + dropout_s
     host_s = n_layers * profile.op_overhead_s * (1 + recompute / 2) + profile.step_overhead_s
     micro_s = max(device_s, host_s) if profile.async_dispatch else device_s + host_s

@@ -172,6 +172,8 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
         fp16=precision == "fp16",
         bf16=False,
         use_cpu=device == "cpu",
+        use_liger_kernel=t.liger_kernels,
+        torch_compile=t.torch_compile,
         gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         remove_unused_columns=False,
@@ -250,12 +252,26 @@ def decide_checkpointing(cfg: ExperimentConfig, device: str, precision: str, tra
     return resolved.gradient_checkpointing
 
 
+def check_cuda_switches(cfg: ExperimentConfig, device: str) -> None:
+    """train.liger_kernels and train.torch_compile are for CUDA GPUs; Liger needs its package."""
+    for key, on in (("liger_kernels", cfg.train.liger_kernels), ("torch_compile", cfg.train.torch_compile)):
+        if on and device != "cuda":
+            raise LoralabError(f"train.{key} is for CUDA GPUs and this run trains on {device}; set train.{key}: false")
+    if cfg.train.liger_kernels:
+        import importlib.util
+
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise LoralabError("train.liger_kernels needs the liger-kernel package: pip install liger-kernel "
+                               "(or set train.liger_kernels: false)")
+
+
 def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, precision: str, device: str,
                   callbacks: list) -> ResponseOnlyTrainer:
     """The ResponseOnlyTrainer `loralab train` runs: each optimizer step's examples in rows of train.row_tokens
     (resolved for this device), checkpointing decided for this device, on a CPU the allocator tuned for the rows."""
     from loralab import plan
 
+    check_cuda_switches(cfg, device)
     checkpointing = decide_checkpointing(cfg, device, precision, train_examples)
     lengths, _ = plan.example_lengths(train_examples)
     row_tokens = plan.resolve_row_tokens(cfg.train, device, lengths)
@@ -298,6 +314,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
 
     start = time.perf_counter()
     device = detect_device(cfg.train.device)
+    check_cuda_switches(cfg, device)  # before loading any weight
     precision = choose_precision(device, cfg.train.precision)
     train_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.train_file)]
     eval_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.eval_file)]
