@@ -153,3 +153,30 @@ def test_generation_with_padding_still_works_after_switching_attention(tiny_mode
     assert use_per_example_attention(model)
     after = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(before, after)
+
+
+def test_fused_rms_norms_give_the_same_loss_and_grads(tiny_model_dir):
+    from loralab.fused_norm import FrozenRMSNormFunction, fuse_rms_norms
+
+    model = _lora_model(tiny_model_dir)
+    model.train()
+    batch = pack_examples(_examples(model.config.vocab_size, [17, 30, 9]))
+    plain_loss, n, plain_grads = _loss_and_grads(model, batch)
+    assert fuse_rms_norms(model) == 2 * model.config.num_hidden_layers + 1  # two a layer, and the final norm
+    fused_loss, _, fused_grads = _loss_and_grads(model, batch)
+    assert fused_loss == plain_loss  # the forward is the same arithmetic in the same order
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+    # bf16, against transformers' own norm: bit-identical forward, backward to bf16 rounding
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(64, eps=1e-5).to(torch.bfloat16).requires_grad_(False)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x = torch.randn(3, 10, 64).to(torch.bfloat16).requires_grad_()
+    grad = torch.randn(3, 10, 64).to(torch.bfloat16)
+    want = norm(x)
+    (dx_want,) = torch.autograd.grad(want, x, grad)
+    got = FrozenRMSNormFunction.apply(x, norm.weight, 1e-5)
+    (dx_got,) = torch.autograd.grad(got, x, grad)
+    assert torch.equal(got, want)
+    assert (dx_got.float() - dx_want.float()).norm() / dx_want.float().norm() < 1e-2

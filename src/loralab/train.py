@@ -17,6 +17,7 @@ from loralab import prepare
 from loralab.config import ExperimentConfig
 from loralab.errors import LoralabError
 from loralab.fused_lora import fuse_lora_layers
+from loralab.fused_norm import fuse_rms_norms
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import add_lora, choose_precision, count_parameters, detect_device, device_name, load_model
 from loralab.packing import RowCollator, use_per_example_attention
@@ -214,14 +215,16 @@ def tune_allocator(longest_row_tokens: int) -> int | None:
 
 
 def use_cpu_fast_path(model) -> dict:
-    """On a CPU, route a LoRA model's plain LoRA layers through loralab.fused_lora and its attention through
-    loralab.packing.per_example_attention: the same losses and gradients (tests/test_fused.py), about twice
+    """On a CPU, route a LoRA model's plain LoRA layers through loralab.fused_lora, its RMSNorms through
+    loralab.fused_norm and its attention through loralab.packing.per_example_attention: the same losses
+    and gradients (tests/test_fused.py), about twice
     the tokens per second (bench/train_throughput.py). GPUs keep PEFT's and transformers' own kernels,
     which is where those are fast and where these were not measured. (build_trainer tunes the allocator
     for the row length: tune_allocator.)"""
     return {
         "per_example_attention": use_per_example_attention(model.get_base_model()),
         "fused_lora_layers": fuse_lora_layers(model),
+        "fused_rms_norms": fuse_rms_norms(model),
     }
 
 
