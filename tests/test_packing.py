@@ -18,14 +18,20 @@ def _examples(vocab, lengths, prompt_len=3, seed=0):
     return out
 
 
-def test_packed_loss_and_lora_grads_equal_one_by_one(tiny_model_dir):
+def _lora_model(model_dir):
+    """The tiny Llama in fp32 with LoRA, no dropout, and B perturbed: B starts at zero, which would hide a
+    wrong gradient through A."""
     torch.manual_seed(0)
-    model = add_lora(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), "fp32", "cpu"), LoraSection(lora_dropout=0.0))
-    # LoRA B starts at zero, which would hide a wrong gradient through A: perturb it.
+    model = add_lora(load_model(ModelConfig(name_or_path=str(model_dir)), "fp32", "cpu"), LoraSection(lora_dropout=0.0))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
+    return model
+
+
+def test_packed_loss_and_lora_grads_equal_one_by_one(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
     examples = _examples(model.config.vocab_size, [17, 5, 30, 11])
 
     def grads():
@@ -146,12 +152,7 @@ def test_frozen_head_cross_entropy_equals_the_upcast_logits_loss(monkeypatch, dt
 def test_training_loss_and_grads_through_the_fused_head_equal_the_models_own_head(tiny_model_dir, monkeypatch):
     from loralab import loss
 
-    torch.manual_seed(0)
-    model = add_lora(load_model(ModelConfig(name_or_path=str(tiny_model_dir)), "fp32", "cpu"), LoraSection(lora_dropout=0.0))
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
+    model = _lora_model(tiny_model_dir)
     assert loss._frozen_plain_head(model) is not None  # the tiny Llama takes the fused path
     batch = pack_examples(_examples(model.config.vocab_size, [40, 25]))
 

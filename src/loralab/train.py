@@ -21,6 +21,7 @@ from loralab.fused_norm import fuse_rms_norms
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import add_lora, choose_precision, count_parameters, detect_device, device_name, load_model
 from loralab.packing import RowCollator, use_per_example_attention
+from loralab.plan import LEAN_ALLOCATOR_ROW_TOKENS
 from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
 
 
@@ -184,7 +185,6 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
     )
 
 
-LEAN_ALLOCATOR_ROW_TOKENS = 1024  # rows longer than this return freed memory to the system at once
 LEAN_MMAP_THRESHOLD = 4 << 20
 FAST_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold (64-bit), fixed from the start
 
