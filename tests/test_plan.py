@@ -214,7 +214,8 @@ def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monk
 
     cfg = config_from_dict({"name": "x", "model": {"name_or_path": str(tiny_model_dir)}})
     examples = [{"input_ids": list(range(3, 403)), "labels": [IGNORE_INDEX] * 100 + list(range(103, 403))}] * 4
-    assert decide_checkpointing(cfg, "cpu", "fp32", examples) is False  # a tiny model fits this machine
+    counts = plan_module.example_lengths(examples)
+    assert decide_checkpointing(cfg, "cpu", "fp32", *counts) is False  # a tiny model fits this machine
     assert capsys.readouterr().out == ""
     model_config = json.loads((tiny_model_dir / "config.json").read_text())
     lengths = [400] * 4
@@ -223,7 +224,7 @@ def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monk
     assert on < off
     monkeypatch.setattr(plan_module, "resolve_profile", lambda device, calibrate=False: replace(
         PROFILES["cpu"], memory_bytes=(on + off) // 2))  # fits only with checkpointing
-    assert decide_checkpointing(cfg, "cpu", "fp32", examples) is True
+    assert decide_checkpointing(cfg, "cpu", "fp32", *counts) is True
     assert "turning it on" in capsys.readouterr().out
     forced = replace(cfg, train=replace(cfg.train, gradient_checkpointing=False))
-    assert decide_checkpointing(forced, "cpu", "fp32", examples) is False
+    assert decide_checkpointing(forced, "cpu", "fp32", *counts) is False

@@ -83,7 +83,8 @@ class TrainConfig:
     """The most tokens in one forward and backward pass. An optimizer step's examples are packed end to end,
     best fit, into rows of at most this many tokens (an example longer than that gets a row alone); the
     gradients equal those of one example at a time. "auto": 1024 on a CPU (the fastest in
-    bench/train_throughput.py), data.max_length on GPUs and MPS. Lower it to save memory."""
+    bench/train_throughput.py), the longest training example (at most data.max_length) on GPUs and MPS.
+    Lower it to save memory."""
     max_steps: int = 500
     """Optimizer steps to train."""
     learning_rate: float = 2e-4

@@ -289,8 +289,8 @@ CPU_ROW_TOKENS = 1024  # train.row_tokens "auto" on a CPU: the fastest of 512-20
 
 
 def resolve_row_tokens(train: TrainConfig, device: str, lengths: list[int]) -> int:
-    """train.row_tokens with "auto" decided: CPU_ROW_TOKENS on a CPU, the longest example elsewhere (whose
-    fastest row length was not measured here; data.max_length bounds it)."""
+    """train.row_tokens with "auto" decided: CPU_ROW_TOKENS on "cpu" (a device, or the cpu profile's name),
+    the longest example elsewhere (whose fastest row length was not measured here; data.max_length bounds it)."""
     if train.row_tokens != "auto":
         return int(train.row_tokens)
     return CPU_ROW_TOKENS if device == "cpu" else max(lengths)
@@ -391,7 +391,7 @@ def estimate(
 
     # The fullest row for memory; rows as the first steps lay them out for time.
     per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    row_tokens = resolve_row_tokens(train, "cpu" if profile.name == "cpu" else "gpu", lengths)
+    row_tokens = resolve_row_tokens(train, profile.name, lengths)
     peak = peak_row(lengths, per_step, row_tokens)
     peak_examples = [lengths[i] for i in peak]
     peak_tokens = sum(peak_examples)
@@ -442,9 +442,10 @@ def estimate(
     else:
         held = profile.allocator_factor
     transient = peak_tokens * backward_transient_per_token(shape, b) * held
-    if train.gradient_checkpointing or fused_head:
-        buffers_note = "gradients inside one layer's backward, on top of its recomputed activations" if train.gradient_checkpointing \
-            else "gradients inside one layer's backward"
+    if train.gradient_checkpointing:
+        buffers_note = "gradients inside one layer's backward, on top of its recomputed activations"
+    elif fused_head:
+        buffers_note = "gradients inside one layer's backward"
     else:
         # Each layer's backward reuses the memory its freed activations leave, so only the part larger
         # than the logits (freed just before) adds to the peak. Both rules match CPU measurements.
@@ -576,7 +577,7 @@ def suggest(
         return trials
 
     out: list[Suggestion | None] = []
-    row_tokens = resolve_row_tokens(train, "cpu" if profile.name == "cpu" else "gpu", lengths)
+    row_tokens = resolve_row_tokens(train, profile.name, lengths)
     fewer = [2**k for k in range(14, 6, -1) if 2**k < row_tokens and 2**k >= min(lengths)]
     out.append(first_fit([
         trial([f"train.row_tokens={n}"], "same examples per optimizer step, in more, shorter rows", replace(train, row_tokens=n))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from loralab import prepare
+from loralab import plan, prepare
 from loralab.config import ExperimentConfig
 from loralab.errors import LoralabError
 from loralab.fused_lora import fuse_lora_layers
@@ -21,7 +21,6 @@ from loralab.fused_norm import fuse_rms_norms
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import add_lora, choose_precision, count_parameters, detect_device, device_name, load_model
 from loralab.packing import RowCollator, use_per_example_attention
-from loralab.plan import LEAN_ALLOCATOR_ROW_TOKENS
 from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
 
 
@@ -205,7 +204,7 @@ def tune_allocator(longest_row_tokens: int) -> int | None:
 
     if platform.system() != "Linux":
         return None
-    threshold = LEAN_MMAP_THRESHOLD if longest_row_tokens > LEAN_ALLOCATOR_ROW_TOKENS else FAST_MMAP_THRESHOLD
+    threshold = LEAN_MMAP_THRESHOLD if longest_row_tokens > plan.LEAN_ALLOCATOR_ROW_TOKENS else FAST_MMAP_THRESHOLD
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = libc.mallopt(-3, threshold) and libc.mallopt(-1, 2 * threshold)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
@@ -237,13 +236,11 @@ def build_model(cfg: ExperimentConfig, precision: str, device: str):
     return model
 
 
-def decide_checkpointing(cfg: ExperimentConfig, device: str, precision: str, train_examples: list[dict]) -> bool:
-    """train.gradient_checkpointing, with "auto" decided by loralab.plan's memory estimate for this device."""
+def decide_checkpointing(cfg: ExperimentConfig, device: str, precision: str, lengths: list[int], trained: list[int]) -> bool:
+    """train.gradient_checkpointing, with "auto" decided by loralab.plan's memory estimate for this device
+    from the training examples' lengths and trained counts (plan.example_lengths)."""
     if cfg.train.gradient_checkpointing != "auto":
         return bool(cfg.train.gradient_checkpointing)
-    from loralab import plan
-
-    lengths, trained = plan.example_lengths(train_examples)
     profile = plan.resolve_profile("cpu" if device == "cpu" else "auto")
     resolved = plan.resolve_checkpointing(
         plan.read_model_config(cfg.model), cfg.lora, cfg.train, lengths, profile, precision,
@@ -272,11 +269,9 @@ def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_
                   callbacks: list) -> ResponseOnlyTrainer:
     """The ResponseOnlyTrainer `loralab train` runs: each optimizer step's examples in rows of train.row_tokens
     (resolved for this device), checkpointing decided for this device, on a CPU the allocator tuned for the rows."""
-    from loralab import plan
-
     check_cuda_switches(cfg, device)
-    checkpointing = decide_checkpointing(cfg, device, precision, train_examples)
-    lengths, _ = plan.example_lengths(train_examples)
+    lengths, trained = plan.example_lengths(train_examples)
+    checkpointing = decide_checkpointing(cfg, device, precision, lengths, trained)
     row_tokens = plan.resolve_row_tokens(cfg.train, device, lengths)
     if device == "cpu":
         per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
