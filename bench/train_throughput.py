@@ -8,7 +8,9 @@ response-only labels for every side; the first steps x 8 examples of its seeded 
 
 * loralab: what `loralab train` runs: its model loading (bf16 weights on a bf16-capable CPU), the
   ResponseOnlyTrainer with each step's 8 examples packed into rows of up to train.row_tokens (auto:
-  1,024 on a CPU), built by loralab.train.
+  1,024 on a CPU), built by loralab.train; with train.packed_weights "auto", which packs the frozen
+  weights for oneDNN on such rows (loralab.packed_weights).
+* unpacked: the same with train.packed_weights=false, to show what the packing gives and costs.
 * seed-style: HF Trainer + PEFT get_peft_model, batch 1 x gradient accumulation 8, a
   DataCollatorForSeq2Seq (padding, -100 labels), fp32 weights: the seed's recipe on a CPU.
 * bf16 hand-configured: the same with the base weights loaded in bf16, the best plain setup.
@@ -20,7 +22,7 @@ same run measures this CPU's bf16 matmul peak before and after each side's train
 (the share of a shared machine its tokens/s had), and once alone; each side's model FLOPs utilisation
 is against the better of its own two, and against the best of the run beside it.
 
-    python bench/train_throughput.py                    # 1 warm-up + 3 measured steps per side (~10 min)
+    python bench/train_throughput.py                    # 1 warm-up + 3 measured steps per side (~12 min)
     python bench/train_throughput.py --steps 6 --sides loralab,bf16
     python bench/train_throughput.py --packed-memory    # also: peak RSS training 2,048-token packed rows
 """
@@ -46,6 +48,7 @@ LEARNING_RATE = 2e-4
 SEED = 42
 SIDES = {
     "loralab": "loralab train (rows of 1,024 tokens, bf16)",
+    "unpacked": "same, train.packed_weights=false",
     "seed": "HF Trainer + PEFT, batch 1 x accum 8, fp32",
     "bf16": "same, base weights in bf16 (hand-configured)",
 }
@@ -217,9 +220,11 @@ def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict
     examples = load_examples(root, data, (warmup + steps) * EXAMPLES_PER_STEP)
     clock = make_clock()
     with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as tmp:
-        if side == "loralab":
+        if side in ("loralab", "unpacked"):
             cfg = experiment_config(root, data, max_steps=warmup + steps)
+            cfg.train.packed_weights = "auto" if side == "loralab" else False
             trainer, precision = loralab_trainer(cfg, examples, Path(tmp), [clock])
+            precision += ", packed weights" if trainer.packed_weights else ""
         else:
             trainer, precision = plain_trainer(root, examples, warmup + steps, Path(tmp), [clock], side == "bf16"), side
         decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
@@ -250,6 +255,7 @@ def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
         threshold = train.tune_allocator(max(sum(lengths[i] for i in row) for row in rows))  # as build_trainer does for such rows
         decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
         trainer.train()
+    precision += ", packed weights" if trainer.packed_weights else ", plain weights"
     return {"row_tokens": [sum(lengths[i] for i in r) for r in rows], "peak_rss": peak_rss_bytes(), "precision": precision,
             "seconds": clock.marks[-1][1] - clock.marks[0][1] if len(clock.marks) > 1 else None, "mmap_threshold": threshold}
 
@@ -366,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                 got = ours / results[side]["tokens_per_s"]
                 ok &= got >= target
                 print(f"   target loralab >= {target:.1f}x {side}: {got:.2f}x {'met' if got >= target else 'MISSED'}")
+        if "unpacked" in results:
+            print(f"   loralab with packed weights ({results['loralab']['precision']}) over train.packed_weights=false: "
+                  f"{ours / results['unpacked']['tokens_per_s']:.2f}x tokens/s, "
+                  f"{(results['loralab']['peak_rss'] - results['unpacked']['peak_rss']) / 1e9:+.2f} GB peak RSS")
         mfu = ours * per_token / max(results["loralab"]["matmul_peaks"])
         ok &= mfu >= TARGET_MFU
         print(f"   target loralab MFU >= {100 * TARGET_MFU:.0f}% of the matmul peak measured beside it: {100 * mfu:.1f}% "

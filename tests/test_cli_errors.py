@@ -142,5 +142,5 @@ def test_cuda_switches_reach_the_trainer_and_liger_needs_its_package(monkeypatch
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
     with pytest.raises(LoralabError, match="pip install liger-kernel"):
-        train.check_cuda_switches(cfg, "cuda")
-    train.check_cuda_switches(config_from_dict({"name": "x", "train": {"torch_compile": True}}), "cuda")  # no package needed
+        train.check_switches(cfg, "cuda")
+    train.check_switches(config_from_dict({"name": "x", "train": {"torch_compile": True}}), "cuda")  # no package needed

@@ -190,7 +190,7 @@ def test_cli_plan_unreachable_hub_names_the_local_path_fix(tmp_path, capsys):
 
 
 def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit():
-    from loralab.plan import resolve_checkpointing
+    from loralab.plan import resolve_switches as resolve
 
     auto = replace(TrainConfig(), gradient_checkpointing="auto")
     assert TrainConfig().gradient_checkpointing == "auto"
@@ -199,18 +199,21 @@ def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit():
     with_ckpt = estimate(TINYLLAMA_CONFIG, LORA, replace(auto, gradient_checkpointing=True), [2048], roomy, "bf16")
     assert with_ckpt.peak_bytes < without.peak_bytes
     between = replace(roomy, memory_bytes=int((with_ckpt.peak_bytes + without.peak_bytes) / 2))
-    assert resolve_checkpointing(TINYLLAMA_CONFIG, LORA, auto, [2048], roomy, "bf16").gradient_checkpointing is False
-    assert resolve_checkpointing(TINYLLAMA_CONFIG, LORA, auto, [2048], between, "bf16").gradient_checkpointing is True
+    assert resolve(TINYLLAMA_CONFIG, LORA, auto, [2048], roomy, "bf16").gradient_checkpointing is False
+    assert resolve(TINYLLAMA_CONFIG, LORA, auto, [2048], between, "bf16").gradient_checkpointing is True
     plan = estimate(TINYLLAMA_CONFIG, LORA, auto, [2048], between, "bf16")
     assert plan.fits and plan.peak_bytes == with_ckpt.peak_bytes
     assert any("auto: on" in note for note in plan.notes)
     forced = replace(auto, gradient_checkpointing=False)  # an explicit choice is kept even when it does not fit
-    assert resolve_checkpointing(TINYLLAMA_CONFIG, LORA, forced, [2048], between, "bf16") is forced
+    assert resolve(TINYLLAMA_CONFIG, LORA, forced, [2048], between, "bf16").gradient_checkpointing is False
 
 
 def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monkeypatch, capsys):
     from loralab import plan as plan_module
-    from loralab.train import decide_checkpointing
+    from loralab.train import decide_switches
+
+    def decide_checkpointing(*args):
+        return decide_switches(*args)[0]
 
     cfg = config_from_dict({"name": "x", "model": {"name_or_path": str(tiny_model_dir)}})
     examples = [{"input_ids": list(range(3, 403)), "labels": [IGNORE_INDEX] * 100 + list(range(103, 403))}] * 4
@@ -228,3 +231,45 @@ def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monk
     assert "turning it on" in capsys.readouterr().out
     forced = replace(cfg, train=replace(cfg.train, gradient_checkpointing=False))
     assert decide_checkpointing(forced, "cpu", "fp32", *counts) is False
+
+
+def test_auto_packed_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits():
+    from loralab.plan import resolve_switches
+
+    cpu = replace(PROFILES["cpu"], memory_bytes=64 * 2**30)
+    train = replace(TrainConfig(), packed_weights="auto")
+    lengths = [300] * 8  # rows of up to 1,024 tokens
+    plan = estimate(TINYLLAMA_CONFIG, LORA, train, lengths, cpu, "bf16")
+    items = {item.label: item.bytes for item in plan.memory}
+    # every linear weight of 22 layers (q, o 2048^2; k, v 2048x256; gate, up, down 2048x5632) and the untied head, 2 bytes each
+    assert items["packed weights"] == (22 * (2 * 2048**2 + 2 * 2048 * 256 + 3 * 2048 * 5632) + 32000 * 2048) * 2
+    unpacked = estimate(TINYLLAMA_CONFIG, LORA, replace(train, packed_weights=False), lengths, cpu, "bf16")
+    assert "packed weights" not in {item.label for item in unpacked.memory}
+    assert plan.peak_bytes == unpacked.peak_bytes + items["packed weights"]
+    assert plan.microbatch_seconds < unpacked.microbatch_seconds
+    assert any("packed_weights auto: on" in note for note in plan.notes)
+
+    def packed(profile, precision="bf16", lengths_=lengths, train_=train):
+        return resolve_switches(TINYLLAMA_CONFIG, LORA, train_, lengths_, profile, precision).packed_weights
+
+    assert packed(cpu) is True
+    between = replace(cpu, memory_bytes=int((plan.peak_bytes + unpacked.peak_bytes) / 2))
+    assert packed(between) is False  # the copy does not fit: plain weights, and no checkpointing for it
+    assert resolve_switches(TINYLLAMA_CONFIG, LORA, train, lengths, between, "bf16").gradient_checkpointing is False
+    assert packed(cpu, "fp32") is False  # fp32 matmuls do not go through oneDNN
+    assert packed(cpu, lengths_=[1500, 700]) is False  # rows over 1,024 tokens are the lean layout
+    assert packed(replace(A100, memory_bytes=80 * 2**30)) is False  # CPUs only
+    assert packed(cpu, train_=replace(train, gradient_checkpointing=True)) is False
+    assert packed(between, train_=replace(train, packed_weights=True)) is True  # an explicit choice is kept
+
+
+def test_packed_weights_true_off_a_cpu_is_a_clear_error():
+    from loralab import train
+
+    cfg = config_from_dict({"name": "x", "train": {"packed_weights": True}})
+    with pytest.raises(LoralabError, match="train.packed_weights is for bf16 training on a CPU"):
+        train.check_switches(cfg, "cpu", "fp32")
+    with pytest.raises(LoralabError, match="set train.packed_weights: auto"):
+        train.check_switches(cfg, "cuda", "bf16")
+    with pytest.raises(LoralabError, match="packed_weights"):
+        config_from_dict({"name": "x", "train": {"packed_weights": "sometimes"}})

@@ -20,6 +20,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from loralab import packed_weights
+
 
 def drop_positions(numel: int, p: float, device) -> torch.Tensor:
     """The sorted flat indices of the elements a dropout of rate ``p`` zeroes, out of ``numel``.
@@ -76,7 +78,7 @@ class LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float, packed=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # (r, in), (out, r)
@@ -88,10 +90,11 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             xd = x2
         h = xd @ a.t()  # (N, r)
-        y = F.linear(x2, weight, bias)  # (N, out)
+        # (N, out); packed: the frozen weight in oneDNN's layouts, its plain copy released (loralab.packed_weights)
+        y = F.linear(x2, weight, bias) if packed is None else packed_weights.linear(x2, packed, bias)
         y.addmm_(h, b.t(), alpha=scale)
         ctx.save_for_backward(x2, weight, h, a, b)
-        ctx.rng_state, ctx.p = rng_state, p
+        ctx.rng_state, ctx.p, ctx.packed = rng_state, p, packed
         ctx.scale = scale
         ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*shape[:-1], y.shape[-1])
@@ -107,7 +110,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dh = (dy2 @ b).mul_(ctx.scale)  # (N, r)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dy2 @ weight  # (N, in)
+            dx = dy2 @ weight if ctx.packed is None else packed_weights.grad_input(dy2, ctx.packed)  # (N, in)
             if dropped is None:
                 dx.addmm_(dh, a)
             else:
@@ -119,7 +122,7 @@ class LoraLinearFunction(torch.autograd.Function):
             da = (dh.t() @ xd).to(ctx.lora_dtypes[0])  # (r, in)
         if ctx.needs_input_grad[4]:
             db = (dy2.t() @ h).mul_(ctx.scale).to(ctx.lora_dtypes[1])  # (out, r)
-        return dx, None, None, da, db, None, None
+        return dx, None, None, da, db, None, None, None
 
 
 def _fused_forward(self, x, *args, **kwargs):
@@ -134,7 +137,8 @@ def _fused_forward(self, x, *args, **kwargs):
     p = dropout.p if self.training and isinstance(dropout, torch.nn.Dropout) else 0.0
     base = self.base_layer
     return LoraLinearFunction.apply(
-        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p
+        x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
+        packed_weights.packed_of(base),
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from loralab import IGNORE_INDEX, LOSS_CHUNK_ROWS, PLAIN_HEAD_MODELS
+from loralab import IGNORE_INDEX, LOSS_CHUNK_ROWS, PLAIN_HEAD_MODELS, packed_weights
 from loralab.packing import pack_examples
 
 
@@ -28,30 +28,39 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets):
+    def forward(ctx, hidden, weight, targets, packed=None):
+        # packed: the head in oneDNN's layouts, its plain weight released (loralab.packed_weights)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden) if hidden.requires_grad else None
+        rows = torch.arange(min(CHUNK_ROWS, hidden.shape[0]), device=hidden.device)
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
-            logits = (h @ weight.t()).float()  # (c, vocab)
-            lse = torch.logsumexp(logits, dim=1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logits = (h @ weight.t() if packed is None else packed_weights.linear(h, packed)).float()  # (c, vocab)
+            # log-sum-exp and softmax in place, each pass over the chunk once (torch.logsumexp allocates two more)
+            shifted = logits.sub_(logits.amax(1, keepdim=True))
+            target_shifted = shifted.gather(1, t[:, None]).squeeze(1)
+            exp = shifted.exp_()
+            sums = exp.sum(1)
+            total += (sums.log() - target_shifted).sum()
             if grad is not None:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                torch.mm(probs.to(hidden.dtype), weight, out=grad[start : start + CHUNK_ROWS])
+                probs = exp.div_(sums[:, None])
+                probs[rows[: len(t)], t] -= 1.0
+                if packed is None:
+                    torch.mm(probs.to(hidden.dtype), weight, out=grad[start : start + CHUNK_ROWS])
+                else:
+                    grad[start : start + CHUNK_ROWS] = packed_weights.grad_input(probs.to(hidden.dtype), packed)
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None
+        return grad * grad_total.to(grad.dtype), None, None, None
 
 
 
 def _frozen_plain_head(model):
-    """(decoder, head weight) when the loss may bypass the model's own head: a CPU model of a type whose
+    """(decoder, head) when the loss may bypass the model's own head: a CPU model of a type whose
     forward applies the LM head and nothing else, the head a frozen bias-free Linear; else None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
@@ -63,7 +72,7 @@ def _frozen_plain_head(model):
         or head.weight.device.type != "cpu"
     ):
         return None
-    return base.get_decoder(), head.weight
+    return base.get_decoder(), head
 
 
 def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -77,9 +86,10 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     plain = _frozen_plain_head(model)
     if plain is not None:
-        decoder, weight = plain
+        decoder, head = plain
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[0, keep]  # (K, hidden)
-        return FrozenHeadCrossEntropy.apply(hidden, weight, targets[keep]), int(keep.numel())
+        loss_sum = FrozenHeadCrossEntropy.apply(hidden, head.weight, targets[keep], packed_weights.packed_of(head))
+        return loss_sum, int(keep.numel())
     out = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = out.logits[0].float()  # (K, vocab)
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.numel())

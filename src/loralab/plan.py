@@ -83,6 +83,8 @@ class DeviceProfile:
     efficiency (masking, softmax and its backward, small-matrix inefficiency), forward and backward."""
     basis: str = "vendor peaks x typical efficiencies, not measured by loralab"
     """Where the time constants come from, printed under the plan."""
+    packed_speedup: float = 1.0
+    """How much faster the linear layers run with their frozen weights pre-packed (train.packed_weights)."""
     allocator_factor: float = 1.0
     """Memory held per byte of live activations. glibc's heap keeps freed activation memory mapped (its
     mmap threshold rises to the largest freed block), so on CPU peak RSS is about twice the live bytes;
@@ -128,6 +130,7 @@ PROFILES: dict[str, DeviceProfile] = {
         efficiency=0.84, attention_efficiency={16: 0.18, 32: 0.27, 64: 0.38, 128: 0.46}, attention_block=512,
         framework_bytes=int(0.45 * GiB), op_overhead_s=3.2e-3, step_overhead_s=3.8e-3,
         async_dispatch=False, dropout_mask_bytes=4, dropout_s_per_element=6.2e-9, allocator_factor=2.0,
+        packed_speedup=1.12,  # bench/train_throughput.py, loralab vs unpacked: +10% tokens/s, ~85% of a step being matmuls
         score_s_per_element=4e-9,  # loralab.packing.CausalAttention, one core: 2.9-4.8 ns at 8-16 heads, L 384-512
         basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 5%, time within 9% of loralab train's "
         "CPU path there; bench/plan_validation.py checks another CPU",
@@ -373,9 +376,10 @@ def estimate(
     if not lengths:
         raise LoralabError("plan needs at least one training example length")
     auto_checkpointing = train.gradient_checkpointing == "auto"
-    if auto_checkpointing:
-        train = resolve_checkpointing(model_config, lora, train, lengths, profile, precision,
-                                      trained_counts=trained_counts, attn_implementation=attn_implementation)
+    auto_packing = train.packed_weights == "auto"
+    if auto_checkpointing or auto_packing:
+        train = resolve_switches(model_config, lora, train, lengths, profile, precision,
+                                 trained_counts=trained_counts, attn_implementation=attn_implementation)
     if precision not in profile.peak_flops:
         raise LoralabError(
             f"{profile.description} cannot train in {precision}; set train.precision to one of {', '.join(profile.peak_flops)}"
@@ -388,6 +392,10 @@ def estimate(
     if auto_checkpointing:
         notes.append("gradient_checkpointing auto: " + ("on, the run does not fit without it" if train.gradient_checkpointing
                                                         else "off, the run fits without it"))
+    if auto_packing:
+        notes.append("packed_weights auto: " + ("on, frozen weights pre-packed for the matmuls" if train.packed_weights else
+                                                "off (needs bf16 on a CPU, rows of up to "
+                                                f"{LEAN_ALLOCATOR_ROW_TOKENS:,} tokens, no checkpointing, and the memory)"))
 
     # The fullest row for memory; rows as the first steps lay them out for time.
     per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
@@ -464,6 +472,12 @@ def estimate(
         MemoryItem("backward buffers", transient, buffers_note),
         MemoryItem("framework", profile.framework_bytes, "runtime before any weight: CUDA context on GPUs, Python + libraries on CPU"),
     ]
+    if train.packed_weights:
+        # loralab.packed_weights: each frozen linear weight packed twice, its plain copy released
+        packed_params = n_layers * sum(a * o for a, o in shape.module_dims().values())
+        packed_params += 0 if shape.tied_embeddings else shape.vocab_size * shape.hidden_size
+        memory.append(MemoryItem("packed weights", packed_params * b,
+                                 f"{packed_params:,} linear weights packed for the matmuls both ways, plain copy released"))
 
     # Time ------------------------------------------------------------------------------------------
     dense = n_layers * shape.layer_linear_params
@@ -489,7 +503,8 @@ def estimate(
     flops = matmul + attention
     peak = profile.peak_flops[precision]
     weight_reads_s = (2 + recompute) * total * b / profile.bandwidth  # small micro-batches only read weights
-    matmul_s = max(matmul / (peak * profile.efficiency), weight_reads_s)
+    efficiency = profile.efficiency * (profile.packed_speedup if train.packed_weights else 1.0)
+    matmul_s = max(matmul / (peak * efficiency), weight_reads_s)
     attention_s = attention / (peak * attention_efficiency(profile, shape.head_dim))
     if fast:
         # Per example, as batched matmuls over the full L x L scores (the causal half is masked, not skipped)
@@ -523,7 +538,14 @@ def estimate(
     return plan
 
 
-def resolve_checkpointing(
+def can_pack_weights(device: str, precision: str, peak_tokens: int, checkpointing: bool) -> bool:
+    """Whether train.packed_weights "auto" may pack (loralab.packed_weights): bf16 on "cpu" (a device, or the cpu
+    profile's name), rows of up to LEAN_ALLOCATOR_ROW_TOKENS (the rows that trade memory for speed, as the
+    allocator does) and no checkpointing (which says memory is short)."""
+    return device == "cpu" and precision == "bf16" and peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS and not checkpointing
+
+
+def resolve_switches(
     model_config: dict[str, Any],
     lora: LoraSection,
     train: TrainConfig,
@@ -534,13 +556,22 @@ def resolve_checkpointing(
     trained_counts: list[int] | None = None,
     attn_implementation: str = "sdpa",
 ) -> TrainConfig:
-    """``train`` with gradient_checkpointing decided: "auto" is on only when the run would not fit without it."""
-    if train.gradient_checkpointing != "auto":
-        return train
-    off = replace(train, gradient_checkpointing=False)
-    plan = estimate(model_config, lora, off, lengths, profile, precision, trained_counts=trained_counts,
-                    attn_implementation=attn_implementation, with_suggestions=False)
-    return replace(train, gradient_checkpointing=not plan.fits)
+    """``train`` with gradient_checkpointing and packed_weights decided where they are "auto": the fastest
+    setting that fits, in this order: packed weights without checkpointing (where can_pack_weights), plain
+    weights without checkpointing, checkpointing with plain weights; the last when none fits."""
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    peak_tokens = sum(lengths[i] for i in peak_row(lengths, per_step, resolve_row_tokens(train, profile.name, lengths)))
+    candidates = []
+    for checkpointing in ([False, True] if train.gradient_checkpointing == "auto" else [train.gradient_checkpointing]):
+        for packed in ([True, False] if train.packed_weights == "auto" else [train.packed_weights]):
+            if packed and train.packed_weights == "auto" and not can_pack_weights(profile.name, precision, peak_tokens, checkpointing):
+                continue
+            candidates.append(replace(train, gradient_checkpointing=checkpointing, packed_weights=packed))
+    for candidate in candidates[:-1]:
+        if estimate(model_config, lora, candidate, lengths, profile, precision, trained_counts=trained_counts,
+                    attn_implementation=attn_implementation, with_suggestions=False).fits:
+            return candidate
+    return candidates[-1]
 
 
 def truncate_lengths(lengths: list[int], trained: list[int], max_length: int) -> tuple[list[int], list[int]]:

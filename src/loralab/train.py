@@ -8,6 +8,7 @@ import math
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from loralab.fused_lora import fuse_lora_layers
 from loralab.fused_norm import fuse_rms_norms
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import add_lora, choose_precision, count_parameters, detect_device, device_name, load_model
+from loralab.packed_weights import packed_weights, packing_available
 from loralab.packing import RowCollator, use_per_example_attention
 from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
 
@@ -41,6 +43,17 @@ class ResponseOnlyTrainer(Trainer):
                 loss = super().training_step(model, row, num_items_in_batch)
             total = loss if total is None else total + loss
         return total
+
+    def train(self, *args, **kwargs):
+        """The Trainer's train, with the frozen weights pre-packed for the run when self.packed_weights is set
+        (loralab.packed_weights; however the run ends, the plain weights are back when this returns)."""
+        if not getattr(self, "packed_weights", False):
+            return super().train(*args, **kwargs)
+        start = time.perf_counter()
+        with packed_weights(self.model, self.row_tokens) as count:
+            print(f"train: {count} frozen weights pre-packed for this CPU's matmuls in {time.perf_counter() - start:.0f} s "
+                  f"(train.packed_weights; `loralab plan CONFIG` shows the memory)")
+            return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, count = response_loss_sum(model, inputs)
@@ -236,24 +249,29 @@ def build_model(cfg: ExperimentConfig, precision: str, device: str):
     return model
 
 
-def decide_checkpointing(cfg: ExperimentConfig, device: str, precision: str, lengths: list[int], trained: list[int]) -> bool:
-    """train.gradient_checkpointing, with "auto" decided by loralab.plan's memory estimate for this device
-    from the training examples' lengths and trained counts (plan.example_lengths)."""
-    if cfg.train.gradient_checkpointing != "auto":
-        return bool(cfg.train.gradient_checkpointing)
+def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths: list[int], trained: list[int]) -> tuple[bool, bool]:
+    """(gradient checkpointing, packed weights): train.gradient_checkpointing and train.packed_weights, with
+    "auto" decided by loralab.plan's memory estimate for this device from the training examples' lengths and
+    trained counts (plan.example_lengths). Packing needs oneDNN's ops in this PyTorch too."""
+    train = cfg.train
+    if train.packed_weights == "auto" and not packing_available(torch.bfloat16):
+        train = replace(train, packed_weights=False)
+    if train.gradient_checkpointing != "auto" and train.packed_weights != "auto":
+        return bool(train.gradient_checkpointing), bool(train.packed_weights)
     profile = plan.resolve_profile("cpu" if device == "cpu" else "auto")
-    resolved = plan.resolve_checkpointing(
-        plan.read_model_config(cfg.model), cfg.lora, cfg.train, lengths, profile, precision,
+    resolved = plan.resolve_switches(
+        plan.read_model_config(cfg.model), cfg.lora, train, lengths, profile, precision,
         trained_counts=trained, attn_implementation=cfg.model.attn_implementation,
     )
-    if resolved.gradient_checkpointing:
+    if resolved.gradient_checkpointing and train.gradient_checkpointing == "auto":
         print(f"train: the estimate says this run would not fit {profile.description} without gradient checkpointing; "
               f"turning it on (about 1/3 more compute; `loralab plan CONFIG` shows the figures)")
-    return resolved.gradient_checkpointing
+    return bool(resolved.gradient_checkpointing), bool(resolved.packed_weights)
 
 
-def check_cuda_switches(cfg: ExperimentConfig, device: str) -> None:
-    """train.liger_kernels and train.torch_compile are for CUDA GPUs; Liger needs its package."""
+def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = None) -> None:
+    """train.liger_kernels and train.torch_compile are for CUDA GPUs (Liger needs its package);
+    train.packed_weights: true for bf16 on a CPU whose PyTorch has oneDNN (checked once ``precision`` is known)."""
     for key, on in (("liger_kernels", cfg.train.liger_kernels), ("torch_compile", cfg.train.torch_compile)):
         if on and device != "cuda":
             raise LoralabError(f"train.{key} is for CUDA GPUs and this run trains on {device}; set train.{key}: false")
@@ -263,15 +281,20 @@ def check_cuda_switches(cfg: ExperimentConfig, device: str) -> None:
         if importlib.util.find_spec("liger_kernel") is None:
             raise LoralabError("train.liger_kernels needs the liger-kernel package: pip install liger-kernel "
                                "(or set train.liger_kernels: false)")
+    if cfg.train.packed_weights is True and precision is not None and (
+        device != "cpu" or precision != "bf16" or not packing_available(torch.bfloat16)
+    ):
+        raise LoralabError(f"train.packed_weights is for bf16 training on a CPU with oneDNN, and this run trains on {device} "
+                           f"in {precision}; set train.packed_weights: auto")
 
 
 def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, precision: str, device: str,
                   callbacks: list) -> ResponseOnlyTrainer:
     """The ResponseOnlyTrainer `loralab train` runs: each optimizer step's examples in rows of train.row_tokens
     (resolved for this device), checkpointing decided for this device, on a CPU the allocator tuned for the rows."""
-    check_cuda_switches(cfg, device)
+    check_switches(cfg, device, precision)
     lengths, trained = plan.example_lengths(train_examples)
-    checkpointing = decide_checkpointing(cfg, device, precision, lengths, trained)
+    checkpointing, packed = decide_switches(cfg, device, precision, lengths, trained)
     row_tokens = plan.resolve_row_tokens(cfg.train, device, lengths)
     if device == "cpu":
         per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
@@ -284,6 +307,7 @@ def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_
         callbacks=callbacks,
     )
     trainer.row_tokens = row_tokens
+    trainer.packed_weights = packed
     trainer.precision = precision
     return trainer
 
@@ -312,8 +336,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
 
     start = time.perf_counter()
     device = detect_device(cfg.train.device)
-    check_cuda_switches(cfg, device)  # before loading any weight
     precision = choose_precision(device, cfg.train.precision)
+    check_switches(cfg, device, precision)  # before loading any weight
     train_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.train_file)]
     eval_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.eval_file)]
 
@@ -334,7 +358,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
         _truncate_metrics(rundir.metrics_file, int(resume_from.name.split("-")[-1]))
     log = MetricsLog(rundir.metrics_file, precision, eval_examples, cfg.train.eval_loss_steps, device)
     trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log])
-    rundir.update_manifest(gradient_checkpointing=trainer.args.gradient_checkpointing, row_tokens=trainer.row_tokens)
+    rundir.update_manifest(gradient_checkpointing=trainer.args.gradient_checkpointing, row_tokens=trainer.row_tokens,
+                           packed_weights=trainer.packed_weights)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:
