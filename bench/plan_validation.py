@@ -3,7 +3,8 @@
 Each case builds a Llama with random weights offline, stored in bf16 (built directly in bf16, so the
 build never holds an fp32 copy), adds LoRA r=8 on q/k/v/o through loralab.modeling.add_lora (fp32 LoRA
 weights) set up as `loralab train` sets it up on a CPU (loralab.train.use_cpu_fast_path: fused LoRA
-layers, per-example attention), and runs the trainer's micro-batch by hand: one example per micro-batch packed by
+layers, per-example attention; frozen weights pre-packed where the plan's train.packed_weights "auto"
+says so, as loralab.train does), and runs the trainer's micro-batch by hand: one example per micro-batch packed by
 loralab.packing.pack_examples, loralab.loss.response_loss_sum, backward, gradient clipping, AdamW.
 Every case runs in its own subprocess, so one case's memory never shows in another's.
 
@@ -120,6 +121,10 @@ def worker(spec: dict) -> dict:
     switched = use_cpu_fast_path(model)
     assert switched["per_example_attention"] and switched["fused_lora_layers"], switched
     tune_allocator(spec["tokens"])
+    if spec["packed"]:  # train.packed_weights as the plan decided it (loralab.train.ResponseOnlyTrainer.train)
+        from loralab.packed_weights import packed_weights
+
+        packed_weights(model, spec["tokens"]).__enter__()  # for the rest of this worker process
     if spec["checkpointing"]:  # as the Trainer sets it up for train.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -143,8 +148,9 @@ def worker(spec: dict) -> dict:
     return {"peak_rss": _rss_peak_bytes(), "hwm_reset": reset, "step_s": statistics.median(times[1:]), "times": times}
 
 
-def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads: int) -> dict:
-    spec = json.dumps({"config": config, "tokens": tokens, "steps": steps, "checkpointing": checkpointing, "threads": threads})
+def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads: int, packed: bool = False) -> dict:
+    spec = json.dumps({"config": config, "tokens": tokens, "steps": steps, "checkpointing": checkpointing,
+                       "threads": threads, "packed": packed})
     proc = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:
@@ -152,10 +158,11 @@ def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def predict(config: dict, tokens: int, checkpointing: bool, profile):
+def predict(config: dict, tokens: int, checkpointing: bool, profile, packed: bool | str = "auto"):
     ids, labels = example(tokens, config["vocab_size"])
     trained = sum(1 for x in labels[1:] if x != IGNORE_INDEX)
-    train = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=1, gradient_checkpointing=checkpointing)
+    train = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=1, gradient_checkpointing=checkpointing,
+                        packed_weights=packed)
     return estimate(config, LORA, train, [tokens], profile, "bf16", trained_counts=[trained], with_suggestions=False)
 
 
@@ -163,17 +170,17 @@ def validate(profile, threads: int | None) -> int:
     print(f"plan vs measurement on {profile.description}; LoRA r=8 q/k/v/o, bf16 weights, 1 example per micro-batch")
     print(f"bf16 matmul peak used: {profile.peak_flops['bf16'] / 1e9:.0f} GFLOP/s; step time = "
           + ("the process's CPU time" if threads == 1 else "wall clock"))
-    header = f"{'model':<15} {'tokens':>6} | {'peak RSS pred':>13} {'measured':>9} {'err':>6} | {'step pred':>9} {'measured':>9} {'err':>6}"
+    header = f"{'model':<15} {'tokens':>6} {'packed':>6} | {'peak RSS pred':>13} {'measured':>9} {'err':>6} | {'step pred':>9} {'measured':>9} {'err':>6}"
     print(header)
     print("-" * len(header))
     worst_mem, worst_time = 0.0, 0.0
     for name, config, tokens, steps, checkpointing in CASES:
         plan = predict(config, tokens, checkpointing, profile)
-        got = measure(config, tokens, steps, checkpointing, threads)
+        got = measure(config, tokens, steps, checkpointing, threads, plan.packed_weights)
         mem_err = (plan.peak_bytes - got["peak_rss"]) / got["peak_rss"]
         time_err = (plan.microbatch_seconds - got["step_s"]) / got["step_s"]
         worst_mem, worst_time = max(worst_mem, abs(mem_err)), max(worst_time, abs(time_err))
-        print(f"{name:<15} {tokens:>6} | {plan.peak_bytes / 1e9:>10.2f} GB {got['peak_rss'] / 1e9:>6.2f} GB {100 * mem_err:>+5.0f}% | "
+        print(f"{name:<15} {tokens:>6} {'yes' if plan.packed_weights else 'no':>6} | {plan.peak_bytes / 1e9:>10.2f} GB {got['peak_rss'] / 1e9:>6.2f} GB {100 * mem_err:>+5.0f}% | "
               f"{plan.microbatch_seconds:>8.2f}s {got['step_s']:>8.2f}s {100 * time_err:>+5.0f}%", flush=True)
         if not got["hwm_reset"]:
             print("  (peak RSS includes the model build: /proc/self/clear_refs not allowed here)")
@@ -225,8 +232,9 @@ def calibrate(profile, threads: int | None) -> int:
     half = replace(bare, efficiency=0.5)
     results = {}
     for name, config, tokens, steps, checkpointing in CALIBRATION:
-        plan, plan_half = predict(config, tokens, checkpointing, bare), predict(config, tokens, checkpointing, half)
-        got = measure(config, tokens, steps, checkpointing, threads)
+        # plain weights: the fitted efficiency is the unpacked one (packed_speedup comes from bench/train_throughput.py)
+        plan, plan_half = (predict(config, tokens, checkpointing, p, packed=False) for p in (bare, half))
+        got = measure(config, tokens, steps, checkpointing, threads, packed=False)
         # At efficiency 1 the matmul term is (half - bare); everything else is bare minus that.
         matmul_s = plan_half.microbatch_seconds - plan.microbatch_seconds
         results[name] = (matmul_s, plan.microbatch_seconds - matmul_s, plan.peak_bytes, got)

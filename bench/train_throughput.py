@@ -186,9 +186,12 @@ def loralab_trainer(cfg, dataset: list, out_dir: Path, callbacks: list):
     from loralab import train
     from loralab.modeling import choose_precision, detect_device
 
+    from loralab import plan
+
     device = detect_device(cfg.train.device)
     precision = choose_precision(device, cfg.train.precision)
-    model = train.build_model(cfg, precision, device)
+    _, packed = train.decide_switches(cfg, device, precision, *plan.example_lengths(dataset), quiet=True)
+    model = train.build_model(cfg, precision, device, packed_weights=packed)
     trainer = train.build_trainer(cfg, model, dataset, out_dir, precision, device, callbacks)
     return trainer, precision
 
@@ -236,7 +239,7 @@ def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict
 
 def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
     """loralab's trainer on rows of up to ``tokens`` tokens, each a whole optimizer step (best-fit packed)."""
-    from loralab import train
+    from loralab import plan, train
     from loralab.packing import pack_rows, plan_rows
 
     examples = load_examples(root, data, 999)
@@ -246,13 +249,17 @@ def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
     cfg.train.gradient_accumulation_steps = 1
     cfg.train.row_tokens = tokens
     cfg.train.gradient_checkpointing = False  # the figure is for activations kept whole
+    # What train.packed_weights "auto" decides for such rows (the rows handed over below are not the ones
+    # build_trainer would plan from this config).
+    longest = max(sum(lengths[i] for i in row) for row in rows)
+    cfg.train.packed_weights = plan.can_pack_weights("cpu", "bf16", longest, checkpointing=False)
     clock = make_clock()
     with tempfile.TemporaryDirectory(prefix="bench-packed-") as tmp:
         trainer, precision = loralab_trainer(cfg, [examples[i] for row in rows for i in row], Path(tmp), [clock])
         # One dataset item per optimizer step: that row's examples, laid out as build_trainer's collator does.
         trainer.train_dataset = [[examples[i] for i in row] for row in rows]
         trainer.data_collator = lambda batch: pack_rows([ex for step in batch for ex in step], tokens)
-        threshold = train.tune_allocator(max(sum(lengths[i] for i in row) for row in rows))  # as build_trainer does for such rows
+        threshold = train.tune_allocator(longest)  # as build_trainer does for such rows
         decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
         trainer.train()
     precision += ", packed weights" if trainer.packed_weights else ", plain weights"

@@ -134,14 +134,20 @@ def load_tokenizer(model: ModelConfig):
     return tokenizer
 
 
-def load_model(model: ModelConfig, precision: str, device: str):
-    """The base model with weights stored in the compute dtype (bf16/fp16 weights, not fp32 under autocast)."""
+def load_model(model: ModelConfig, precision: str, device: str, in_memory: bool = False):
+    """The base model with weights stored in the compute dtype (bf16/fp16 weights, not fp32 under autocast).
+
+    ``in_memory``: read the weights into memory instead of mapping the checkpoint file. Mapped weights stay
+    resident as long as any tensor of the file is alive, so weights released later (loralab.packed_weights)
+    would still count; read in, each is freed on its own (at the cost of the file's size again while loading).
+    """
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(model)
     try:
         net = AutoModelForCausalLM.from_pretrained(
-            source, revision=model.revision, dtype=DTYPES[precision], attn_implementation=model.attn_implementation
+            source, revision=model.revision, dtype=DTYPES[precision], attn_implementation=model.attn_implementation,
+            **({"disable_mmap": True} if in_memory else {}),
         )
     except (OSError, ValueError) as err:
         if source == model.name_or_path and not Path(source).exists():

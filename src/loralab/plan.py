@@ -271,6 +271,8 @@ class Plan:
     max_steps: int
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
+    packed_weights: bool = False
+    """Whether the frozen weights are pre-packed (train.packed_weights, "auto" decided)."""
 
     @property
     def peak_bytes(self) -> float:
@@ -532,6 +534,7 @@ def estimate(
         peak_tokens=peak_tokens, mean_tokens=mean_tokens, memory=memory, flops_per_microbatch=flops,
         microbatch_seconds=micro_s, step_seconds=step_s, run_seconds=train.max_steps * step_s,
         tokens_per_second=mean_tokens / micro_s, max_steps=train.max_steps, notes=notes,
+        packed_weights=bool(train.packed_weights),
     )
     if with_suggestions and not plan.fits:
         plan.suggestions = suggest(model_config, lora, train, lengths, trained_counts, profile, precision, attn_implementation)

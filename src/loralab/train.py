@@ -240,19 +240,22 @@ def use_cpu_fast_path(model) -> dict:
     }
 
 
-def build_model(cfg: ExperimentConfig, precision: str, device: str):
-    """The base model in the compute dtype with fresh LoRA adapters, on a CPU set up for speed (use_cpu_fast_path)."""
+def build_model(cfg: ExperimentConfig, precision: str, device: str, packed_weights: bool = False):
+    """The base model in the compute dtype with fresh LoRA adapters, on a CPU set up for speed (use_cpu_fast_path);
+    read into memory rather than mapped when its weights will be packed (see load_model)."""
     torch.manual_seed(cfg.train.seed)
-    model = add_lora(load_model(cfg.model, precision, device), cfg.lora)
+    model = add_lora(load_model(cfg.model, precision, device, in_memory=packed_weights), cfg.lora)
     if device == "cpu":
         use_cpu_fast_path(model)
     return model
 
 
-def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths: list[int], trained: list[int]) -> tuple[bool, bool]:
+def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths: list[int], trained: list[int],
+                    quiet: bool = False) -> tuple[bool, bool]:
     """(gradient checkpointing, packed weights): train.gradient_checkpointing and train.packed_weights, with
     "auto" decided by loralab.plan's memory estimate for this device from the training examples' lengths and
-    trained counts (plan.example_lengths). Packing needs oneDNN's ops in this PyTorch too."""
+    trained counts (plan.example_lengths). Packing needs oneDNN's ops in this PyTorch too. ``quiet``: do not
+    say that checkpointing was turned on (for a caller that asks again later)."""
     train = cfg.train
     if train.packed_weights == "auto" and not packing_available(torch.bfloat16):
         train = replace(train, packed_weights=False)
@@ -263,7 +266,7 @@ def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths:
         plan.read_model_config(cfg.model), cfg.lora, train, lengths, profile, precision,
         trained_counts=trained, attn_implementation=cfg.model.attn_implementation,
     )
-    if resolved.gradient_checkpointing and train.gradient_checkpointing == "auto":
+    if resolved.gradient_checkpointing and train.gradient_checkpointing == "auto" and not quiet:
         print(f"train: the estimate says this run would not fit {profile.description} without gradient checkpointing; "
               f"turning it on (about 1/3 more compute; `loralab plan CONFIG` shows the figures)")
     return bool(resolved.gradient_checkpointing), bool(resolved.packed_weights)
@@ -341,7 +344,9 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     train_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.train_file)]
     eval_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.eval_file)]
 
-    model = build_model(cfg, precision, device)
+    # Decided again, the same way, by build_trainer; here to know how to load the weights.
+    _, packed = decide_switches(cfg, device, precision, *plan.example_lengths(train_examples), quiet=True)
+    model = build_model(cfg, precision, device, packed_weights=packed)
     counts = count_parameters(model)
     print(f"train: {counts} on {device} ({device_name(device)}), precision {precision}")
     rundir.update_manifest(
