@@ -1,7 +1,8 @@
 """Does `loralab plan` predict what training really takes? Predicted vs measured on this CPU.
 
-Each case builds a Llama with random weights offline, stored in bf16 (built directly in bf16, so the
-build never holds an fp32 copy), adds LoRA r=8 on q/k/v/o through loralab.modeling.add_lora (fp32 LoRA
+Each model is a Llama with random weights built offline in bf16 (built directly in bf16, so the build
+never holds an fp32 copy) and saved, in a process of its own; each case loads it with
+loralab.modeling.load_model as `loralab train` does, adds LoRA r=8 on q/k/v/o through loralab.modeling.add_lora (fp32 LoRA
 weights) set up as `loralab train` sets it up on a CPU (loralab.train.use_cpu_fast_path: fused LoRA
 layers, per-example attention; frozen weights pre-packed where the plan's train.packed_weights "auto"
 says so, as loralab.train does), and runs the trainer's micro-batch by hand: one example per micro-batch packed by
@@ -9,7 +10,7 @@ loralab.packing.pack_examples, loralab.loss.response_loss_sum, backward, gradien
 Every case runs in its own subprocess, so one case's memory never shows in another's.
 
 * peak memory: the process's peak RSS over the training steps (VmHWM, reset through
-  /proc/self/clear_refs after the model is built; ru_maxrss of the whole process where that is not
+  /proc/self/clear_refs after the model is loaded; ru_maxrss of the whole process where that is not
   allowed). The worker imports loralab.train first, so it holds the libraries a training process holds.
 * step time: the median of a few steps after a warm-up step, against plan's time per micro-batch.
   By default each case runs on one thread and is timed by the process's CPU time, with the matmul
@@ -34,12 +35,14 @@ framework memory). The fitted numbers are copied by hand into PROFILES["cpu"] in
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 
@@ -98,33 +101,49 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def worker(spec: dict) -> dict:
-    """Build, train a few steps, return measurements. Runs in a fresh process."""
+def build(spec: dict) -> dict:
+    """Build a random Llama in bf16 and save it to spec["folder"]. Runs in its own process, so the
+    measuring worker loads the model as a fresh `loralab train` process would, never having built one."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
+    # Built straight in bf16: the same weights as LlamaForCausalLM(config).to(bf16), without the fp32 copy.
+    torch.set_default_dtype(torch.bfloat16)
+    LlamaForCausalLM(LlamaConfig(**spec["config"], attn_implementation="sdpa")).save_pretrained(spec["folder"])
+    return {}
+
+
+def worker(spec: dict) -> dict:
+    """Load, train a few steps, return measurements. Runs in a fresh process."""
+    if spec.get("build"):
+        return build(spec)
+    import torch
+
     import loralab.train  # noqa: F401  (the libraries a `loralab train` process holds: Trainer, accelerate)
+    from loralab.config import ModelConfig
     from loralab.loss import response_loss_sum
-    from loralab.modeling import add_lora
+    from loralab.modeling import add_lora, load_model
     from loralab.packing import pack_examples
-    from loralab.train import tune_allocator, use_cpu_fast_path
+    from loralab.train import return_freed_memory, tune_allocator, use_cpu_fast_path
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    # Built straight in bf16: the same weights as LlamaForCausalLM(config).to(bf16), without the fp32 copy.
-    torch.set_default_dtype(torch.bfloat16)
-    model = LlamaForCausalLM(LlamaConfig(**spec["config"], attn_implementation="sdpa"))
-    torch.set_default_dtype(torch.float32)
+    # As `loralab train` loads it: mapped from the file, or read into memory when its weights will be packed
+    # (so the plain copies the packing releases go back to the system).
+    model = load_model(ModelConfig(name_or_path=spec["folder"]), "bf16", "cpu", in_memory=spec["packed"])
     model = add_lora(model, LORA)
     # What `loralab train` runs on a CPU: fused LoRA layers and per-example attention, the allocator set for the row.
     switched = use_cpu_fast_path(model)
     assert switched["per_example_attention"] and switched["fused_lora_layers"], switched
     tune_allocator(spec["tokens"])
+    packing = contextlib.ExitStack()  # held until this function returns
     if spec["packed"]:  # train.packed_weights as the plan decided it (loralab.train.ResponseOnlyTrainer.train)
         from loralab.packed_weights import packed_weights
 
-        packed_weights(model, spec["tokens"]).__enter__()  # for the rest of this worker process
+        packing.enter_context(packed_weights(model, spec["tokens"]))
+        return_freed_memory()
     if spec["checkpointing"]:  # as the Trainer sets it up for train.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -145,14 +164,28 @@ def worker(spec: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append(clock() - start)
-    return {"peak_rss": _rss_peak_bytes(), "hwm_reset": reset, "step_s": statistics.median(times[1:]), "times": times}
+    peak = _rss_peak_bytes()
+    packing.close()
+    return {"peak_rss": peak, "hwm_reset": reset, "step_s": statistics.median(times[1:]), "times": times}
+
+
+_BUILT: dict[str, tempfile.TemporaryDirectory] = {}  # config -> the folder its model was saved to, this run
+
+
+def _run_worker(spec: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
 
 def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads: int, packed: bool = False) -> dict:
-    spec = json.dumps({"config": config, "tokens": tokens, "steps": steps, "checkpointing": checkpointing,
-                       "threads": threads, "packed": packed})
-    proc = subprocess.run([sys.executable, __file__, "--worker", spec], capture_output=True, text=True,
-                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    key = json.dumps(config, sort_keys=True)
+    if key not in _BUILT:
+        _BUILT[key] = tempfile.TemporaryDirectory(prefix="plan-validation-")
+        proc = _run_worker({"build": True, "config": config, "folder": _BUILT[key].name})
+        if proc.returncode != 0:
+            raise SystemExit(f"building the {config['hidden_size']}x{config['num_hidden_layers']} model failed:\n{proc.stderr[-3000:]}")
+    proc = _run_worker({"config": config, "folder": _BUILT[key].name, "tokens": tokens, "steps": steps,
+                        "checkpointing": checkpointing, "threads": threads, "packed": packed})
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({config['hidden_size']}x{config['num_hidden_layers']}, {tokens} tokens):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -51,6 +51,7 @@ class ResponseOnlyTrainer(Trainer):
             return super().train(*args, **kwargs)
         start = time.perf_counter()
         with packed_weights(self.model, self.row_tokens) as count:
+            return_freed_memory()
             print(f"train: {count} frozen weights pre-packed for this CPU's matmuls in {time.perf_counter() - start:.0f} s "
                   f"(train.packed_weights; `loralab plan CONFIG` shows the memory)")
             return super().train(*args, **kwargs)
@@ -224,6 +225,26 @@ def tune_allocator(longest_row_tokens: int) -> int | None:
     except (OSError, AttributeError):
         return None
     return threshold if ok else None
+
+
+def return_freed_memory() -> bool:
+    """Hand the free memory glibc's heap holds back to the system (malloc_trim); False where that is not glibc.
+
+    After packing (loralab.packed_weights) the released plain weights may sit in the heap as free blocks,
+    depending on how the allocator placed them at load: then activations reuse them, or not, and the peak
+    moves by up to a copy of the weights from run to run. Handed back, the run's memory is what `loralab
+    plan` counts (weights, their packs, activations) every time.
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return False
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True
 
 
 def use_cpu_fast_path(model) -> dict:
