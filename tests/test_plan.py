@@ -261,6 +261,11 @@ def test_auto_packed_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits
     assert packed(replace(A100, memory_bytes=80 * 2**30)) is False  # CPUs only
     assert packed(cpu, train_=replace(train, gradient_checkpointing=True)) is False
     assert packed(between, train_=replace(train, packed_weights=True)) is True  # an explicit choice is kept
+    forced = estimate(TINYLLAMA_CONFIG, LORA, replace(train, packed_weights=True, gradient_checkpointing=False), lengths,
+                      between, "bf16")
+    assert not forced.fits
+    unpack = next(s for s in forced.suggestions if s.settings == ["train.packed_weights=false"])
+    assert unpack.fits and unpack.peak_bytes == unpacked.peak_bytes
 
 
 def test_packed_weights_true_off_a_cpu_is_a_clear_error():

@@ -132,7 +132,7 @@ PROFILES: dict[str, DeviceProfile] = {
         async_dispatch=False, dropout_mask_bytes=4, dropout_s_per_element=6.2e-9, allocator_factor=2.0,
         packed_speedup=1.12,  # bench/train_throughput.py, loralab vs unpacked: +10% tokens/s, ~85% of a step being matmuls
         score_s_per_element=4e-9,  # loralab.packing.CausalAttention, one core: 2.9-4.8 ns at 8-16 heads, L 384-512
-        basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 5%, time within 9% of loralab train's "
+        basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 5%, time within 3% of loralab train's "
         "CPU path there; bench/plan_validation.py checks another CPU",
     ),
 }
@@ -617,6 +617,9 @@ def suggest(
         trial([f"train.row_tokens={n}"], "same examples per optimizer step, in more, shorter rows", replace(train, row_tokens=n))
         for n in fewer
     ]))
+    if train.packed_weights is True:
+        out.append(trial(["train.packed_weights=false"], "one copy of the linear weights less, about 10% slower",
+                         replace(train, packed_weights=False)))
     if not train.gradient_checkpointing:
         out.append(trial(["train.gradient_checkpointing=true"], "about 1/3 more compute", replace(train, gradient_checkpointing=True)))
     lower = next((p for p in ("bf16", "fp16") if p in profile.peak_flops), None)
