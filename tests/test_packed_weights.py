@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from loralab import packed_weights as pw
-from loralab.config import LoraSection, ModelConfig
 from loralab.loss import response_loss_sum
-from loralab.modeling import add_lora, cpu_has_native_bf16, load_model
+from loralab.modeling import cpu_has_native_bf16
 from loralab.packing import pack_examples
 from loralab.train import use_cpu_fast_path
+from test_fused import _lora_model
 
 pytestmark = pytest.mark.skipif(
     not (pw.packing_available(torch.bfloat16) and cpu_has_native_bf16()), reason="needs oneDNN bf16 matmuls on this CPU"
@@ -30,13 +30,7 @@ def test_packed_products_equal_the_plain_ones_bit_for_bit(rows):
 
 
 def _model(model_dir, dropout):
-    torch.manual_seed(0)
-    model = add_lora(load_model(ModelConfig(name_or_path=str(model_dir)), "bf16", "cpu"), LoraSection(lora_dropout=dropout))
-    with torch.no_grad():  # LoRA B starts at zero, which would hide a wrong gradient through A
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return model
+    return _lora_model(model_dir, dropout=dropout, precision="bf16")
 
 
 def _loss_and_grads(model, batch, seed=0):
