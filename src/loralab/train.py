@@ -315,7 +315,8 @@ def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = N
 def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, precision: str, device: str,
                   callbacks: list) -> ResponseOnlyTrainer:
     """The ResponseOnlyTrainer `loralab train` runs: each optimizer step's examples in rows of train.row_tokens
-    (resolved for this device), checkpointing decided for this device, on a CPU the allocator tuned for the rows."""
+    (resolved for this device), checkpointing and packed weights decided for this device (decide_switches; the
+    packing happens in ResponseOnlyTrainer.train), on a CPU the allocator tuned for the rows."""
     check_switches(cfg, device, precision)
     lengths, trained = plan.example_lengths(train_examples)
     checkpointing, packed = decide_switches(cfg, device, precision, lengths, trained)
