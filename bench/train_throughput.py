@@ -190,9 +190,9 @@ def loralab_trainer(cfg, dataset: list, out_dir: Path, callbacks: list):
 
     device = detect_device(cfg.train.device)
     precision = choose_precision(device, cfg.train.precision)
-    _, packed = train.decide_switches(cfg, device, precision, *plan.example_lengths(dataset), quiet=True)
-    model = train.build_model(cfg, precision, device, packed_weights=packed)
-    trainer = train.build_trainer(cfg, model, dataset, out_dir, precision, device, callbacks)
+    switches = train.decide_switches(cfg, device, precision, *plan.example_lengths(dataset))
+    model = train.build_model(cfg, precision, device, packed_weights=switches[1])
+    trainer = train.build_trainer(cfg, model, dataset, out_dir, precision, device, callbacks, switches)
     return trainer, precision
 
 

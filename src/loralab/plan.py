@@ -313,6 +313,12 @@ def peak_row(lengths: list[int], per_step: int, row_tokens: int) -> list[int]:
     return row
 
 
+def fullest_row_tokens(train: TrainConfig, device: str, lengths: list[int]) -> int:
+    """Tokens in the fullest row (peak_row) ``train``'s steps can make on ``device`` (as in resolve_row_tokens)."""
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    return sum(lengths[i] for i in peak_row(lengths, per_step, resolve_row_tokens(train, device, lengths)))
+
+
 def typical_rows(lengths: list[int], per_step: int, row_tokens: int, steps: int = 64) -> list[list[int]]:
     """The rows of the first ``steps`` optimizer steps, taking the examples in order (each row a list of lengths)."""
     from loralab.packing import plan_rows
@@ -562,8 +568,7 @@ def resolve_switches(
     """``train`` with gradient_checkpointing and packed_weights decided where they are "auto": the fastest
     setting that fits, in this order: packed weights without checkpointing (where can_pack_weights), plain
     weights without checkpointing, checkpointing with plain weights; the last when none fits."""
-    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    peak_tokens = sum(lengths[i] for i in peak_row(lengths, per_step, resolve_row_tokens(train, profile.name, lengths)))
+    peak_tokens = fullest_row_tokens(train, profile.name, lengths)
     candidates = []
     for checkpointing in ([False, True] if train.gradient_checkpointing == "auto" else [train.gradient_checkpointing]):
         for packed in ([True, False] if train.packed_weights == "auto" else [train.packed_weights]):

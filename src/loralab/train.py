@@ -202,6 +202,19 @@ LEAN_MMAP_THRESHOLD = 4 << 20
 FAST_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold (64-bit), fixed from the start
 
 
+def _glibc():
+    """glibc through ctypes, or None where the C library is not glibc (not Linux, or it cannot be loaded)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
 def tune_allocator(longest_row_tokens: int) -> int | None:
     """Set glibc's mmap threshold for rows of up to ``longest_row_tokens``; return it (None: not glibc).
 
@@ -213,16 +226,13 @@ def tune_allocator(longest_row_tokens: int) -> int | None:
     bench/train_throughput.py --packed-memory, 2,048-token rows, peaked at 7.9 GB with 4 MiB and 9.7 GB
     with 32 MiB, for about 25% more time per row.
     """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux":
+    libc = _glibc()
+    if libc is None:
         return None
     threshold = LEAN_MMAP_THRESHOLD if longest_row_tokens > plan.LEAN_ALLOCATOR_ROW_TOKENS else FAST_MMAP_THRESHOLD
     try:
-        libc = ctypes.CDLL("libc.so.6")
         ok = libc.mallopt(-3, threshold) and libc.mallopt(-1, 2 * threshold)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
     return threshold if ok else None
 
@@ -235,14 +245,12 @@ def return_freed_memory() -> bool:
     moves by up to a copy of the weights from run to run. Handed back, the run's memory is what `loralab
     plan` counts (weights, their packs, activations) every time.
     """
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux":
+    libc = _glibc()
+    if libc is None:
         return False
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+        libc.malloc_trim(0)
+    except AttributeError:
         return False
     return True
 
@@ -271,12 +279,10 @@ def build_model(cfg: ExperimentConfig, precision: str, device: str, packed_weigh
     return model
 
 
-def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths: list[int], trained: list[int],
-                    quiet: bool = False) -> tuple[bool, bool]:
+def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths: list[int], trained: list[int]) -> tuple[bool, bool]:
     """(gradient checkpointing, packed weights): train.gradient_checkpointing and train.packed_weights, with
     "auto" decided by loralab.plan's memory estimate for this device from the training examples' lengths and
-    trained counts (plan.example_lengths). Packing needs oneDNN's ops in this PyTorch too. ``quiet``: do not
-    say that checkpointing was turned on (for a caller that asks again later)."""
+    trained counts (plan.example_lengths). Packing needs oneDNN's ops in this PyTorch too."""
     train = cfg.train
     if train.packed_weights == "auto" and not packing_available(torch.bfloat16):
         train = replace(train, packed_weights=False)
@@ -287,7 +293,7 @@ def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths:
         plan.read_model_config(cfg.model), cfg.lora, train, lengths, profile, precision,
         trained_counts=trained, attn_implementation=cfg.model.attn_implementation,
     )
-    if resolved.gradient_checkpointing and train.gradient_checkpointing == "auto" and not quiet:
+    if resolved.gradient_checkpointing and train.gradient_checkpointing == "auto":
         print(f"train: the estimate says this run would not fit {profile.description} without gradient checkpointing; "
               f"turning it on (about 1/3 more compute; `loralab plan CONFIG` shows the figures)")
     return bool(resolved.gradient_checkpointing), bool(resolved.packed_weights)
@@ -313,17 +319,17 @@ def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = N
 
 
 def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, precision: str, device: str,
-                  callbacks: list) -> ResponseOnlyTrainer:
+                  callbacks: list, switches: tuple[bool, bool] | None = None) -> ResponseOnlyTrainer:
     """The ResponseOnlyTrainer `loralab train` runs: each optimizer step's examples in rows of train.row_tokens
-    (resolved for this device), checkpointing and packed weights decided for this device (decide_switches; the
-    packing happens in ResponseOnlyTrainer.train), on a CPU the allocator tuned for the rows."""
+    (resolved for this device), checkpointing and packed weights as decide_switches decides them for this
+    device (``switches``, where the caller already has them; the packing happens in ResponseOnlyTrainer.train),
+    on a CPU the allocator tuned for the rows."""
     check_switches(cfg, device, precision)
     lengths, trained = plan.example_lengths(train_examples)
-    checkpointing, packed = decide_switches(cfg, device, precision, lengths, trained)
+    checkpointing, packed = switches or decide_switches(cfg, device, precision, lengths, trained)
     row_tokens = plan.resolve_row_tokens(cfg.train, device, lengths)
     if device == "cpu":
-        per_step = cfg.train.per_device_train_batch_size * cfg.train.gradient_accumulation_steps
-        tune_allocator(sum(lengths[i] for i in plan.peak_row(lengths, per_step, row_tokens)))
+        tune_allocator(plan.fullest_row_tokens(cfg.train, device, lengths))
     trainer = ResponseOnlyTrainer(
         model=model,
         args=training_arguments(cfg, out_dir, precision, device, checkpointing),
@@ -366,9 +372,9 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     train_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.train_file)]
     eval_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.eval_file)]
 
-    # Decided again, the same way, by build_trainer; here to know how to load the weights.
-    _, packed = decide_switches(cfg, device, precision, *plan.example_lengths(train_examples), quiet=True)
-    model = build_model(cfg, precision, device, packed_weights=packed)
+    # Decided before loading: weights that will be packed are read into memory (load_model).
+    switches = decide_switches(cfg, device, precision, *plan.example_lengths(train_examples))
+    model = build_model(cfg, precision, device, packed_weights=switches[1])
     counts = count_parameters(model)
     print(f"train: {counts} on {device} ({device_name(device)}), precision {precision}")
     rundir.update_manifest(
@@ -384,7 +390,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     else:
         _truncate_metrics(rundir.metrics_file, int(resume_from.name.split("-")[-1]))
     log = MetricsLog(rundir.metrics_file, precision, eval_examples, cfg.train.eval_loss_steps, device)
-    trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log])
+    trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log], switches)
     rundir.update_manifest(gradient_checkpointing=trainer.args.gradient_checkpointing, row_tokens=trainer.row_tokens,
                            packed_weights=trainer.packed_weights)
     try:
