@@ -50,7 +50,7 @@ def test_every_real_example_trains_exactly_response_and_eos(tokenizer, alpaca_re
 def test_alpaca_template_when_tokenizer_has_none(tokenizer):
     template = make_template(tokenizer, "alpaca")
     record = {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"}
-    text, start, end = template.render(record)
+    text, [(start, end)] = template.render(record)
     assert "### Input:\n2 and 3" in text and text[start:end] == "5" + tokenizer.eos_token
     enc = encode_example(tokenizer, template, record, 512)
     assert tokenizer.decode(_trained(enc)) == "5" + tokenizer.eos_token

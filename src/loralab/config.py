@@ -43,8 +43,21 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = "tatsu-lab/alpaca"
-    """Hub dataset id, or a local .json (a list of records) / .jsonl file with Alpaca records
-    (``instruction``, optional ``input``, ``output``)."""
+    """Hub dataset id, or a local .json (a list of records) / .jsonl file (one record a line) in one of the
+    formats of data.format."""
+    format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
+    """Record format. "alpaca": ``instruction``, optional ``input``, ``output`` (loss on the output).
+    "messages": ``messages``, a list of ``{role, content}`` with roles system (optional, first), user and
+    assistant alternating (loss on the assistant turns, see assistant_turns). "sharegpt": ``conversations``,
+    a list of ``{from, value}`` with from human, gpt or system. "prompt_completion": ``prompt`` and
+    ``completion`` strings joined as they are (loss on the completion). "text": ``text`` (loss on all of it).
+    Every trained part ends with the tokenizer's EOS. "auto": detected from the first records' fields (after
+    data.columns); the format used is in the run's data/stats.json and manifest."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Field names of your data for loralab's names, e.g. ``{instruction: question, output: answer}`` or
+    ``{messages: dialog}``; the names are those listed under data.format. Every mapped field must exist."""
+    assistant_turns: Literal["all", "last"] = "all"
+    """messages/sharegpt data: train on every assistant turn ("all") or only on the last one ("last")."""
     split: str = "train"
     """Split to read when ``path`` is a hub dataset."""
     num_examples: int | None = 1000
@@ -169,6 +182,9 @@ def _type_name(tp: Any) -> str:
     if origin is list:
         (item,) = typing.get_args(tp)
         return f"a list of {_type_name(item)}"
+    if origin is dict:
+        key_type, item = typing.get_args(tp)
+        return f"a mapping of {_type_name(key_type)} to {_type_name(item)}"
     if tp is type(None):
         return "null"
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
@@ -190,6 +206,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         (item,) = typing.get_args(tp)
         if isinstance(value, list):
             return [_coerce(v, item, key) for v in value]
+    elif origin is dict:
+        key_type, item = typing.get_args(tp)
+        if isinstance(value, dict):
+            return {_coerce(k, key_type, key): _coerce(v, item, f"{key}.{k}") for k, v in value.items()}
     elif tp is type(None):
         if value is None:
             return None
@@ -265,6 +285,13 @@ def _check_values(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'data.eval_size' must be 0 or more, got {cfg.data.eval_size}")
     if not 0.0 <= cfg.lora.lora_dropout < 1.0:
         raise ConfigError(f"config key 'lora.lora_dropout' must be in [0, 1), got {cfg.lora.lora_dropout}")
+    from loralab.data import FORMAT_FIELDS  # one list of field names, declared with the formats
+
+    known = sorted({name for fields in FORMAT_FIELDS.values() for name in fields})
+    for name in cfg.data.columns:
+        if name not in known:
+            raise ConfigError(f"config key 'data.columns' maps unknown field '{name}'; loralab's field names are "
+                              f"{', '.join(known)}")
     if not cfg.lora.target_modules:
         raise ConfigError("config key 'lora.target_modules' must name at least one module")
     if not cfg.name or "/" in cfg.name or cfg.name in (".", ".."):

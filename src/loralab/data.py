@@ -68,53 +68,118 @@ def select_and_split(n_records: int, num_examples: int | None, eval_size: int, s
 
 @dataclass
 class Template:
-    """How a record becomes (prompt text, full text). Built once per tokenizer by ``make_template``."""
+    """How a record becomes text with trained character spans. Built once per tokenizer by ``make_template``.
+
+    ``kind`` is how conversations (Alpaca records, chat messages, ShareGPT) are rendered: "chat" (the
+    tokenizer's chat template) or "alpaca" (the classic prompt; Alpaca records only). Prompt/completion and
+    plain-text records are raw text and render the same under either kind.
+    """
 
     kind: str  # "chat" or "alpaca"
     eos_token: str
     bos_token: str | None
     tokenizer: Any = field(repr=False)
 
-    def prompt_text(self, record: dict[str, str]) -> str:
-        """What the model sees before it answers (ends with the generation prompt)."""
+    def _chat(self, messages: list[dict], generation_prompt: bool = False) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def prompt_text(self, record: dict) -> str:
+        """What the model sees before it answers (for a conversation: up to its last assistant turn)."""
+        if "text" in record:
+            return ""
+        if "prompt" in record:
+            return record["prompt"]
         if self.kind == "chat":
-            return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": user_message(record)}], tokenize=False, add_generation_prompt=True
-            )
+            messages = conversation(record)
+            return self._chat(messages[: last_assistant(messages)], generation_prompt=True)
         fmt = ALPACA_PROMPT_WITH_INPUT if record["input"].strip() else ALPACA_PROMPT
         return fmt.format(instruction=record["instruction"], input=record["input"])
 
-    def render(self, record: dict[str, str]) -> tuple[str, int, int]:
-        """Return (full text, start, end): characters [start, end) are the trained response + EOS."""
-        prompt = self.prompt_text(record)
-        if self.kind == "chat":
-            full = self.tokenizer.apply_chat_template(
-                [
-                    {"role": "user", "content": user_message(record)},
-                    {"role": "assistant", "content": record["output"]},
-                ],
-                tokenize=False,
-            )
+    def render(self, record: dict, assistant_turns: str = "all") -> tuple[str, list[tuple[int, int]]]:
+        """Return (full text, trained character spans [start, end)): each trained answer with its EOS.
+
+        ``assistant_turns``: "all" trains every assistant turn of a conversation, "last" only the last one.
+        """
+        if "text" in record:
+            full = record["text"] + self.eos_token
+            return full, [(0, len(full))]
+        if "prompt" in record:
+            full = record["prompt"] + record["completion"] + self.eos_token
+            return full, [(len(record["prompt"]), len(full))]
+        if self.kind != "chat":
+            prompt = self.prompt_text(record)
+            full = prompt + record["output"] + self.eos_token
+            return full, [(len(prompt), len(full))]
+        return self._render_conversation(conversation(record), assistant_turns)
+
+    def _render_conversation(self, messages: list[dict], assistant_turns: str) -> tuple[str, list[tuple[int, int]]]:
+        full = self._chat(messages)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if assistant_turns == "last":
+            turns = turns[-1:]
+        spans = []
+        for i in turns:
+            prompt = self._chat(messages[:i], generation_prompt=True)
             if not full.startswith(prompt):
                 raise DataError(
                     "the tokenizer's chat template renders the prompt differently with and without the answer; "
-                    "set data.template: alpaca"
+                    "set data.template: alpaca (Alpaca records only) or use a model whose template round-trips"
                 )
-            answer_at = full.find(record["output"], len(prompt))
-            eos_at = full.find(self.eos_token, answer_at + len(record["output"])) if answer_at >= 0 else -1
-            if eos_at < 0:
+            # The turn ends where the conversation up to it ends; the answer's EOS must lie before that.
+            upto = self._chat(messages[: i + 1])
+            bound = len(upto) if full.startswith(upto) else len(full)
+            content = messages[i]["content"]
+            answer_at = full.find(content, len(prompt))
+            if answer_at < 0:
+                raise DataError("the tokenizer's chat template changes the assistant's text; set data.template: alpaca")
+            answer_end = answer_at + len(content)
+            eos_at = full.find(self.eos_token, answer_end, bound)
+            if eos_at >= 0:
+                spans.append((len(prompt), eos_at + len(self.eos_token)))
+            elif i == len(messages) - 1:
                 # The template ends the answer without an EOS: add one, or generation never learns to stop.
-                full = full[: answer_at + len(record["output"])] + self.eos_token if answer_at >= 0 else full + self.eos_token
-                eos_at = len(full) - len(self.eos_token)
-            return full, len(prompt), eos_at + len(self.eos_token)
-        full = prompt + record["output"] + self.eos_token
-        return full, len(prompt), len(full)
+                full = full[:answer_end] + self.eos_token
+                spans.append((len(prompt), len(full)))
+            else:
+                spans.append((len(prompt), answer_end))
+        return full, spans
+
+    def trained_text(self, record: dict, assistant_turns: str = "all") -> str:
+        """The characters the loss sees, concatenated (what the trained tokens decode to)."""
+        full, spans = self.render(record, assistant_turns)
+        return "".join(full[a:b] for a, b in spans)
 
 
-def make_template(tokenizer: Any, kind: str = "auto") -> Template:
+def conversation(record: dict) -> list[dict]:
+    """The record's chat messages: its own, or an Alpaca record's single user/assistant exchange."""
+    if "messages" in record:
+        return record["messages"]
+    return [{"role": "user", "content": user_message(record)}, {"role": "assistant", "content": record["output"]}]
+
+
+def last_assistant(messages: list[dict]) -> int:
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def reference_answer(record: dict) -> str | None:
+    """The answer generation is scored against; None for plain text, which has no prompt to answer."""
+    if "text" in record:
+        return None
+    if "prompt" in record:
+        return record["completion"]
+    messages = conversation(record)
+    return messages[last_assistant(messages)]["content"]
+
+
+def make_template(tokenizer: Any, kind: str = "auto", data_format: str = "alpaca") -> Template:
     if tokenizer.eos_token is None:
         raise DataError("the tokenizer has no end-of-sequence token; pick a model whose tokenizer defines eos_token")
     has_chat = bool(getattr(tokenizer, "chat_template", None))
+    if data_format in ("messages", "sharegpt"):
+        if kind == "alpaca" or not has_chat:
+            why = "data.template is 'alpaca'" if has_chat else "the tokenizer has no chat template"
+            raise DataError(f"{data_format} data is rendered with the tokenizer's chat template, but {why}; set "
+                            f"data.template: auto with a model whose tokenizer has a chat template")
     if kind == "auto":
         kind = "chat" if has_chat else "alpaca"
     if kind == "chat" and not has_chat:
@@ -135,7 +200,7 @@ def tokenize_text(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int,
     return ids, offsets
 
 
-def prompt_ids(tokenizer: Any, template: Template, record: dict[str, str]) -> list[int]:
+def prompt_ids(tokenizer: Any, template: Template, record: dict) -> list[int]:
     """Token ids of the prompt alone, as fed to the model at generation time."""
     return tokenize_text(tokenizer, template.prompt_text(record))[0]
 
@@ -147,13 +212,14 @@ class Encoded:
     truncated: bool
 
 
-def encode_example(tokenizer: Any, template: Template, record: dict[str, str], max_length: int) -> Encoded:
-    """Tokenise one record and mask its prompt. Over-long examples lose tokens from the response end."""
-    text, start, end = template.render(record)
+def encode_example(tokenizer: Any, template: Template, record: dict, max_length: int, assistant_turns: str = "all") -> Encoded:
+    """Tokenise one record and mask all but its trained spans. Over-long examples lose tokens from the end."""
+    text, spans = template.render(record, assistant_turns)
     ids, offsets = tokenize_text(tokenizer, text)
-    # A token is trained when it lies wholly inside [start, end); a token straddling the prompt
+    # A token is trained when it lies wholly inside a trained span; a token straddling a prompt
     # boundary counts as prompt, so what is trained never depends on the prompt's last characters.
-    labels = [tok if (a >= start and b <= end and b > a) else IGNORE_INDEX for tok, (a, b) in zip(ids, offsets)]
+    labels = [tok if b > a and any(a >= s and b <= e for s, e in spans) else IGNORE_INDEX
+              for tok, (a, b) in zip(ids, offsets)]
     truncated = len(ids) > max_length
     return Encoded(ids[:max_length], labels[:max_length], truncated)
 
@@ -162,11 +228,12 @@ def trained_token_count(labels: Sequence[int]) -> int:
     return sum(1 for x in labels if x != IGNORE_INDEX)
 
 
-def encode_split(tokenizer: Any, template: Template, records: list[dict[str, str]], max_length: int) -> tuple[list[dict], dict]:
+def encode_split(tokenizer: Any, template: Template, records: list[dict], max_length: int,
+                 assistant_turns: str = "all") -> tuple[list[dict], dict]:
     """Encode records; drop (and count) those left with no trained token. Returns (examples, stats)."""
     examples, truncated, dropped, tokens, trained = [], 0, 0, 0, 0
     for record in records:
-        enc = encode_example(tokenizer, template, record, max_length)
+        enc = encode_example(tokenizer, template, record, max_length, assistant_turns)
         n_trained = trained_token_count(enc.labels)
         truncated += enc.truncated
         if n_trained == 0:
@@ -177,3 +244,137 @@ def encode_split(tokenizer: Any, template: Template, records: list[dict[str, str
         trained += n_trained
     stats = {"examples": len(examples), "tokens": tokens, "trained_tokens": trained, "truncated": truncated, "dropped": dropped}
     return examples, stats
+
+
+# Data formats -------------------------------------------------------------------------------------
+
+FORMAT_FIELDS = {
+    "alpaca": ("instruction", "input", "output"),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+"""Each record format and its fields (the names data.columns maps onto)."""
+FORMATS = tuple(FORMAT_FIELDS)
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+DETECT_RECORDS = 10  # records looked at to detect the format
+
+
+def rename_columns(record: Any, columns: dict[str, str], where: str) -> Any:
+    """The record with each data.columns source field renamed to its loralab name (a pure rename)."""
+    if not columns or not isinstance(record, dict):
+        return record
+    renamed = dict(record)
+    for name, source in columns.items():
+        if source not in record:
+            fields = ", ".join(sorted(map(str, record))) or "none"
+            raise DataError(f"{where}: data.columns maps '{name}' to '{source}', but the record has no '{source}' "
+                            f"(its fields: {fields}); fix data.columns")
+        renamed[name] = renamed.pop(source)
+    return renamed
+
+
+def record_format(record: Any) -> str | None:
+    if not isinstance(record, dict):
+        return None
+    for name in ("messages", "sharegpt", "prompt_completion", "alpaca"):
+        required = ("instruction", "output") if name == "alpaca" else FORMAT_FIELDS[name]
+        if all(k in record for k in required):
+            return name
+    return "text" if "text" in record else None
+
+
+def detect_format(records: Sequence[Any], where: str) -> str:
+    """The format of the first records' fields; DataError when they match none or disagree."""
+    seen: dict[str, int] = {}
+    for i, record in enumerate(records[:DETECT_RECORDS]):
+        found = record_format(record)
+        if found is not None:  # a record that matches nothing is reported by the detected format's checks
+            seen.setdefault(found, i)
+    if len(seen) > 1:
+        (a, i), (b, j) = list(seen.items())[:2]
+        raise DataError(f"{where}: record {i} looks like {a} and record {j} like {b}; set data.format")
+    if not seen and records:
+        first = records[0]
+        fields = ", ".join(sorted(map(str, first))) if isinstance(first, dict) else type(first).__name__
+        raise DataError(f"{where} record 0 ({fields}) matches no data format; set data.format to one of "
+                        f"{', '.join(FORMATS)} and data.columns to name its fields")
+    return next(iter(seen), "alpaca")
+
+
+def check_conversation(messages: Any, where: str) -> list[dict[str, str]]:
+    """Return the messages as {role, content} dicts, or raise DataError: an optional system message, then
+    user and assistant turns alternating, ending with an assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: the conversation must be a non-empty list of messages")
+    out = []
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where} message {k}: expected an object with string 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise DataError(f"{where} message {k}: unknown role '{m['role']}'; roles are {', '.join(ROLES)}")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: no assistant turn, so nothing to train on; each conversation needs one")
+    first = 1 if out[0]["role"] == "system" else 0
+    for k, m in enumerate(out[first:], first):
+        expected = "user" if (k - first) % 2 == 0 else "assistant"
+        if m["role"] != expected:
+            raise DataError(f"{where} message {k}: roles out of order, expected '{expected}', got '{m['role']}' (an "
+                            f"optional system message first, then user and assistant alternating)")
+    if out[-1]["role"] != "assistant":
+        raise DataError(f"{where}: the conversation ends with a {out[-1]['role']} turn; end it with the assistant's")
+    return out
+
+
+def _string_field(record: dict, key: str, where: str) -> str:
+    if key not in record:
+        raise DataError(f"{where}: missing '{key}'")
+    if not isinstance(record[key], str):
+        raise DataError(f"{where}: field '{key}' must be a string, got {type(record[key]).__name__}")
+    return record[key]
+
+
+def normalize_record(record: Any, data_format: str, where: str) -> dict:
+    """One source record (fields already renamed) -> loralab's form for its format, or DataError naming ``where``.
+
+    alpaca -> {instruction, input, output}; messages and sharegpt -> {messages: [{role, content}]};
+    prompt_completion -> {prompt, completion}; text -> {text}.
+    """
+    if data_format == "alpaca":
+        return validate_record(record, where)
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with {', '.join(FORMAT_FIELDS[data_format])}, "
+                        f"got {type(record).__name__}")
+    if data_format == "messages":
+        return {"messages": check_conversation(record.get("messages"), where)}
+    if data_format == "sharegpt":
+        turns = record.get("conversations")
+        if not isinstance(turns, list):
+            raise DataError(f"{where}: 'conversations' must be a list of {{from, value}} turns")
+        messages = []
+        for k, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise DataError(f"{where} turn {k}: expected an object with 'from' and a string 'value'")
+            role = SHAREGPT_ROLES.get(turn.get("from"))
+            if role is None:
+                raise DataError(f"{where} turn {k}: unknown 'from' value {turn.get('from')!r}; ShareGPT turns are from "
+                                f"{', '.join(SHAREGPT_ROLES)}")
+            messages.append({"role": role, "content": turn["value"]})
+        return {"messages": check_conversation(messages, where)}
+    if data_format == "prompt_completion":
+        return {"prompt": _string_field(record, "prompt", where), "completion": _string_field(record, "completion", where)}
+    text = _string_field(record, "text", where)
+    if not text.strip():
+        raise DataError(f"{where}: 'text' is empty")
+    return {"text": text}
+
+
+def read_format(raw: Sequence[Any], data_format: str, columns: dict[str, str], where: str) -> tuple[str, list[dict]]:
+    """Rename, detect (``data_format`` "auto") and validate source records: (format, normalised records)."""
+    renamed = [rename_columns(r, columns, f"{where} record {i}") for i, r in enumerate(raw)]
+    if data_format == "auto":
+        data_format = detect_format(renamed, where)
+    return data_format, [normalize_record(r, data_format, f"{where} record {i}") for i, r in enumerate(renamed)]

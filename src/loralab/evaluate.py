@@ -16,7 +16,7 @@ import torch
 
 from loralab import train
 from loralab.config import ExperimentConfig
-from loralab.data import make_template, prompt_ids
+from loralab.data import make_template, prompt_ids, reference_answer
 from loralab.generation import (
     generate_greedy,
     generation_cache_key,
@@ -56,6 +56,16 @@ def _quote(text: str) -> str:
     return "\n".join("> " + line for line in (text.strip() or "(empty)").splitlines())
 
 
+def _data_format(rundir: RunDir) -> str:
+    """The format prepare read the data as (data/stats.json; runs prepared before formats existed: alpaca)."""
+    import json
+
+    try:
+        return json.loads(rundir.stats_file.read_text()).get("format", "alpaca")
+    except (OSError, ValueError):
+        return "alpaca"
+
+
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
     rundir = RunDir(cfg)
     upstream = train.current_hash(cfg)
@@ -69,13 +79,14 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
     device = detect_device(cfg.train.device)
     precision = choose_precision(device, cfg.train.precision)
     tokenizer = load_tokenizer(cfg.model)
-    template = make_template(tokenizer, cfg.data.template)
+    template = make_template(tokenizer, cfg.data.template, _data_format(rundir))
     held_out = read_jsonl(rundir.eval_file)
     if cfg.eval.num_examples is not None:
         held_out = held_out[: cfg.eval.num_examples]
     loss_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in held_out]
-    records = [e["record"] for e in held_out]
-    references = [r["output"] for r in records]
+    # Plain-text examples have no prompt to answer: they count in the held-out loss only.
+    records = [e["record"] for e in held_out if reference_answer(e["record"]) is not None]
+    references = [reference_answer(r) for r in records]
     fixed = [{"instruction": p, "input": "", "output": ""} for p in cfg.eval.prompts]
     # Held-out prompts first, then the fixed before/after prompts: one generation pass covers both.
     prompts = [prompt_ids(tokenizer, template, r) for r in records + fixed]
@@ -120,8 +131,8 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
     predictions = [
         {
             "prompt": tokenizer.decode(prompts[i], skip_special_tokens=False),
-            "instruction": records[i]["instruction"],
-            "input": records[i]["input"],
+            "instruction": records[i].get("instruction", ""),
+            "input": records[i].get("input", ""),
             "reference": references[i],
             "base": base_text[i],
             "lora": lora_text[i],

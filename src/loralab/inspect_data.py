@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from loralab import IGNORE_INDEX
 from loralab.config import ExperimentConfig
-from loralab.data import DataError, Encoded, Template, encode_example, make_template, select_and_split, validate_record
+from loralab.data import DataError, Encoded, Template, encode_example, make_template, read_format, select_and_split
 from loralab.errors import LoralabError
 
 ANSI_TRAINED = "\x1b[1;32m"  # bold green
@@ -112,13 +112,16 @@ def check_eos_trained(examples: Sequence[Encoded], eos_token_id: int) -> Finding
                    f"complete examples (examples {_some(missing)}): the model will not learn to stop", missing)
 
 
-def check_template_roundtrip(tokenizer: Any, template: Template, records: Sequence[dict], examples: Sequence[Encoded]) -> Finding:
-    """The prompt is a prefix of the full rendering, and the trained tokens decode to response + EOS."""
+def check_template_roundtrip(tokenizer: Any, template: Template, records: Sequence[dict], examples: Sequence[Encoded],
+                             assistant_turns: str = "all") -> Finding:
+    """The prompt is a prefix of the full rendering, and the trained tokens decode to the trained text
+    (each trained answer with its EOS)."""
     problems: list[tuple[int, str]] = []
     for i, (record, ex) in enumerate(zip(records, examples)):
         prompt = template.prompt_text(record)
         try:
-            full, _, _ = template.render(record)
+            full, _ = template.render(record, assistant_turns)
+            expected = template.trained_text(record, assistant_turns)
         except DataError as err:
             problems.append((i, str(err)))
             continue
@@ -129,7 +132,6 @@ def check_template_roundtrip(tokenizer: Any, template: Template, records: Sequen
             continue  # a cut response cannot decode to the whole answer
         trained = [x for x in ex.labels if x != IGNORE_INDEX]
         decoded = tokenizer.decode(trained, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        expected = record["output"] + template.eos_token
         if decoded.strip() == expected.strip():
             continue
         if " ".join(decoded.split()) == " ".join(expected.split()):
@@ -163,13 +165,14 @@ def format_histogram(histogram: list[tuple[int, int, int]], truncated: int = 0, 
     return "\n".join(lines)
 
 
-def run_checks(tokenizer: Any, template: Template, records: Sequence[dict], examples: Sequence[Encoded], max_length: int) -> list[Finding]:
+def run_checks(tokenizer: Any, template: Template, records: Sequence[dict], examples: Sequence[Encoded], max_length: int,
+               assistant_turns: str = "all") -> list[Finding]:
     """Every dataset-wide check, in the order they are printed."""
     return [
         check_trained_tokens(examples),
         check_truncation(examples, max_length),
         check_eos_trained(examples, tokenizer.eos_token_id),
-        check_template_roundtrip(tokenizer, template, records, examples),
+        check_template_roundtrip(tokenizer, template, records, examples, assistant_turns),
     ]
 
 
@@ -204,22 +207,22 @@ def run(cfg: ExperimentConfig, num_examples: int = 3) -> list[Finding]:
     from loralab.prepare import read_records
     from loralab.rundir import RunDir
 
-    raw = read_records(cfg)
-    records = [validate_record(r, f"{cfg.data.path} record {i}") for i, r in enumerate(raw)]
+    data_format, records = read_format(read_records(cfg), cfg.data.format, cfg.data.columns, cfg.data.path)
     if not records:
         raise DataError(f"{cfg.data.path} holds no records")
     train_idx, eval_idx = select_and_split(len(records), cfg.data.num_examples, cfg.data.eval_size, cfg.data.seed)
     selected = [records[i] for i in train_idx + eval_idx]  # training examples first, in prepare's order
     tokenizer = load_tokenizer(cfg.model)
-    template = make_template(tokenizer, cfg.data.template)
+    template = make_template(tokenizer, cfg.data.template, data_format)
+    turns = cfg.data.assistant_turns
     try:
-        examples = [encode_example(tokenizer, template, r, cfg.data.max_length) for r in selected]
+        examples = [encode_example(tokenizer, template, r, cfg.data.max_length, turns) for r in selected]
     except DataError as err:
         raise DataError(f"inspect: cannot render the records with the {template.kind} template: {err}") from None
 
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")  # https://no-color.org
     legend = f"{ANSI_TRAINED}trained{ANSI_RESET}" if color else f"{PLAIN_OPEN}trained{PLAIN_CLOSE}"
-    print(f"inspect: {len(selected)} examples ({len(train_idx)} train, {len(eval_idx)} eval), {template.kind} template, "
+    print(f"inspect: {len(selected)} {data_format} examples ({len(train_idx)} train, {len(eval_idx)} eval), {template.kind} template, "
           f"data.max_length={cfg.data.max_length}; {legend} tokens are the ones the loss sees")
     for k, ex in enumerate(examples[:num_examples]):
         n_trained = _count_trained(ex.labels)
@@ -227,7 +230,7 @@ def run(cfg: ExperimentConfig, num_examples: int = 3) -> list[Finding]:
               f"{'truncated' if ex.truncated else 'complete'}")
         print(render_example(tokenizer, ex.input_ids, ex.labels, color))
 
-    findings = run_checks(tokenizer, template, selected, examples, cfg.data.max_length)
+    findings = run_checks(tokenizer, template, selected, examples, cfg.data.max_length, turns)
     print("\nchecks:")
     for f in findings:
         print(f"  [{f.status.upper():<7}] {f.check}: {f.message}")

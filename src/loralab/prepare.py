@@ -1,4 +1,4 @@
-"""The prepare stage: Alpaca records -> tokenised, prompt-masked train/eval splits in ``data/``."""
+"""The prepare stage: records (Alpaca, chat, ShareGPT, prompt/completion, text) -> tokenised, masked train/eval splits."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from loralab.config import ExperimentConfig
-from loralab.data import DataError, encode_split, make_template, select_and_split, validate_record
+from loralab.data import DataError, encode_split, make_template, read_format, select_and_split
 from loralab.modeling import load_tokenizer
 from loralab.rundir import RunDir, file_sha256, stage_hash, write_json, write_jsonl
 
@@ -20,7 +20,7 @@ def read_local_records(path: Path) -> list:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise DataError(f"data file not found: {path}; set data.path to an Alpaca .json/.jsonl file or a hub dataset id") from None
+        raise DataError(f"data file not found: {path}; set data.path to a .json/.jsonl file or a hub dataset id") from None
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"cannot read data file {path}: {err}") from None
     if path.suffix == ".jsonl":
@@ -64,7 +64,7 @@ def source_fingerprint(cfg: ExperimentConfig) -> str:
     if path.is_file():
         return file_sha256(path)
     if path.exists() or _looks_local(cfg.data.path):
-        raise DataError(f"data file not found: {path}; set data.path to an Alpaca .json/.jsonl file or a hub dataset id")
+        raise DataError(f"data file not found: {path}; set data.path to a .json/.jsonl file or a hub dataset id")
     return f"hub:{cfg.data.path}:{cfg.data.split}"
 
 
@@ -90,16 +90,16 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
         return expected
 
     start = time.perf_counter()
-    raw = read_records(cfg)
     where = cfg.data.path
-    records = [validate_record(r, f"{where} record {i}") for i, r in enumerate(raw)]
+    data_format, records = read_format(read_records(cfg), cfg.data.format, cfg.data.columns, where)
     if not records:
         raise DataError(f"{where} holds no records")
     train_idx, eval_idx = select_and_split(len(records), cfg.data.num_examples, cfg.data.eval_size, cfg.data.seed)
     tokenizer = load_tokenizer(cfg.model)
-    template = make_template(tokenizer, cfg.data.template)
-    train, train_stats = encode_split(tokenizer, template, [records[i] for i in train_idx], cfg.data.max_length)
-    evals, eval_stats = encode_split(tokenizer, template, [records[i] for i in eval_idx], cfg.data.max_length)
+    template = make_template(tokenizer, cfg.data.template, data_format)
+    turns = cfg.data.assistant_turns
+    train, train_stats = encode_split(tokenizer, template, [records[i] for i in train_idx], cfg.data.max_length, turns)
+    evals, eval_stats = encode_split(tokenizer, template, [records[i] for i in eval_idx], cfg.data.max_length, turns)
     if not train:
         raise DataError(
             f"no training examples left after filtering {len(train_idx)} records (truncated: {train_stats['truncated']}, "
@@ -109,6 +109,7 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
     stats = {
         "source_records": len(records),
         "selected": len(train_idx) + len(eval_idx),
+        "format": data_format,
         "template": template.kind,
         "train": train_stats,
         "eval": eval_stats,
@@ -120,10 +121,10 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
     write_jsonl(rundir.train_file, train)
     write_jsonl(rundir.eval_file, evals)
     write_json(rundir.stats_file, stats)
-    rundir.update_manifest(data_sha256=fingerprint, seeds={"data": cfg.data.seed, "train": cfg.train.seed})
+    rundir.update_manifest(data_sha256=fingerprint, data_format=data_format, seeds={"data": cfg.data.seed, "train": cfg.train.seed})
     rundir.mark_done("prepare", expected, time.perf_counter() - start)
     print(
-        f"prepare: {len(train)} train / {len(evals)} eval examples, {stats['truncated']} truncated, "
+        f"prepare: {len(train)} train / {len(evals)} eval examples ({data_format}), {stats['truncated']} truncated, "
         f"{stats['dropped']} dropped, {100 * stats['trained_token_fraction']:.1f}% of tokens trained -> {rundir.data_dir}"
     )
     return expected
