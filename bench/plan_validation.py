@@ -3,8 +3,8 @@
 Each model is a Llama with random weights built offline in bf16 (built directly in bf16, so the build
 never holds an fp32 copy) and saved, in a process of its own; each case loads it with
 loralab.modeling.load_model as `loralab train` does, adds LoRA r=8 on q/k/v/o through loralab.modeling.add_lora (fp32 LoRA
-weights) set up as `loralab train` sets it up on a CPU (loralab.train.use_cpu_fast_path: fused LoRA
-layers, per-example attention; frozen weights pre-packed where the plan's train.packed_weights "auto"
+weights) set up as `loralab train` sets it up on a CPU (loralab.cpu.speed_path: fused LoRA
+layers, per-example attention; frozen weights in oneDNN's layout where the plan's train.onednn_weights "auto"
 says so, as loralab.train does), and runs the trainer's micro-batch by hand: one example per micro-batch packed by
 loralab.packing.pack_examples, loralab.loss.response_loss_sum, backward, gradient clipping, AdamW.
 Every case runs in its own subprocess, so one case's memory never shows in another's.
@@ -125,25 +125,20 @@ def worker(spec: dict) -> dict:
     from loralab.loss import response_loss_sum
     from loralab.modeling import add_lora, load_model
     from loralab.packing import pack_examples
-    from loralab.train import return_freed_memory, tune_allocator, use_cpu_fast_path
+    from loralab import cpu
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
-    # As `loralab train` loads it: mapped from the file, or read into memory when its weights will be packed
-    # (so the plain copies the packing releases go back to the system).
-    model = load_model(ModelConfig(name_or_path=spec["folder"]), "bf16", "cpu", in_memory=spec["packed"])
+    # As `loralab train` loads it: mapped from the file, or read into memory when its weights will take oneDNN's
+    # layout (so the plain copies released then go back to the system).
+    model = load_model(ModelConfig(name_or_path=spec["folder"]), "bf16", "cpu", in_memory=spec["onednn"])
     model = add_lora(model, LORA)
-    # What `loralab train` runs on a CPU: fused LoRA layers and per-example attention, the allocator set for the row.
-    switched = use_cpu_fast_path(model)
-    assert switched["per_example_attention"] and switched["fused_lora_layers"], switched
-    tune_allocator(spec["tokens"])
-    packing = contextlib.ExitStack()  # held until this function returns
-    if spec["packed"]:  # train.packed_weights as the plan decided it (loralab.train.ResponseOnlyTrainer.train)
-        from loralab.packed_weights import packed_weights
-
-        packing.enter_context(packed_weights(model, spec["tokens"]))
-        return_freed_memory()
+    # What `loralab train` runs on a CPU (loralab.cpu.speed_path), held until this function returns: fused LoRA
+    # layers and norms, per-example attention, the allocator set for the row, oneDNN weights as the plan decided.
+    speed_path = contextlib.ExitStack()
+    switched = speed_path.enter_context(cpu.speed_path(model, spec["tokens"], onednn_weights=spec["onednn"]))
+    assert switched.per_example_attention and switched.fused_lora_layers, switched
     if spec["checkpointing"]:  # as the Trainer sets it up for train.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -165,7 +160,7 @@ def worker(spec: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         times.append(clock() - start)
     peak = _rss_peak_bytes()
-    packing.close()
+    speed_path.close()
     return {"peak_rss": peak, "hwm_reset": reset, "step_s": statistics.median(times[1:]), "times": times}
 
 
@@ -177,7 +172,7 @@ def _run_worker(spec: dict) -> subprocess.CompletedProcess:
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
 
-def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads: int, packed: bool = False) -> dict:
+def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads: int, onednn: bool = False) -> dict:
     key = json.dumps(config, sort_keys=True)
     if key not in _BUILT:
         _BUILT[key] = tempfile.TemporaryDirectory(prefix="plan-validation-")
@@ -185,17 +180,17 @@ def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads:
         if proc.returncode != 0:
             raise SystemExit(f"building the {config['hidden_size']}x{config['num_hidden_layers']} model failed:\n{proc.stderr[-3000:]}")
     proc = _run_worker({"config": config, "folder": _BUILT[key].name, "tokens": tokens, "steps": steps,
-                        "checkpointing": checkpointing, "threads": threads, "packed": packed})
+                        "checkpointing": checkpointing, "threads": threads, "onednn": onednn})
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({config['hidden_size']}x{config['num_hidden_layers']}, {tokens} tokens):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def predict(config: dict, tokens: int, checkpointing: bool, profile, packed: bool | str = "auto"):
+def predict(config: dict, tokens: int, checkpointing: bool, profile, onednn: bool | str = "auto"):
     ids, labels = example(tokens, config["vocab_size"])
     trained = sum(1 for x in labels[1:] if x != IGNORE_INDEX)
     train = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=1, gradient_checkpointing=checkpointing,
-                        packed_weights=packed)
+                        onednn_weights=onednn)
     return estimate(config, LORA, train, [tokens], profile, "bf16", trained_counts=[trained], with_suggestions=False)
 
 
@@ -203,17 +198,17 @@ def validate(profile, threads: int | None) -> int:
     print(f"plan vs measurement on {profile.description}; LoRA r=8 q/k/v/o, bf16 weights, 1 example per micro-batch")
     print(f"bf16 matmul peak used: {profile.peak_flops['bf16'] / 1e9:.0f} GFLOP/s; step time = "
           + ("the process's CPU time" if threads == 1 else "wall clock"))
-    header = f"{'model':<15} {'tokens':>6} {'packed':>6} | {'peak RSS pred':>13} {'measured':>9} {'err':>6} | {'step pred':>9} {'measured':>9} {'err':>6}"
+    header = f"{'model':<15} {'tokens':>6} {'oneDNN':>6} | {'peak RSS pred':>13} {'measured':>9} {'err':>6} | {'step pred':>9} {'measured':>9} {'err':>6}"
     print(header)
     print("-" * len(header))
     worst_mem, worst_time = 0.0, 0.0
     for name, config, tokens, steps, checkpointing in CASES:
         plan = predict(config, tokens, checkpointing, profile)
-        got = measure(config, tokens, steps, checkpointing, threads, plan.packed_weights)
+        got = measure(config, tokens, steps, checkpointing, threads, plan.onednn_weights)
         mem_err = (plan.peak_bytes - got["peak_rss"]) / got["peak_rss"]
         time_err = (plan.microbatch_seconds - got["step_s"]) / got["step_s"]
         worst_mem, worst_time = max(worst_mem, abs(mem_err)), max(worst_time, abs(time_err))
-        print(f"{name:<15} {tokens:>6} {'yes' if plan.packed_weights else 'no':>6} | {plan.peak_bytes / 1e9:>10.2f} GB {got['peak_rss'] / 1e9:>6.2f} GB {100 * mem_err:>+5.0f}% | "
+        print(f"{name:<15} {tokens:>6} {'yes' if plan.onednn_weights else 'no':>6} | {plan.peak_bytes / 1e9:>10.2f} GB {got['peak_rss'] / 1e9:>6.2f} GB {100 * mem_err:>+5.0f}% | "
               f"{plan.microbatch_seconds:>8.2f}s {got['step_s']:>8.2f}s {100 * time_err:>+5.0f}%", flush=True)
         if not got["hwm_reset"]:
             print("  (peak RSS includes the model build: /proc/self/clear_refs not allowed here)")
@@ -265,9 +260,9 @@ def calibrate(profile, threads: int | None) -> int:
     half = replace(bare, efficiency=0.5)
     results = {}
     for name, config, tokens, steps, checkpointing in CALIBRATION:
-        # plain weights: the fitted efficiency is the unpacked one (packed_speedup comes from bench/train_throughput.py)
-        plan, plan_half = (predict(config, tokens, checkpointing, p, packed=False) for p in (bare, half))
-        got = measure(config, tokens, steps, checkpointing, threads, packed=False)
+        # plain weights: the fitted efficiency is the plain-layout one (onednn_speedup comes from bench/train_throughput.py)
+        plan, plan_half = (predict(config, tokens, checkpointing, p, onednn=False) for p in (bare, half))
+        got = measure(config, tokens, steps, checkpointing, threads, onednn=False)
         # At efficiency 1 the matmul term is (half - bare); everything else is bare minus that.
         matmul_s = plan_half.microbatch_seconds - plan.microbatch_seconds
         results[name] = (matmul_s, plan.microbatch_seconds - matmul_s, plan.peak_bytes, got)

@@ -8,9 +8,9 @@ response-only labels for every side; the first steps x 8 examples of its seeded 
 
 * loralab: what `loralab train` runs: its model loading (bf16 weights on a bf16-capable CPU), the
   ResponseOnlyTrainer with each step's 8 examples packed into rows of up to train.row_tokens (auto:
-  1,024 on a CPU), built by loralab.train; with train.packed_weights "auto", which packs the frozen
-  weights for oneDNN on such rows (loralab.packed_weights).
-* unpacked: the same with train.packed_weights=false, to show what the packing gives and costs.
+  1,024 on a CPU), built by loralab.train; with train.onednn_weights "auto", which keeps the frozen
+  weights in oneDNN's layout on such rows (loralab.cpu.onednn_weights).
+* plain: the same with train.onednn_weights=false, to show what oneDNN's layout gives and costs.
 * seed-style: HF Trainer + PEFT get_peft_model, batch 1 x gradient accumulation 8, a
   DataCollatorForSeq2Seq (padding, -100 labels), fp32 weights: the seed's recipe on a CPU.
 * bf16 hand-configured: the same with the base weights loaded in bf16, the best plain setup.
@@ -48,7 +48,7 @@ LEARNING_RATE = 2e-4
 SEED = 42
 SIDES = {
     "loralab": "loralab train (rows of 1,024 tokens, bf16)",
-    "unpacked": "same, train.packed_weights=false",
+    "plain": "same, train.onednn_weights=false",
     "seed": "HF Trainer + PEFT, batch 1 x accum 8, fp32",
     "bf16": "same, base weights in bf16 (hand-configured)",
 }
@@ -191,7 +191,7 @@ def loralab_trainer(cfg, dataset: list, out_dir: Path, callbacks: list):
     device = detect_device(cfg.train.device)
     precision = choose_precision(device, cfg.train.precision)
     switches = train.decide_switches(cfg, device, precision, *plan.example_lengths(dataset))
-    model = train.build_model(cfg, precision, device, packed_weights=switches[1])
+    model = train.build_model(cfg, precision, device, onednn_weights=switches[1])
     trainer = train.build_trainer(cfg, model, dataset, out_dir, precision, device, callbacks, switches)
     return trainer, precision
 
@@ -223,11 +223,11 @@ def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict
     examples = load_examples(root, data, (warmup + steps) * EXAMPLES_PER_STEP)
     clock = make_clock()
     with tempfile.TemporaryDirectory(prefix=f"bench-{side}-") as tmp:
-        if side in ("loralab", "unpacked"):
+        if side in ("loralab", "plain"):
             cfg = experiment_config(root, data, max_steps=warmup + steps)
-            cfg.train.packed_weights = "auto" if side == "loralab" else False
+            cfg.train.onednn_weights = "auto" if side == "loralab" else False
             trainer, precision = loralab_trainer(cfg, examples, Path(tmp), [clock])
-            precision += ", packed weights" if trainer.packed_weights else ""
+            precision += ", oneDNN weights" if trainer.onednn_weights else ""
         else:
             trainer, precision = plain_trainer(root, examples, warmup + steps, Path(tmp), [clock], side == "bf16"), side
         decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
@@ -240,6 +240,8 @@ def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict
 def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
     """loralab's trainer on rows of up to ``tokens`` tokens, each a whole optimizer step (best-fit packed)."""
     from loralab import plan, train
+    from loralab.cpu.allocator import mmap_threshold_for
+    from loralab.modeling import choose_precision
     from loralab.packing import pack_rows, plan_rows
 
     examples = load_examples(root, data, 999)
@@ -249,22 +251,28 @@ def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
     cfg.train.gradient_accumulation_steps = 1
     cfg.train.row_tokens = tokens
     cfg.train.gradient_checkpointing = False  # the figure is for activations kept whole
-    # What train.packed_weights "auto" decides for such rows (the rows handed over below are not the ones
+    # What train.onednn_weights "auto" decides for such rows (the rows handed over below are not the ones
     # build_trainer would plan from this config).
     longest = max(sum(lengths[i] for i in row) for row in rows)
-    cfg.train.packed_weights = plan.can_pack_weights("cpu", "bf16", longest, checkpointing=False)
+    onednn = plan.can_use_onednn_weights("cpu", "bf16", longest, checkpointing=False)
+    precision = choose_precision("cpu", cfg.train.precision)
     clock = make_clock()
     with tempfile.TemporaryDirectory(prefix="bench-packed-") as tmp:
-        trainer, precision = loralab_trainer(cfg, [examples[i] for row in rows for i in row], Path(tmp), [clock])
-        # One dataset item per optimizer step: that row's examples, laid out as build_trainer's collator does.
-        trainer.train_dataset = [[examples[i] for i in row] for row in rows]
-        trainer.data_collator = lambda batch: pack_rows([ex for step in batch for ex in step], tokens)
-        threshold = train.tune_allocator(longest)  # as build_trainer does for such rows
+        model = train.build_model(cfg, precision, "cpu", onednn_weights=onednn)
+        # The trainer `loralab train` builds, with one dataset item per optimizer step: that row's examples,
+        # laid out as build_trainer's collator does.
+        trainer = train.ResponseOnlyTrainer(
+            model=model, args=train.training_arguments(cfg, Path(tmp), precision, "cpu"),
+            train_dataset=[[examples[i] for i in row] for row in rows],
+            data_collator=lambda batch: pack_rows([ex for step in batch for ex in step], tokens), callbacks=[clock],
+            row_tokens=tokens, precision=precision, cpu_speed_path=True, longest_row_tokens=longest, onednn_weights=onednn,
+        )
         decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
         trainer.train()
-    precision += ", packed weights" if trainer.packed_weights else ", plain weights"
+    precision += ", oneDNN weights" if onednn else ", plain weights"
     return {"row_tokens": [sum(lengths[i] for i in r) for r in rows], "peak_rss": peak_rss_bytes(), "precision": precision,
-            "seconds": clock.marks[-1][1] - clock.marks[0][1] if len(clock.marks) > 1 else None, "mmap_threshold": threshold}
+            "seconds": clock.marks[-1][1] - clock.marks[0][1] if len(clock.marks) > 1 else None,
+            "mmap_threshold": mmap_threshold_for(longest)}
 
 
 def matmul_peak(n: int = 4096, repeats: int = 6) -> dict:
@@ -379,10 +387,10 @@ def main(argv: list[str] | None = None) -> int:
                 got = ours / results[side]["tokens_per_s"]
                 ok &= got >= target
                 print(f"   target loralab >= {target:.1f}x {side}: {got:.2f}x {'met' if got >= target else 'MISSED'}")
-        if "unpacked" in results:
-            print(f"   loralab with packed weights ({results['loralab']['precision']}) over train.packed_weights=false: "
-                  f"{ours / results['unpacked']['tokens_per_s']:.2f}x tokens/s, "
-                  f"{(results['loralab']['peak_rss'] - results['unpacked']['peak_rss']) / 1e9:+.2f} GB peak RSS")
+        if "plain" in results:
+            print(f"   loralab with oneDNN weights ({results['loralab']['precision']}) over train.onednn_weights=false: "
+                  f"{ours / results['plain']['tokens_per_s']:.2f}x tokens/s, "
+                  f"{(results['loralab']['peak_rss'] - results['plain']['peak_rss']) / 1e9:+.2f} GB peak RSS")
         mfu = ours * per_token / max(results["loralab"]["matmul_peaks"])
         ok &= mfu >= TARGET_MFU
         print(f"   target loralab MFU >= {100 * TARGET_MFU:.0f}% of the matmul peak measured beside it: {100 * mfu:.1f}% "

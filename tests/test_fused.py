@@ -4,12 +4,13 @@ losses and gradients, and a packed row through them equals its examples run one 
 import pytest
 import torch
 
+from loralab import cpu
 from loralab.config import LoraSection, ModelConfig
-from loralab.fused_lora import LoraLinearFunction, drop_positions, fuse_lora_layers
+from loralab.cpu.attention import per_example_attention, use_per_example_attention
+from loralab.cpu.fused_lora import LoraLinearFunction, drop_positions, fuse_lora_layers
 from loralab.loss import response_loss_sum
 from loralab.modeling import add_lora, load_model
-from loralab.packing import pack_examples, per_example_attention, use_per_example_attention
-from loralab.train import use_cpu_fast_path
+from loralab.packing import pack_examples
 
 
 def _lora_model(model_dir, dropout=0.0, precision="fp32"):
@@ -129,16 +130,16 @@ def test_per_example_attention_equals_sdpa_with_a_block_mask():
 def test_training_model_packed_equals_one_by_one(tiny_model_dir):
     """The model `loralab train` builds on a CPU (fused LoRA, per-example attention): packing changes nothing."""
     model = _lora_model(tiny_model_dir)
-    switched = use_cpu_fast_path(model)
-    assert switched["per_example_attention"] and switched["fused_lora_layers"] == 4 * model.config.num_hidden_layers
-    model.train()
-    examples = _examples(model.config.vocab_size, [17, 5, 30, 11])
-    total, count, summed = 0.0, 0, None
-    for ex in examples:
-        s, n, g = _loss_and_grads(model, pack_examples([ex]))
-        total, count = total + s, count + n
-        summed = g if summed is None else {k: summed[k] + g[k] for k in g}
-    s, n, packed = _loss_and_grads(model, pack_examples(examples))
+    with cpu.speed_path(model, row_tokens=1024) as switched:
+        assert switched.per_example_attention and switched.fused_lora_layers == 4 * model.config.num_hidden_layers
+        model.train()
+        examples = _examples(model.config.vocab_size, [17, 5, 30, 11])
+        total, count, summed = 0.0, 0, None
+        for ex in examples:
+            s, n, g = _loss_and_grads(model, pack_examples([ex]))
+            total, count = total + s, count + n
+            summed = g if summed is None else {k: summed[k] + g[k] for k in g}
+        s, n, packed = _loss_and_grads(model, pack_examples(examples))
     assert n == count
     torch.testing.assert_close(s, total, rtol=1e-5, atol=1e-5)
     for name in packed:
@@ -156,7 +157,7 @@ def test_generation_with_padding_still_works_after_switching_attention(tiny_mode
 
 
 def test_fused_rms_norms_give_the_same_loss_and_grads(tiny_model_dir):
-    from loralab.fused_norm import FrozenRMSNormFunction, fuse_rms_norms
+    from loralab.cpu.fused_norm import FrozenRMSNormFunction, fuse_rms_norms
 
     model = _lora_model(tiny_model_dir)
     model.train()
@@ -180,3 +181,17 @@ def test_fused_rms_norms_give_the_same_loss_and_grads(tiny_model_dir):
     (dx_got,) = torch.autograd.grad(got, x, grad)
     assert torch.equal(got, want)
     assert (dx_got.float() - dx_want.float()).norm() / dx_want.float().norm() < 1e-2
+
+
+def test_the_speed_path_is_undone_on_the_way_out(tiny_model_dir):
+    model = _lora_model(tiny_model_dir)
+    batch = pack_examples(_examples(model.config.vocab_size, [17, 30]))
+    before, _, _ = _loss_and_grads(model, batch)
+    with pytest.raises(RuntimeError, match="boom"):
+        with cpu.speed_path(model, row_tokens=1024) as switched:
+            assert switched.fused_rms_norms == 2 * model.config.num_hidden_layers + 1
+            raise RuntimeError("boom")
+    assert not any("forward" in m.__dict__ for m in model.modules())  # every module's own forward again
+    assert model.config._attn_implementation == "sdpa"
+    after, _, _ = _loss_and_grads(model, batch)
+    assert after == before

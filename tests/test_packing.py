@@ -132,14 +132,14 @@ def test_a_steps_update_does_not_depend_on_how_its_examples_are_split_into_rows(
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 def test_frozen_head_cross_entropy_equals_the_upcast_logits_loss(monkeypatch, dtype, tol):
-    from loralab import loss
+    from loralab.cpu import head_loss
 
-    monkeypatch.setattr(loss, "CHUNK_ROWS", 16)  # 50 positions: four chunks, the last one short
+    monkeypatch.setattr(head_loss, "CHUNK_ROWS", 16)  # 50 positions: four chunks, the last one short
     torch.manual_seed(0)
     hidden = torch.randn(50, 32).to(dtype).requires_grad_()
     weight = torch.randn(300, 32).to(dtype)
     targets = torch.randint(0, 300, (50,))
-    got = loss.FrozenHeadCrossEntropy.apply(hidden, weight, targets)
+    got = head_loss.FrozenHeadCrossEntropy.apply(hidden, weight, targets)
     (got * 0.5).backward()
     ref_hidden = hidden.detach().clone().requires_grad_()
     want = F.cross_entropy((ref_hidden @ weight.t()).float(), targets, reduction="sum")
@@ -150,10 +150,10 @@ def test_frozen_head_cross_entropy_equals_the_upcast_logits_loss(monkeypatch, dt
 
 
 def test_training_loss_and_grads_through_the_fused_head_equal_the_models_own_head(tiny_model_dir, monkeypatch):
-    from loralab import loss
+    from loralab.cpu import head_loss
 
     model = _lora_model(tiny_model_dir)
-    assert loss._frozen_plain_head(model) is not None  # the tiny Llama takes the fused path
+    assert head_loss.frozen_plain_head(model) is not None  # the tiny Llama takes the fused path
     batch = pack_examples(_examples(model.config.vocab_size, [40, 25]))
 
     def run():
@@ -163,7 +163,7 @@ def test_training_loss_and_grads_through_the_fused_head_equal_the_models_own_hea
         return s.item(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
 
     fused_loss, fused_grads = run()
-    monkeypatch.setattr(loss, "_frozen_plain_head", lambda m: None)  # the model's own forward and head
+    monkeypatch.setattr(head_loss, "frozen_plain_head", lambda m: None)  # the model's own forward and head
     own_loss, own_grads = run()
     torch.testing.assert_close(fused_loss, own_loss, rtol=1e-5, atol=1e-5)
     for name in own_grads:

@@ -233,48 +233,50 @@ def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monk
     assert decide_checkpointing(forced, "cpu", "fp32", *counts) is False
 
 
-def test_auto_packed_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits():
+def test_auto_onednn_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits():
     from loralab.plan import resolve_switches
 
     cpu = replace(PROFILES["cpu"], memory_bytes=64 * 2**30)
-    train = replace(TrainConfig(), packed_weights="auto")
+    train = replace(TrainConfig(), onednn_weights="auto")
     lengths = [300] * 8  # rows of up to 1,024 tokens
     plan = estimate(TINYLLAMA_CONFIG, LORA, train, lengths, cpu, "bf16")
     items = {item.label: item.bytes for item in plan.memory}
     # every linear weight of 22 layers (q, o 2048^2; k, v 2048x256; gate, up, down 2048x5632) and the untied head, 2 bytes each
-    assert items["packed weights"] == (22 * (2 * 2048**2 + 2 * 2048 * 256 + 3 * 2048 * 5632) + 32000 * 2048) * 2
-    unpacked = estimate(TINYLLAMA_CONFIG, LORA, replace(train, packed_weights=False), lengths, cpu, "bf16")
-    assert "packed weights" not in {item.label for item in unpacked.memory}
-    assert plan.peak_bytes == unpacked.peak_bytes + items["packed weights"]
-    assert plan.microbatch_seconds < unpacked.microbatch_seconds
-    assert any("packed_weights auto: on" in note for note in plan.notes)
+    assert items["oneDNN weights"] == (22 * (2 * 2048**2 + 2 * 2048 * 256 + 3 * 2048 * 5632) + 32000 * 2048) * 2
+    plain = estimate(TINYLLAMA_CONFIG, LORA, replace(train, onednn_weights=False), lengths, cpu, "bf16")
+    assert "oneDNN weights" not in {item.label for item in plain.memory}
+    assert plan.peak_bytes == plain.peak_bytes + items["oneDNN weights"]
+    assert plan.microbatch_seconds < plain.microbatch_seconds
+    assert any("onednn_weights auto: on" in note for note in plan.notes)
 
-    def packed(profile, precision="bf16", lengths_=lengths, train_=train):
-        return resolve_switches(TINYLLAMA_CONFIG, LORA, train_, lengths_, profile, precision).packed_weights
+    def onednn(profile, precision="bf16", lengths_=lengths, train_=train):
+        return resolve_switches(TINYLLAMA_CONFIG, LORA, train_, lengths_, profile, precision).onednn_weights
 
-    assert packed(cpu) is True
-    between = replace(cpu, memory_bytes=int((plan.peak_bytes + unpacked.peak_bytes) / 2))
-    assert packed(between) is False  # the copy does not fit: plain weights, and no checkpointing for it
+    assert onednn(cpu) is True
+    between = replace(cpu, memory_bytes=int((plan.peak_bytes + plain.peak_bytes) / 2))
+    assert onednn(between) is False  # the copy does not fit: plain weights, and no checkpointing for it
     assert resolve_switches(TINYLLAMA_CONFIG, LORA, train, lengths, between, "bf16").gradient_checkpointing is False
-    assert packed(cpu, "fp32") is False  # fp32 matmuls do not go through oneDNN
-    assert packed(cpu, lengths_=[1500, 700]) is False  # rows over 1,024 tokens are the lean layout
-    assert packed(replace(A100, memory_bytes=80 * 2**30)) is False  # CPUs only
-    assert packed(cpu, train_=replace(train, gradient_checkpointing=True)) is False
-    assert packed(between, train_=replace(train, packed_weights=True)) is True  # an explicit choice is kept
-    forced = estimate(TINYLLAMA_CONFIG, LORA, replace(train, packed_weights=True, gradient_checkpointing=False), lengths,
+    assert onednn(cpu, "fp32") is False  # fp32 matmuls do not go through oneDNN
+    assert onednn(cpu, lengths_=[1500, 700]) is False  # rows over 1,024 tokens are the lean layout
+    assert onednn(replace(A100, memory_bytes=80 * 2**30)) is False  # CPUs only
+    assert onednn(cpu, train_=replace(train, gradient_checkpointing=True)) is False
+    assert onednn(between, train_=replace(train, onednn_weights=True)) is True  # an explicit choice is kept
+    forced = estimate(TINYLLAMA_CONFIG, LORA, replace(train, onednn_weights=True, gradient_checkpointing=False), lengths,
                       between, "bf16")
     assert not forced.fits
-    unpack = next(s for s in forced.suggestions if s.settings == ["train.packed_weights=false"])
-    assert unpack.fits and unpack.peak_bytes == unpacked.peak_bytes
+    to_plain = next(s for s in forced.suggestions if s.settings == ["train.onednn_weights=false"])
+    assert to_plain.fits and to_plain.peak_bytes == plain.peak_bytes
 
 
-def test_packed_weights_true_off_a_cpu_is_a_clear_error():
+def test_onednn_weights_true_off_a_cpu_is_a_clear_error():
     from loralab import train
 
-    cfg = config_from_dict({"name": "x", "train": {"packed_weights": True}})
-    with pytest.raises(LoralabError, match="train.packed_weights is for bf16 training on a CPU"):
+    cfg = config_from_dict({"name": "x", "train": {"onednn_weights": True}})
+    with pytest.raises(LoralabError, match="train.onednn_weights is for bf16 training on a CPU"):
         train.check_switches(cfg, "cpu", "fp32")
-    with pytest.raises(LoralabError, match="set train.packed_weights: auto"):
+    with pytest.raises(LoralabError, match="set train.onednn_weights: auto"):
         train.check_switches(cfg, "cuda", "bf16")
-    with pytest.raises(LoralabError, match="packed_weights"):
-        config_from_dict({"name": "x", "train": {"packed_weights": "sometimes"}})
+    with pytest.raises(LoralabError, match="onednn_weights"):
+        config_from_dict({"name": "x", "train": {"onednn_weights": "sometimes"}})
+    with pytest.raises(LoralabError, match="train.packed_weights is now called train.onednn_weights"):
+        config_from_dict({"name": "x", "train": {"packed_weights": True}})

@@ -123,10 +123,10 @@ class TrainConfig:
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     """Recompute activations in the backward pass: less memory, about 50% more compute for LoRA.
     "auto": on only when `loralab plan`'s estimate says the run would not fit this device's memory without it."""
-    packed_weights: Union[bool, Literal["auto"]] = "auto"
-    """CPU bf16 only: keep the frozen linear weights pre-packed in oneDNN's layouts for the run (about 10% more
-    tokens per second, +1x the linear weights in memory; loralab.packed_weights). "auto": on when rows are at
-    most 1,024 tokens, checkpointing is off and `loralab plan`'s estimate says the copy fits in memory."""
+    onednn_weights: Union[bool, Literal["auto"]] = "auto"
+    """CPU bf16 only: keep the frozen linear weights in oneDNN's blocked layouts for the run (more tokens per
+    second, +1x the linear weights in memory; loralab.cpu.onednn_weights). "auto": on when rows are at most
+    1,024 tokens, checkpointing is off and `loralab plan`'s estimate says the copy fits in memory."""
     liger_kernels: bool = False
     """CUDA only: Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) patched into the model through the Trainer's
     use_liger_kernel; needs `pip install liger-kernel`. Not measured by loralab (no GPU where it is built)."""
@@ -243,6 +243,8 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
+    if prefix == "train" and "packed_weights" in unknown:
+        raise ConfigError("train.packed_weights is now called train.onednn_weights (same values); rename the key")
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"unknown config key '{key}'; valid keys in {where}: {', '.join(fields)}")

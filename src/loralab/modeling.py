@@ -138,7 +138,7 @@ def load_model(model: ModelConfig, precision: str, device: str, in_memory: bool 
     """The base model with weights stored in the compute dtype (bf16/fp16 weights, not fp32 under autocast).
 
     ``in_memory``: read the weights into memory instead of mapping the checkpoint file. Mapped weights stay
-    resident as long as any tensor of the file is alive, so weights released later (loralab.packed_weights)
+    resident as long as any tensor of the file is alive, so weights released later (loralab.cpu.onednn_weights)
     would still count; read in, each is freed on its own (at the cost of the file's size again while loading).
     """
     from transformers import AutoModelForCausalLM

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from loralab import LOSS_CHUNK_ROWS as CHUNK_ROWS
-from loralab import PLAIN_HEAD_MODELS
+from loralab import LEAN_ALLOCATOR_ROW_TOKENS, PLAIN_HEAD_MODELS
 from loralab.config import ExperimentConfig, LoraSection, ModelConfig, TrainConfig
 from loralab.errors import LoralabError
 
@@ -83,8 +83,8 @@ class DeviceProfile:
     efficiency (masking, softmax and its backward, small-matrix inefficiency), forward and backward."""
     basis: str = "vendor peaks x typical efficiencies, not measured by loralab"
     """Where the time constants come from, printed under the plan."""
-    packed_speedup: float = 1.0
-    """How much faster the linear layers run with their frozen weights pre-packed (train.packed_weights)."""
+    onednn_speedup: float = 1.0
+    """How much faster the linear layers run with their frozen weights in oneDNN's layout (train.onednn_weights)."""
     allocator_factor: float = 1.0
     """Memory held per byte of live activations. glibc's heap keeps freed activation memory mapped (its
     mmap threshold rises to the largest freed block), so on CPU peak RSS is about twice the live bytes;
@@ -130,8 +130,8 @@ PROFILES: dict[str, DeviceProfile] = {
         efficiency=0.84, attention_efficiency={16: 0.18, 32: 0.27, 64: 0.38, 128: 0.46}, attention_block=512,
         framework_bytes=int(0.45 * GiB), op_overhead_s=3.2e-3, step_overhead_s=3.8e-3,
         async_dispatch=False, dropout_mask_bytes=4, dropout_s_per_element=6.2e-9, allocator_factor=2.0,
-        packed_speedup=1.12,  # bench/train_throughput.py, loralab vs unpacked: +10% tokens/s, ~85% of a step being matmuls
-        score_s_per_element=4e-9,  # loralab.packing.CausalAttention, one core: 2.9-4.8 ns at 8-16 heads, L 384-512
+        onednn_speedup=1.12,  # bench/train_throughput.py, loralab vs plain weights, ~85% of a step being matmuls
+        score_s_per_element=4e-9,  # loralab.cpu.attention.CausalAttention, one core: 2.9-4.8 ns at 8-16 heads, L 384-512
         basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 5%, time within 3% of loralab train's "
         "CPU path there; bench/plan_validation.py checks another CPU",
     ),
@@ -271,8 +271,8 @@ class Plan:
     max_steps: int
     notes: list[str] = field(default_factory=list)
     suggestions: list[Suggestion] = field(default_factory=list)
-    packed_weights: bool = False
-    """Whether the frozen weights are pre-packed (train.packed_weights, "auto" decided)."""
+    onednn_weights: bool = False
+    """Whether the frozen weights are in oneDNN's layout (train.onednn_weights, "auto" decided)."""
 
     @property
     def peak_bytes(self) -> float:
@@ -285,10 +285,9 @@ class Plan:
 
 # Inputs that adapted linears of one layer share: q/k/v read the same normed hidden state, gate/up another.
 _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in", "up_proj": "mlp_in"}
-PER_EXAMPLE_MAX_TOKENS = 1024  # loralab.packing.MATERIALISED_MAX_TOKENS: longer examples use SDPA's kernel
+PER_EXAMPLE_MAX_TOKENS = 1024  # loralab.cpu.attention.MATERIALISED_MAX_TOKENS: longer examples use SDPA's kernel
 
 
-LEAN_ALLOCATOR_ROW_TOKENS = 1024  # loralab.train.tune_allocator: longer rows give freed memory back at once
 HEAP_HELD_FACTOR = 1.3  # memory glibc's heap holds per live activation byte on the CPU path, rows up to that
 CPU_ROW_TOKENS = 1024  # train.row_tokens "auto" on a CPU: the fastest of 512-2048 in bench/train_throughput.py
 
@@ -331,7 +330,7 @@ def typical_rows(lengths: list[int], per_step: int, row_tokens: int, steps: int 
 
 
 def cpu_fast_path(profile: DeviceProfile, attn_implementation: str) -> bool:
-    """Whether `loralab train` runs fused LoRA layers and per-example attention (loralab.train.use_cpu_fast_path)."""
+    """Whether `loralab train` runs fused LoRA layers and per-example attention (loralab.cpu.speed_path)."""
     return profile.name == "cpu" and attn_implementation == "sdpa"
 
 
@@ -339,7 +338,7 @@ def activation_bytes_per_token(shape: ModelShape, lora: LoraSection, act_bytes: 
                                fused: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer's backward (no checkpointing).
 
-    ``fused``: LoRA layers run through loralab.fused_lora, which keeps each distinct input once in the
+    ``fused``: LoRA layers run through loralab.cpu.fused_lora, which keeps each distinct input once in the
     compute dtype and the rank-r product (the dropout mask is drawn again in the backward), instead of PEFT's
     fp32 input copies and masks.
     """
@@ -384,8 +383,8 @@ def estimate(
     if not lengths:
         raise LoralabError("plan needs at least one training example length")
     auto_checkpointing = train.gradient_checkpointing == "auto"
-    auto_packing = train.packed_weights == "auto"
-    if auto_checkpointing or auto_packing:
+    auto_onednn = train.onednn_weights == "auto"
+    if auto_checkpointing or auto_onednn:
         train = resolve_switches(model_config, lora, train, lengths, profile, precision,
                                  trained_counts=trained_counts, attn_implementation=attn_implementation)
     if precision not in profile.peak_flops:
@@ -400,8 +399,8 @@ def estimate(
     if auto_checkpointing:
         notes.append("gradient_checkpointing auto: " + ("on, the run does not fit without it" if train.gradient_checkpointing
                                                         else "off, the run fits without it"))
-    if auto_packing:
-        notes.append("packed_weights auto: " + ("on, frozen weights pre-packed for the matmuls" if train.packed_weights else
+    if auto_onednn:
+        notes.append("onednn_weights auto: " + ("on, frozen weights in oneDNN's layout for the matmuls" if train.onednn_weights else
                                                 "off (needs bf16 on a CPU, rows of up to "
                                                 f"{LEAN_ALLOCATOR_ROW_TOKENS:,} tokens, no checkpointing, and the memory)"))
 
@@ -446,11 +445,11 @@ def estimate(
         saved += layers_kept * shape.num_heads * peak_tokens**2 * (b + 4)
         notes.append("attn_implementation eager keeps heads x tokens^2 attention probabilities per layer; sdpa does not")
     fused_head = fast and model_config.get("model_type") in PLAIN_HEAD_MODELS
-    if fused_head:  # loralab.loss.FrozenHeadCrossEntropy: one chunk of fp32 logits, and the hidden states' gradient
+    if fused_head:  # loralab.cpu.head_loss.FrozenHeadCrossEntropy: one chunk of fp32 logits, and the hidden states' gradient
         logits = CHUNK_ROWS * shape.vocab_size * (4 + b) + peak_trained * shape.hidden_size * b
     else:
         logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
-    # loralab.train.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
+    # loralab.cpu.allocator.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
     # about 1.3x the live activations (bench/plan_validation.py at 256 and 1,024 tokens); longer rows give
     # freed memory back at once.
     if fast:
@@ -480,12 +479,12 @@ def estimate(
         MemoryItem("backward buffers", transient, buffers_note),
         MemoryItem("framework", profile.framework_bytes, "runtime before any weight: CUDA context on GPUs, Python + libraries on CPU"),
     ]
-    if train.packed_weights:
-        # loralab.packed_weights: each frozen linear weight packed twice, its plain copy released
-        packed_params = n_layers * sum(a * o for a, o in shape.module_dims().values())
-        packed_params += 0 if shape.tied_embeddings else shape.vocab_size * shape.hidden_size
-        memory.append(MemoryItem("packed weights", packed_params * b,
-                                 f"{packed_params:,} linear weights packed for the matmuls both ways, plain copy released"))
+    if train.onednn_weights:
+        # loralab.cpu.onednn_weights: each frozen linear weight reordered both ways, its plain copy released
+        onednn_params = n_layers * sum(a * o for a, o in shape.module_dims().values())
+        onednn_params += 0 if shape.tied_embeddings else shape.vocab_size * shape.hidden_size
+        memory.append(MemoryItem("oneDNN weights", onednn_params * b,
+                                 f"{onednn_params:,} linear weights in oneDNN's layout both ways, plain copy released"))
 
     # Time ------------------------------------------------------------------------------------------
     dense = n_layers * shape.layer_linear_params
@@ -511,7 +510,7 @@ def estimate(
     flops = matmul + attention
     peak = profile.peak_flops[precision]
     weight_reads_s = (2 + recompute) * total * b / profile.bandwidth  # small micro-batches only read weights
-    efficiency = profile.efficiency * (profile.packed_speedup if train.packed_weights else 1.0)
+    efficiency = profile.efficiency * (profile.onednn_speedup if train.onednn_weights else 1.0)
     matmul_s = max(matmul / (peak * efficiency), weight_reads_s)
     attention_s = attention / (peak * attention_efficiency(profile, shape.head_dim))
     if fast:
@@ -529,7 +528,7 @@ def estimate(
     dropout_inputs = sum(shape.module_dims()[m][0] for m in lora.target_modules) if lora.lora_dropout > 0 else 0
     dropout_s = (1 + recompute) * mean_tokens * n_layers * dropout_inputs * profile.dropout_s_per_element  # a mask per forward
     if fast:
-        # loralab.fused_lora.drop_positions draws p x N numbers, in forward and backward, instead of N masks
+        # loralab.cpu.fused_lora.drop_positions draws p x N numbers, in forward and backward, instead of N masks
         dropout_s *= 2 * lora.lora_dropout
     device_s = matmul_s + attention_s + elementwise_s + dropout_s
     host_s = n_layers * profile.op_overhead_s * (1 + recompute / 2) + profile.step_overhead_s
@@ -540,15 +539,15 @@ def estimate(
         peak_tokens=peak_tokens, mean_tokens=mean_tokens, memory=memory, flops_per_microbatch=flops,
         microbatch_seconds=micro_s, step_seconds=step_s, run_seconds=train.max_steps * step_s,
         tokens_per_second=mean_tokens / micro_s, max_steps=train.max_steps, notes=notes,
-        packed_weights=bool(train.packed_weights),
+        onednn_weights=bool(train.onednn_weights),
     )
     if with_suggestions and not plan.fits:
         plan.suggestions = suggest(model_config, lora, train, lengths, trained_counts, profile, precision, attn_implementation)
     return plan
 
 
-def can_pack_weights(device: str, precision: str, peak_tokens: int, checkpointing: bool) -> bool:
-    """Whether train.packed_weights "auto" may pack (loralab.packed_weights): bf16 on "cpu" (a device, or the cpu
+def can_use_onednn_weights(device: str, precision: str, peak_tokens: int, checkpointing: bool) -> bool:
+    """Whether train.onednn_weights "auto" may turn on (loralab.cpu.onednn_weights): bf16 on "cpu" (a device, or the cpu
     profile's name), rows of up to LEAN_ALLOCATOR_ROW_TOKENS (the rows that trade memory for speed, as the
     allocator does) and no checkpointing (which says memory is short)."""
     return device == "cpu" and precision == "bf16" and peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS and not checkpointing
@@ -565,16 +564,18 @@ def resolve_switches(
     trained_counts: list[int] | None = None,
     attn_implementation: str = "sdpa",
 ) -> TrainConfig:
-    """``train`` with gradient_checkpointing and packed_weights decided where they are "auto": the fastest
-    setting that fits, in this order: packed weights without checkpointing (where can_pack_weights), plain
+    """``train`` with gradient_checkpointing and onednn_weights decided where they are "auto": the fastest
+    setting that fits, in this order: oneDNN weights without checkpointing (where can_use_onednn_weights), plain
     weights without checkpointing, checkpointing with plain weights; the last when none fits."""
     peak_tokens = fullest_row_tokens(train, profile.name, lengths)
     candidates = []
     for checkpointing in ([False, True] if train.gradient_checkpointing == "auto" else [train.gradient_checkpointing]):
-        for packed in ([True, False] if train.packed_weights == "auto" else [train.packed_weights]):
-            if packed and train.packed_weights == "auto" and not can_pack_weights(profile.name, precision, peak_tokens, checkpointing):
+        for onednn in ([True, False] if train.onednn_weights == "auto" else [train.onednn_weights]):
+            if onednn and train.onednn_weights == "auto" and not can_use_onednn_weights(
+                profile.name, precision, peak_tokens, checkpointing
+            ):
                 continue
-            candidates.append(replace(train, gradient_checkpointing=checkpointing, packed_weights=packed))
+            candidates.append(replace(train, gradient_checkpointing=checkpointing, onednn_weights=onednn))
     for candidate in candidates[:-1]:
         if estimate(model_config, lora, candidate, lengths, profile, precision, trained_counts=trained_counts,
                     attn_implementation=attn_implementation, with_suggestions=False).fits:
@@ -622,9 +623,9 @@ def suggest(
         trial([f"train.row_tokens={n}"], "same examples per optimizer step, in more, shorter rows", replace(train, row_tokens=n))
         for n in fewer
     ]))
-    if train.packed_weights is True:
-        out.append(trial(["train.packed_weights=false"], "one copy of the linear weights less, about 10% slower",
-                         replace(train, packed_weights=False)))
+    if train.onednn_weights is True:
+        out.append(trial(["train.onednn_weights=false"], "one copy of the linear weights less, somewhat slower",
+                         replace(train, onednn_weights=False)))
     if not train.gradient_checkpointing:
         out.append(trial(["train.gradient_checkpointing=true"], "about 1/3 more compute", replace(train, gradient_checkpointing=True)))
     lower = next((p for p in ("bf16", "fp16") if p in profile.peak_flops), None)

@@ -14,15 +14,13 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from loralab import plan, prepare
+from loralab import cpu, plan, prepare
 from loralab.config import ExperimentConfig
+from loralab.cpu.onednn_weights import onednn_weights_available
 from loralab.errors import LoralabError
-from loralab.fused_lora import fuse_lora_layers
-from loralab.fused_norm import fuse_rms_norms
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import add_lora, choose_precision, count_parameters, detect_device, device_name, load_model
-from loralab.packed_weights import packed_weights, packing_available
-from loralab.packing import RowCollator, use_per_example_attention
+from loralab.packing import RowCollator
 from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
 
 
@@ -31,7 +29,17 @@ class ResponseOnlyTrainer(Trainer):
     (loralab.packing.pack_rows; the Trainer's accumulation is 1, see training_arguments): training_step runs
     forward and backward on one row at a time. compute_loss asks the model for logits only at trained
     targets (see loralab.loss) and normalises by the trained-token count of the whole optimizer step, so
-    how the examples are split into rows does not change the gradients."""
+    how the examples are split into rows does not change the gradients. On a CPU, train runs on loralab's
+    CPU speed path (loralab.cpu.speed_path), with the frozen weights in oneDNN's layout when ``onednn_weights``."""
+
+    def __init__(self, *args, row_tokens: int, precision: str, cpu_speed_path: bool = False,
+                 longest_row_tokens: int | None = None, onednn_weights: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.row_tokens = row_tokens
+        self.precision = precision
+        self.cpu_speed_path = cpu_speed_path
+        self.longest_row_tokens = longest_row_tokens
+        self.onednn_weights = onednn_weights
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows = inputs["rows"]
@@ -45,21 +53,21 @@ class ResponseOnlyTrainer(Trainer):
         return total
 
     def train(self, *args, **kwargs):
-        """The Trainer's train, with the frozen weights pre-packed for the run when self.packed_weights is set
-        (loralab.packed_weights; however the run ends, the plain weights are back when this returns)."""
-        if not getattr(self, "packed_weights", False):
+        """The Trainer's train, on the CPU speed path when self.cpu_speed_path is set (however the run ends, the
+        model is back to PEFT's and transformers' own forwards, with plain weights, when this returns)."""
+        if not self.cpu_speed_path:
             return super().train(*args, **kwargs)
         start = time.perf_counter()
-        with packed_weights(self.model, self.row_tokens) as count:
-            return_freed_memory()
-            print(f"train: {count} frozen weights pre-packed for this CPU's matmuls in {time.perf_counter() - start:.0f} s "
-                  f"(train.packed_weights; `loralab plan CONFIG` shows the memory)")
+        with cpu.speed_path(self.model, self.row_tokens, self.longest_row_tokens, self.onednn_weights) as switched:
+            if switched.onednn_weights:
+                print(f"train: {switched.onednn_weights} frozen weights put in oneDNN's layout for this CPU's matmuls in "
+                      f"{time.perf_counter() - start:.0f} s (train.onednn_weights; `loralab plan CONFIG` shows the memory)")
             return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, count = response_loss_sum(model, inputs)
         if not torch.isfinite(loss_sum):
-            raise NonFiniteLoss(self.state.global_step + 1, "loss", getattr(self, "precision", ""))
+            raise NonFiniteLoss(self.state.global_step + 1, "loss", self.precision)
         if num_items_in_batch is None:  # evaluation, or a caller that does not count: a plain mean
             self.loss_is_scaled_for_ga = False
             loss = loss_sum / max(count, 1)
@@ -198,96 +206,22 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
     )
 
 
-LEAN_MMAP_THRESHOLD = 4 << 20
-FAST_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold (64-bit), fixed from the start
-
-
-def _glibc():
-    """glibc through ctypes, or None where the C library is not glibc (not Linux, or it cannot be loaded)."""
-    import ctypes
-    import platform
-
-    if platform.system() != "Linux":
-        return None
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def tune_allocator(longest_row_tokens: int) -> int | None:
-    """Set glibc's mmap threshold for rows of up to ``longest_row_tokens``; return it (None: not glibc).
-
-    Allocations at or above the threshold are mmap'd and go back to the system when freed; smaller ones
-    come from the heap, which keeps freed memory for reuse. Each mmap'd block is fresh zeroed pages:
-    elementwise ops writing a 6 MB tensor ran 2-8x slower on them than on reused heap memory. So rows of
-    up to 1,024 tokens (TinyLlama: tensors of up to 11 MB) use 32 MiB and train at heap speed, while
-    longer rows use 4 MiB, because there the heap's kept memory adds gigabytes to the peak:
-    bench/train_throughput.py --packed-memory, 2,048-token rows, peaked at 7.9 GB with 4 MiB and 9.7 GB
-    with 32 MiB, for about 25% more time per row.
-    """
-    libc = _glibc()
-    if libc is None:
-        return None
-    threshold = LEAN_MMAP_THRESHOLD if longest_row_tokens > plan.LEAN_ALLOCATOR_ROW_TOKENS else FAST_MMAP_THRESHOLD
-    try:
-        ok = libc.mallopt(-3, threshold) and libc.mallopt(-1, 2 * threshold)  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    except AttributeError:
-        return None
-    return threshold if ok else None
-
-
-def return_freed_memory() -> bool:
-    """Hand the free memory glibc's heap holds back to the system (malloc_trim); False where that is not glibc.
-
-    After packing (loralab.packed_weights) the released plain weights may sit in the heap as free blocks,
-    depending on how the allocator placed them at load: then activations reuse them, or not, and the peak
-    moves by up to a copy of the weights from run to run. Handed back, the run's memory is what `loralab
-    plan` counts (weights, their packs, activations) every time.
-    """
-    libc = _glibc()
-    if libc is None:
-        return False
-    try:
-        libc.malloc_trim(0)
-    except AttributeError:
-        return False
-    return True
-
-
-def use_cpu_fast_path(model) -> dict:
-    """On a CPU, route a LoRA model's plain LoRA layers through loralab.fused_lora, its RMSNorms through
-    loralab.fused_norm and its attention through loralab.packing.per_example_attention: the same losses
-    and gradients (tests/test_fused.py), about twice
-    the tokens per second (bench/train_throughput.py). GPUs keep PEFT's and transformers' own kernels,
-    which is where those are fast and where these were not measured. (build_trainer tunes the allocator
-    for the row length: tune_allocator.)"""
-    return {
-        "per_example_attention": use_per_example_attention(model.get_base_model()),
-        "fused_lora_layers": fuse_lora_layers(model),
-        "fused_rms_norms": fuse_rms_norms(model),
-    }
-
-
-def build_model(cfg: ExperimentConfig, precision: str, device: str, packed_weights: bool = False):
-    """The base model in the compute dtype with fresh LoRA adapters, on a CPU set up for speed (use_cpu_fast_path);
-    read into memory rather than mapped when its weights will be packed (see load_model)."""
+def build_model(cfg: ExperimentConfig, precision: str, device: str, onednn_weights: bool = False):
+    """The base model in the compute dtype with fresh LoRA adapters; read into memory rather than mapped when its
+    weights will take oneDNN's layout (see load_model)."""
     torch.manual_seed(cfg.train.seed)
-    model = add_lora(load_model(cfg.model, precision, device, in_memory=packed_weights), cfg.lora)
-    if device == "cpu":
-        use_cpu_fast_path(model)
-    return model
+    return add_lora(load_model(cfg.model, precision, device, in_memory=onednn_weights), cfg.lora)
 
 
 def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths: list[int], trained: list[int]) -> tuple[bool, bool]:
-    """(gradient checkpointing, packed weights): train.gradient_checkpointing and train.packed_weights, with
+    """(gradient checkpointing, oneDNN weights): train.gradient_checkpointing and train.onednn_weights, with
     "auto" decided by loralab.plan's memory estimate for this device from the training examples' lengths and
-    trained counts (plan.example_lengths). Packing needs oneDNN's ops in this PyTorch too."""
+    trained counts (plan.example_lengths). oneDNN weights need oneDNN's ops in this PyTorch too."""
     train = cfg.train
-    if train.packed_weights == "auto" and not packing_available(torch.bfloat16):
-        train = replace(train, packed_weights=False)
-    if train.gradient_checkpointing != "auto" and train.packed_weights != "auto":
-        return bool(train.gradient_checkpointing), bool(train.packed_weights)
+    if train.onednn_weights == "auto" and not onednn_weights_available(torch.bfloat16):
+        train = replace(train, onednn_weights=False)
+    if train.gradient_checkpointing != "auto" and train.onednn_weights != "auto":
+        return bool(train.gradient_checkpointing), bool(train.onednn_weights)
     profile = plan.resolve_profile("cpu" if device == "cpu" else "auto")
     resolved = plan.resolve_switches(
         plan.read_model_config(cfg.model), cfg.lora, train, lengths, profile, precision,
@@ -296,12 +230,12 @@ def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths:
     if resolved.gradient_checkpointing and train.gradient_checkpointing == "auto":
         print(f"train: the estimate says this run would not fit {profile.description} without gradient checkpointing; "
               f"turning it on (about 1/3 more compute; `loralab plan CONFIG` shows the figures)")
-    return bool(resolved.gradient_checkpointing), bool(resolved.packed_weights)
+    return bool(resolved.gradient_checkpointing), bool(resolved.onednn_weights)
 
 
 def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = None) -> None:
     """train.liger_kernels and train.torch_compile are for CUDA GPUs (Liger needs its package);
-    train.packed_weights: true for bf16 on a CPU whose PyTorch has oneDNN (checked once ``precision`` is known)."""
+    train.onednn_weights: true for bf16 on a CPU whose PyTorch has oneDNN (checked once ``precision`` is known)."""
     for key, on in (("liger_kernels", cfg.train.liger_kernels), ("torch_compile", cfg.train.torch_compile)):
         if on and device != "cuda":
             raise LoralabError(f"train.{key} is for CUDA GPUs and this run trains on {device}; set train.{key}: false")
@@ -311,36 +245,35 @@ def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = N
         if importlib.util.find_spec("liger_kernel") is None:
             raise LoralabError("train.liger_kernels needs the liger-kernel package: pip install liger-kernel "
                                "(or set train.liger_kernels: false)")
-    if cfg.train.packed_weights is True and precision is not None and (
-        device != "cpu" or precision != "bf16" or not packing_available(torch.bfloat16)
+    if cfg.train.onednn_weights is True and precision is not None and (
+        device != "cpu" or precision != "bf16" or not onednn_weights_available(torch.bfloat16)
     ):
-        raise LoralabError(f"train.packed_weights is for bf16 training on a CPU with oneDNN, and this run trains on {device} "
-                           f"in {precision}; set train.packed_weights: auto")
+        raise LoralabError(f"train.onednn_weights is for bf16 training on a CPU with oneDNN, and this run trains on {device} "
+                           f"in {precision}; set train.onednn_weights: auto")
 
 
 def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, precision: str, device: str,
                   callbacks: list, switches: tuple[bool, bool] | None = None) -> ResponseOnlyTrainer:
     """The ResponseOnlyTrainer `loralab train` runs: each optimizer step's examples in rows of train.row_tokens
-    (resolved for this device), checkpointing and packed weights as decide_switches decides them for this
-    device (``switches``, where the caller already has them; the packing happens in ResponseOnlyTrainer.train),
-    on a CPU the allocator tuned for the rows."""
+    (resolved for this device), checkpointing and oneDNN weights as decide_switches decides them for this
+    device (``switches``, where the caller already has them), on a CPU the CPU speed path (loralab.cpu) with the
+    allocator tuned for the fullest row; both are switched on in ResponseOnlyTrainer.train."""
     check_switches(cfg, device, precision)
     lengths, trained = plan.example_lengths(train_examples)
-    checkpointing, packed = switches or decide_switches(cfg, device, precision, lengths, trained)
+    checkpointing, onednn = switches or decide_switches(cfg, device, precision, lengths, trained)
     row_tokens = plan.resolve_row_tokens(cfg.train, device, lengths)
-    if device == "cpu":
-        tune_allocator(plan.fullest_row_tokens(cfg.train, device, lengths))
-    trainer = ResponseOnlyTrainer(
+    return ResponseOnlyTrainer(
         model=model,
         args=training_arguments(cfg, out_dir, precision, device, checkpointing),
         train_dataset=train_examples,
         data_collator=RowCollator(row_tokens),
         callbacks=callbacks,
+        row_tokens=row_tokens,
+        precision=precision,
+        cpu_speed_path=device == "cpu",
+        longest_row_tokens=plan.fullest_row_tokens(cfg.train, device, lengths),
+        onednn_weights=onednn,
     )
-    trainer.row_tokens = row_tokens
-    trainer.packed_weights = packed
-    trainer.precision = precision
-    return trainer
 
 
 def current_hash(cfg: ExperimentConfig) -> str:
@@ -372,9 +305,9 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     train_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.train_file)]
     eval_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.eval_file)]
 
-    # Decided before loading: weights that will be packed are read into memory (load_model).
+    # Decided before loading: weights that will take oneDNN's layout are read into memory (load_model).
     switches = decide_switches(cfg, device, precision, *plan.example_lengths(train_examples))
-    model = build_model(cfg, precision, device, packed_weights=switches[1])
+    model = build_model(cfg, precision, device, onednn_weights=switches[1])
     counts = count_parameters(model)
     print(f"train: {counts} on {device} ({device_name(device)}), precision {precision}")
     rundir.update_manifest(
@@ -392,7 +325,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     log = MetricsLog(rundir.metrics_file, precision, eval_examples, cfg.train.eval_loss_steps, device)
     trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log], switches)
     rundir.update_manifest(gradient_checkpointing=trainer.args.gradient_checkpointing, row_tokens=trainer.row_tokens,
-                           packed_weights=trainer.packed_weights)
+                           onednn_weights=trainer.onednn_weights)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     finally:

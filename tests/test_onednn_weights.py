@@ -1,32 +1,34 @@
-"""Pre-packed frozen weights (loralab.packed_weights) compute the same products, train the same LoRA
+"""Frozen weights in oneDNN's layout (loralab.cpu.onednn_weights) compute the same products, train the same LoRA
 weights, and always give the plain weights back."""
+
+import contextlib
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from loralab import packed_weights as pw
+from loralab import cpu
+from loralab.cpu import onednn_weights as ow
 from loralab.loss import response_loss_sum
 from loralab.modeling import cpu_has_native_bf16
 from loralab.packing import pack_examples
-from loralab.train import use_cpu_fast_path
 from test_fused import _lora_model
 
 pytestmark = pytest.mark.skipif(
-    not (pw.packing_available(torch.bfloat16) and cpu_has_native_bf16()), reason="needs oneDNN bf16 matmuls on this CPU"
+    not (ow.onednn_weights_available(torch.bfloat16) and cpu_has_native_bf16()), reason="needs oneDNN bf16 matmuls on this CPU"
 )
 
 
 @pytest.mark.parametrize("rows", [1, 7, 130])
-def test_packed_products_equal_the_plain_ones_bit_for_bit(rows):
+def test_onednn_products_equal_the_plain_ones_bit_for_bit(rows):
     torch.manual_seed(0)
     weight = torch.randn(96, 80).bfloat16()
     bias = torch.randn(96).bfloat16()
-    packed = pw.pack(weight, rows_hint=64)  # a hint unlike the rows: any count still works
+    onednn = ow.to_onednn(weight, rows_hint=64)  # a hint unlike the rows: any count still works
     x, dy = torch.randn(rows, 80).bfloat16(), torch.randn(rows, 96).bfloat16()
-    assert torch.equal(pw.linear(x, packed, bias), F.linear(x, weight, bias))
-    assert torch.equal(pw.grad_input(dy, packed), dy @ weight)
-    assert torch.equal(pw.unpack(packed), weight)
+    assert torch.equal(ow.linear(x, onednn, bias), F.linear(x, weight, bias))
+    assert torch.equal(ow.grad_input(dy, onednn), dy @ weight)
+    assert torch.equal(ow.to_plain(onednn), weight)
 
 
 def _model(model_dir, dropout):
@@ -42,10 +44,11 @@ def _loss_and_grads(model, batch, seed=0):
 
 
 @pytest.mark.parametrize("fast_path", [True, False])
-def test_a_packed_model_gives_the_same_loss_and_grads_and_its_weights_back(tiny_model_dir, fast_path):
+def test_a_model_in_onednn_layout_gives_the_same_loss_and_grads_and_its_weights_back(tiny_model_dir, fast_path):
     model = _model(tiny_model_dir, dropout=0.1)
+    speed_path = contextlib.ExitStack()
     if fast_path:
-        use_cpu_fast_path(model)
+        speed_path.enter_context(cpu.speed_path(model, row_tokens=128))
     model.train()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -57,26 +60,27 @@ def test_a_packed_model_gives_the_same_loss_and_grads_and_its_weights_back(tiny_
     before = {k: v.clone() for k, v in model.state_dict().items()}
     plain_loss, plain_grads = _loss_and_grads(model, batch)
 
-    modules = pw.packable_linears(model)
+    modules = ow.convertible_linears(model)
     # every frozen linear: 7 a layer (4 as LoRA base layers) and the untied head
     assert len(modules) == 7 * model.config.num_hidden_layers + 1
-    with pw.packed_weights(model, rows_hint=128) as count:
+    with ow.onednn_weights(model, rows_hint=128) as count:
         assert count == len(modules) and all(m.weight.numel() == 0 for m in modules)  # plain copies released
-        packed_loss, packed_grads = _loss_and_grads(model, batch)
-    assert torch.equal(packed_loss, plain_loss)
+        onednn_loss, onednn_grads = _loss_and_grads(model, batch)
+    speed_path.close()
+    assert torch.equal(onednn_loss, plain_loss)
     for name, grad in plain_grads.items():
-        assert torch.equal(packed_grads[name], grad), name
+        assert torch.equal(onednn_grads[name], grad), name
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())  # bit-identical weights back
     assert all("forward" not in m.__dict__ for m in modules)  # their own forward again
-    assert not any(hasattr(m, pw.ATTRIBUTE) for m in modules)
+    assert not any(hasattr(m, ow.ATTRIBUTE) for m in modules)
 
 
 def test_the_plain_weights_come_back_when_the_body_fails(tiny_model_dir):
     model = _model(tiny_model_dir, dropout=0.0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="boom"):
-        with pw.packed_weights(model, rows_hint=64):
+        with ow.onednn_weights(model, rows_hint=64):
             raise RuntimeError("boom")
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
@@ -89,33 +93,33 @@ def test_a_head_tied_to_the_embeddings_is_left_alone():
                          tie_word_embeddings=True)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.requires_grad_(False)
-    modules = pw.packable_linears(model)
+    modules = ow.convertible_linears(model)
     assert model.lm_head not in modules and len(modules) == 7
     model.lm_head.weight.requires_grad_(False)
     fp32 = LlamaForCausalLM(config).requires_grad_(False)
-    assert pw.packable_linears(fp32) == []  # fp32 matmuls run in MKL, not oneDNN
+    assert ow.convertible_linears(fp32) == []  # fp32 matmuls run in MKL, not oneDNN
 
 
-def test_training_with_packed_weights_trains_the_same_adapter(tmp_path, tiny_model_dir, alpaca_path, capsys):
-    """loralab train's trainer with train.packed_weights on and off: the same losses and LoRA weights,
+def test_training_with_onednn_weights_trains_the_same_adapter(tmp_path, tiny_model_dir, alpaca_path, capsys):
+    """loralab train's trainer with train.onednn_weights on and off: the same losses and LoRA weights,
     and the base weights back in place after training."""
     from loralab import prepare, train
     from loralab.config import config_from_dict
     from loralab.rundir import RunDir, read_jsonl
 
-    def trained(packed):
+    def trained(onednn):
         cfg = config_from_dict({
-            "name": "packed", "output_dir": str(tmp_path / "runs"), "model": {"name_or_path": str(tiny_model_dir)},
+            "name": "onednn", "output_dir": str(tmp_path / "runs"), "model": {"name_or_path": str(tiny_model_dir)},
             "data": {"path": str(alpaca_path), "num_examples": 24, "eval_size": 0, "max_length": 128},
             "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "warmup_steps": 0,
-                      "logging_steps": 1, "save_steps": 1, "device": "cpu", "precision": "bf16", "packed_weights": packed},
+                      "logging_steps": 1, "save_steps": 1, "device": "cpu", "precision": "bf16", "onednn_weights": onednn},
         })
         prepare.run(cfg)
         examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(RunDir(cfg).train_file)]
         model = train.build_model(cfg, "bf16", "cpu")
         base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-        trainer = train.build_trainer(cfg, model, examples, tmp_path / f"ckpt-{packed}", "bf16", "cpu", [])
-        assert trainer.packed_weights is (packed is not False)  # "auto": this run is small enough to pack
+        trainer = train.build_trainer(cfg, model, examples, tmp_path / f"ckpt-{onednn}", "bf16", "cpu", [])
+        assert trainer.onednn_weights is (onednn is not False)  # "auto": this run is small enough
         trainer.train()
         state = model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in base.items())
@@ -123,9 +127,10 @@ def test_training_with_packed_weights_trains_the_same_adapter(tmp_path, tiny_mod
         return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}, losses
 
     plain, plain_losses = trained(False)
-    packed, packed_losses = trained("auto")
-    assert "frozen weights pre-packed" in capsys.readouterr().out
-    assert len(plain_losses) == 2 and packed_losses == plain_losses
+    onednn, onednn_losses = trained("auto")
+    assert "frozen weights put in oneDNN's layout" in capsys.readouterr().out
+    assert len(plain_losses) == 2 and onednn_losses == plain_losses
     for name, w in plain.items():
-        assert torch.equal(packed[name], w), name
-    assert (tmp_path / "ckpt-auto" / "checkpoint-2" / "adapter_model.safetensors").exists()  # saved mid-run while packed
+        assert torch.equal(onednn[name], w), name
+    # saved mid-run while in oneDNN's layout
+    assert (tmp_path / "ckpt-auto" / "checkpoint-2" / "adapter_model.safetensors").exists()

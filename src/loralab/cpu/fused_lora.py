@@ -1,4 +1,4 @@
-"""A LoRA linear layer's forward and backward as one autograd function, for training speed.
+"""A LoRA linear layer's forward and backward as one autograd function: fewer passes over memory per adapted layer.
 
 PEFT computes ``base(x) + B(A(dropout(x.float()))) * scale`` op by op: with bf16 base weights that is an
 fp32 copy of the input, a dropout mask, a masked copy, an fp32 (tokens x out) update and two casts per
@@ -20,7 +20,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from loralab import packed_weights
+from loralab.cpu import onednn_weights
 
 
 def drop_positions(numel: int, p: float, device) -> torch.Tensor:
@@ -78,7 +78,7 @@ class LoraLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float, packed=None):
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, p: float, onednn=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # (r, in), (out, r)
@@ -90,11 +90,11 @@ class LoraLinearFunction(torch.autograd.Function):
         else:
             xd = x2
         h = xd @ a.t()  # (N, r)
-        # (N, out); packed: the frozen weight in oneDNN's layouts, its plain copy released (loralab.packed_weights)
-        y = F.linear(x2, weight, bias) if packed is None else packed_weights.linear(x2, packed, bias)
+        # (N, out); onednn: the frozen weight in oneDNN's layouts, its plain copy released (loralab.cpu.onednn_weights)
+        y = F.linear(x2, weight, bias) if onednn is None else onednn_weights.linear(x2, onednn, bias)
         y.addmm_(h, b.t(), alpha=scale)
         ctx.save_for_backward(x2, weight, h, a, b)
-        ctx.rng_state, ctx.p, ctx.packed = rng_state, p, packed
+        ctx.rng_state, ctx.p, ctx.onednn = rng_state, p, onednn
         ctx.scale = scale
         ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*shape[:-1], y.shape[-1])
@@ -110,7 +110,7 @@ class LoraLinearFunction(torch.autograd.Function):
         dh = (dy2 @ b).mul_(ctx.scale)  # (N, r)
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = dy2 @ weight if ctx.packed is None else packed_weights.grad_input(dy2, ctx.packed)  # (N, in)
+            dx = dy2 @ weight if ctx.onednn is None else onednn_weights.grad_input(dy2, ctx.onednn)  # (N, in)
             if dropped is None:
                 dx.addmm_(dh, a)
             else:
@@ -138,7 +138,7 @@ def _fused_forward(self, x, *args, **kwargs):
     base = self.base_layer
     return LoraLinearFunction.apply(
         x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name], p,
-        packed_weights.packed_of(base),
+        onednn_weights.onednn_of(base),
     )
 
 
@@ -156,3 +156,10 @@ def fuse_lora_layers(model) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             switched += 1
     return switched
+
+
+def unfuse_lora_layers(model) -> None:
+    """Give every layer fuse_lora_layers switched its PEFT forward back."""
+    for module in model.modules():
+        if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward:
+            del module.forward

@@ -1,13 +1,13 @@
-"""Frozen linear weights kept pre-packed in oneDNN's blocked layout for a CPU training run.
+"""Frozen linear weights kept in oneDNN's blocked layout for a CPU bf16 training run: fewer reorders per matmul.
 
 On a CPU every bf16 matmul goes through oneDNN, which reorders its weight operand into a blocked (VNNI)
 layout on every call: for a frozen base model that is the same work, over the whole model, in every
 forward and every backward. Here each frozen linear weight is reordered once, both ways (x W^T in the
 forward and dy W in the backward need different layouts), and its plain copy is released for the run:
-+1x the linear weights in memory (TinyLlama: +2.1 GB) for 8-17% more tokens per second
-(bench/train_throughput.py runs the same training with and without). When the run ends the plain
-weights are rebuilt from the packs, bit-identical. The products are the same oneDNN kernels' (bitwise
-equal outputs in tests/test_packed_weights.py).
++1x the linear weights in memory for more tokens per second (the README's CPU training section has the
+figures; bench/train_throughput.py runs the same training with and without). When the run ends the plain
+weights are rebuilt from the reordered copies, bit-identical. The products are the same oneDNN kernels'
+(bitwise equal outputs in tests/test_onednn_weights.py).
 
 Intel's extension for PyTorch did this (ipex.optimize's weight prepacking) and is retired; PyTorch keeps
 the oneDNN ops it upstreamed for its own CPU inference path (torch.ops.mkldnn._reorder_linear_weight and
@@ -22,17 +22,17 @@ from typing import NamedTuple
 
 import torch
 
-ATTRIBUTE = "_loralab_packed"  # the PackedLinear of a module whose plain weight is released
+ATTRIBUTE = "_loralab_onednn"  # the OnednnLinear of a module whose plain weight is released
 
 
-class PackedLinear(NamedTuple):
+class OnednnLinear(NamedTuple):
     forward: torch.Tensor  # W (out, in) as oneDNN's weight of x @ W^T
     backward: torch.Tensor  # W^T (in, out) as the weight of dy @ W
     out_features: int
     in_features: int
 
 
-def packing_available(dtype: torch.dtype) -> bool:
+def onednn_weights_available(dtype: torch.dtype) -> bool:
     """Whether this PyTorch has the oneDNN ops for ``dtype`` weights (bf16 only: fp32 CPU matmuls run in MKL)."""
     return (
         dtype == torch.bfloat16
@@ -42,10 +42,10 @@ def packing_available(dtype: torch.dtype) -> bool:
     )
 
 
-def pack(weight: torch.Tensor, rows_hint: int) -> PackedLinear:
+def to_onednn(weight: torch.Tensor, rows_hint: int) -> OnednnLinear:
     """Both layouts of a (out, in) weight; ``rows_hint``: the usual rows of the inputs (any count works)."""
     w = weight.detach()
-    return PackedLinear(
+    return OnednnLinear(
         torch.ops.mkldnn._reorder_linear_weight(w, rows_hint),
         torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows_hint),
         w.shape[0],
@@ -53,43 +53,43 @@ def pack(weight: torch.Tensor, rows_hint: int) -> PackedLinear:
     )
 
 
-def unpack(packed: PackedLinear) -> torch.Tensor:
+def to_plain(onednn: OnednnLinear) -> torch.Tensor:
     """The plain (out, in) weight back, bit for bit."""
-    return packed.forward.to_dense()
+    return onednn.forward.to_dense()
 
 
-def linear(x2: torch.Tensor, packed: PackedLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x2: torch.Tensor, onednn: OnednnLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x2 (N, in) @ W^T + bias -> (N, out)."""
-    return torch.ops.mkldnn._linear_pointwise(x2, packed.forward, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(x2, onednn.forward, bias, "none", [], "")
 
 
-def grad_input(dy2: torch.Tensor, packed: PackedLinear) -> torch.Tensor:
+def grad_input(dy2: torch.Tensor, onednn: OnednnLinear) -> torch.Tensor:
     """dy2 (N, out) @ W -> (N, in): the input's gradient."""
-    return torch.ops.mkldnn._linear_pointwise(dy2, packed.backward, None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(dy2, onednn.backward, None, "none", [], "")
 
 
 class FrozenLinearFunction(torch.autograd.Function):
-    """y = x W^T + b through a PackedLinear; W and b frozen, so only the input gets a gradient."""
+    """y = x W^T + b through an OnednnLinear; W and b frozen, so only the input gets a gradient."""
 
     @staticmethod
-    def forward(ctx, x, bias, packed: PackedLinear):
-        ctx.packed = packed
-        y = linear(x.reshape(-1, packed.in_features), packed, bias)  # (N, out)
-        return y.view(*x.shape[:-1], packed.out_features)
+    def forward(ctx, x, bias, onednn: OnednnLinear):
+        ctx.onednn = onednn
+        y = linear(x.reshape(-1, onednn.in_features), onednn, bias)  # (N, out)
+        return y.view(*x.shape[:-1], onednn.out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        packed = ctx.packed
-        dx = grad_input(dy.reshape(-1, packed.out_features), packed)  # (N, in)
-        return dx.view(*dy.shape[:-1], packed.in_features), None, None
+        onednn = ctx.onednn
+        dx = grad_input(dy.reshape(-1, onednn.out_features), onednn)  # (N, in)
+        return dx.view(*dy.shape[:-1], onednn.in_features), None, None
 
 
-def _packed_forward(self, x):
+def _onednn_forward(self, x):
     return FrozenLinearFunction.apply(x, self.bias, getattr(self, ATTRIBUTE))
 
 
-def packable_linears(model) -> list[torch.nn.Module]:
-    """The frozen CPU nn.Linear modules of ``model`` whose weights can be packed: all but those sharing
+def convertible_linears(model) -> list[torch.nn.Module]:
+    """The frozen CPU nn.Linear modules of ``model`` whose weights can take oneDNN's layout: all but those sharing
     their weight with another module (a head tied to the input embeddings, say)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     users: dict[int, int] = {}  # weight storage -> modules holding it
@@ -101,30 +101,30 @@ def packable_linears(model) -> list[torch.nn.Module]:
         if type(module) is not torch.nn.Linear:
             continue
         w = module.weight
-        if w.requires_grad or w.device.type != "cpu" or not packing_available(w.dtype) or users[w.data_ptr()] > 1:
+        if w.requires_grad or w.device.type != "cpu" or not onednn_weights_available(w.dtype) or users[w.data_ptr()] > 1:
             continue
         found.append(module)
     return found
 
 
 @contextlib.contextmanager
-def packed_weights(model, rows_hint: int):
-    """Run the body with ``model``'s packable linears (packable_linears) pre-packed and their plain weights
-    released; yields how many. Each module's forward, and loralab.fused_lora for LoRA base layers, use the
-    packs meanwhile. On the way out, however the body ends, the plain weights are put back bit-identical."""
+def onednn_weights(model, rows_hint: int):
+    """Run the body with ``model``'s convertible linears (convertible_linears) in oneDNN's layouts and their plain
+    weights released; yields how many. Each module's forward, and loralab.cpu.fused_lora for LoRA base layers, use
+    those meanwhile. On the way out, however the body ends, the plain weights are put back bit-identical."""
     done = []  # (module, the forward it had as an instance attribute, if any)
     try:
-        for module in packable_linears(model):
+        for module in convertible_linears(model):
             w = module.weight
-            packed = pack(w, rows_hint)
+            onednn = to_onednn(w, rows_hint)
             done.append((module, module.__dict__.get("forward")))
-            setattr(module, ATTRIBUTE, packed)
-            module.forward = types.MethodType(_packed_forward, module)
+            setattr(module, ATTRIBUTE, onednn)
+            module.forward = types.MethodType(_onednn_forward, module)
             w.data = torch.empty(0, dtype=w.dtype, device=w.device)  # the plain copy, released
         yield len(done)
     finally:
         for module, forward in done:
-            module.weight.data = unpack(getattr(module, ATTRIBUTE))
+            module.weight.data = to_plain(getattr(module, ATTRIBUTE))
             delattr(module, ATTRIBUTE)
             if forward is None:
                 del module.forward
@@ -132,7 +132,7 @@ def packed_weights(model, rows_hint: int):
                 module.forward = forward
 
 
-def packed_of(module) -> PackedLinear | None:
-    """The PackedLinear a module's weight lives in for now, or None when its plain weight is in place."""
+def onednn_of(module) -> OnednnLinear | None:
+    """The OnednnLinear a module's weight lives in for now, or None when its plain weight is in place."""
     return getattr(module, ATTRIBUTE, None)
 

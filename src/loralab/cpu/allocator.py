@@ -1,0 +1,73 @@
+"""glibc's malloc tuned for the row length of a CPU training run: heap-speed elementwise ops on short rows.
+
+Allocations at or above the mmap threshold are mmap'd and go back to the system when freed; smaller ones
+come from the heap, which keeps freed memory for reuse. Each mmap'd block is fresh zeroed pages, on which
+elementwise ops run several times slower than on reused heap memory; the heap's kept memory, on the other
+hand, adds to the peak on long rows. The README's CPU training section has the measured trade.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+from loralab import LEAN_ALLOCATOR_ROW_TOKENS
+
+LEAN_MMAP_THRESHOLD = 4 << 20
+FAST_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold (64-bit), fixed from the start
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _glibc():
+    """glibc through ctypes, or None where the C library is not glibc (not Linux, or it cannot be loaded)."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    libc = _glibc()
+    if libc is None:
+        return False
+    try:
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    except AttributeError:
+        return False
+
+
+def mmap_threshold_for(longest_row_tokens: int) -> int:
+    """The mmap threshold tune_allocator sets for rows of up to ``longest_row_tokens``."""
+    return LEAN_MMAP_THRESHOLD if longest_row_tokens > LEAN_ALLOCATOR_ROW_TOKENS else FAST_MMAP_THRESHOLD
+
+
+def tune_allocator(longest_row_tokens: int) -> int | None:
+    """Set glibc's mmap threshold for rows of up to ``longest_row_tokens``; return it (None: not glibc).
+
+    Rows of up to LEAN_ALLOCATOR_ROW_TOKENS use FAST_MMAP_THRESHOLD and train at heap speed; longer rows use
+    LEAN_MMAP_THRESHOLD, because there the heap's kept memory adds gigabytes to the peak. The setting stays for
+    the process: once set, glibc no longer moves its threshold with freed blocks, and a fixed default (128 KiB)
+    would mmap, and so slow down, every mid-sized tensor afterwards.
+    """
+    threshold = mmap_threshold_for(longest_row_tokens)
+    return threshold if _set_thresholds(threshold, 2 * threshold) else None
+
+
+def return_freed_memory() -> bool:
+    """Hand the free memory glibc's heap holds back to the system (malloc_trim); False where that is not glibc.
+
+    After the weights take oneDNN's layout (loralab.cpu.onednn_weights) the released plain weights may sit in
+    the heap as free blocks, depending on how the allocator placed them at load: then activations reuse them,
+    or not, and the peak moves by up to a copy of the weights from run to run. Handed back, the run's memory
+    is what `loralab plan` counts (weights, their oneDNN copies, activations) every time.
+    """
+    libc = _glibc()
+    if libc is None:
+        return False
+    try:
+        libc.malloc_trim(0)
+    except AttributeError:
+        return False
+    return True
