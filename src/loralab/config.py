@@ -33,7 +33,10 @@ class ConfigError(LoralabError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
-    """Hub model id or a local directory holding config.json, weights and tokenizer files."""
+    """Hub model id, a local directory holding config.json, weights and tokenizer files, or a local .gguf file
+    (de-quantised once and cached as a model folder; see loralab.gguf_models)."""
+    gguf_file: str | None = None
+    """A .gguf file inside the local folder name_or_path (the same as naming the file in name_or_path)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin; ignored for local directories."""
     attn_implementation: str = "sdpa"

@@ -197,6 +197,8 @@ def model_fingerprint(name_or_path: str) -> str:
     snapshot commit it resolves to.
     """
     path = Path(name_or_path)
+    if path.is_file():  # a GGUF file: its size and mtime (hashing it would cost seconds on every eval)
+        return f"file:{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
     if path.is_dir():
         config_file = path / "config.json"
         weights = sorted({file for pattern in WEIGHT_FILE_PATTERNS for file in path.glob(pattern)})

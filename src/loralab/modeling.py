@@ -99,8 +99,12 @@ def _looks_like_local_path(name: str) -> bool:
 
 
 def resolve_model_source(model: ModelConfig) -> str:
-    """A local directory (checked) or a hub id (left for from_pretrained)."""
+    """A local directory (checked), a GGUF file's de-quantised folder, or a hub id (left for from_pretrained)."""
     path = Path(model.name_or_path).expanduser()
+    if model.gguf_file or path.suffix == ".gguf":
+        from loralab.gguf_models import cached_model_folder
+
+        return str(cached_model_folder(path / model.gguf_file if model.gguf_file else path))
     if path.exists():
         if not path.is_dir() or not (path / "config.json").exists():
             raise LoralabError(f"model path {path} is not a model folder (no config.json); point model.name_or_path at one")

@@ -18,8 +18,11 @@ from loralab import cpu, plan, prepare
 from loralab.config import ExperimentConfig
 from loralab.cpu.onednn_weights import onednn_weights_available
 from loralab.errors import LoralabError
+from loralab.gguf_models import model_source
 from loralab.loss import heldout_loss, response_loss_sum
-from loralab.modeling import add_lora, choose_precision, count_parameters, detect_device, device_name, load_model
+from loralab.modeling import (
+    add_lora, choose_precision, count_parameters, detect_device, device_name, load_model, resolve_model_source,
+)
 from loralab.packing import RowCollator
 from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
 
@@ -311,7 +314,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     counts = count_parameters(model)
     print(f"train: {counts} on {device} ({device_name(device)}), precision {precision}")
     rundir.update_manifest(
-        **environment_info(),
+        **environment_info(), model_source=model_source(resolve_model_source(cfg.model)),
         device=device, device_name=device_name(device), precision=precision, parameters=counts.as_dict()
     )
 
