@@ -62,8 +62,8 @@ def _open_reader(path: Path):
     try:
         return GGUFReader(path)
     except (ValueError, IndexError, KeyError, OSError, TypeError) as err:
-        raise LoralabError(f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); "
-                           "download it again (it may be truncated or not a GGUF file)") from None
+        raise LoralabError(f"{path} cannot be read as GGUF ({type(err).__name__}: {err}): it is truncated or not a "
+                           "GGUF file; download it again") from None
 
 
 def _check_complete(reader, path: Path) -> None:
