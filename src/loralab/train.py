@@ -21,7 +21,13 @@ from loralab.errors import LoralabError
 from loralab.gguf_models import model_source
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import (
-    add_lora, choose_precision, count_parameters, detect_device, device_name, load_model, resolve_model_source,
+    add_lora,
+    choose_precision,
+    count_parameters,
+    detect_device,
+    device_name,
+    load_model,
+    resolve_model_source,
 )
 from loralab.packing import RowCollator
 from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
