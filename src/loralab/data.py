@@ -378,3 +378,39 @@ def read_format(raw: Sequence[Any], data_format: str, columns: dict[str, str], w
     if data_format == "auto":
         data_format = detect_format(renamed, where)
     return data_format, [normalize_record(r, data_format, f"{where} record {i}") for i, r in enumerate(renamed)]
+def adds_bos(tokenizer: Any, text: str) -> bool:
+    """True when `tokenize_text` puts a BOS in front of ``text`` (the tokenizer has one, the text does not start with it).
+
+    The same rule decides the exported GGUF's ``add_bos_token``, so llama.cpp sees the ids training saw.
+    """
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return not ids or ids[0] != bos
+
+
+def conversation_prompt_text(template: Template, messages: list[dict[str, str]]) -> str:
+    """A conversation ending with a user turn, rendered for the model's next answer as training renders it.
+
+    A single user turn gives exactly ``template.prompt_text`` of that record; earlier turns come before it
+    (chat templates render them; the Alpaca format joins prompt + answer + EOS per turn).
+    """
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError("a conversation to answer must end with a user message")
+    if template.kind == "chat":
+        return template.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text, user = "", None
+    for message in messages:
+        if message["role"] == "user":
+            user = message["content"]
+        elif message["role"] == "assistant" and user is not None:
+            record = {"instruction": user, "input": "", "output": ""}
+            text += template.prompt_text(record) + message["content"] + template.eos_token
+            user = None
+    return text + template.prompt_text({"instruction": user, "input": "", "output": ""})
+
+
+def conversation_prompt_ids(tokenizer: Any, template: Template, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of `conversation_prompt_text`, with the BOS rule of training (`tokenize_text`)."""
+    return tokenize_text(tokenizer, conversation_prompt_text(template, messages))[0]

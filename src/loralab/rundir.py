@@ -245,3 +245,48 @@ def environment_info() -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
         commit = None
     return {"loralab_version": loralab.__version__, "python": platform.python_version(), "packages": packages, "git_commit": commit}
+
+
+def check_output_dir(dest: Path, overwrite: bool, what: str) -> None:
+    """Refuse to write ``what`` into ``dest`` when it holds something, unless ``overwrite``."""
+    if dest.exists() and not dest.is_dir():
+        raise LoralabError(f"{dest} is a file; give --out a folder for the {what}")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise LoralabError(f"{dest} already holds files; pass --overwrite to replace them, or choose another --out")
+
+
+def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
+    """Fail before writing when the disk under ``folder`` has less than ``need_bytes`` free."""
+    import shutil
+
+    probe = folder
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need_bytes:
+        raise LoralabError(
+            f"the {what} needs about {need_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free under {probe}; "
+            "free some space or choose another --out"
+        )
+
+
+def replace_dir(dest: Path, fill) -> None:
+    """Build a folder with ``fill(tmp_folder)`` beside ``dest``, then swap it in: a failure leaves ``dest`` as it was."""
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp"))
+    old = dest.parent / f".{dest.name}.old"
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
