@@ -88,6 +88,31 @@ def check_adapter_base(adapter_dir: Path, model: ModelConfig) -> None:
     )
 
 
+def check_adapter_shapes(adapter_dir: Path, config) -> None:
+    """Refuse, before any weight is loaded, an adapter whose matrices do not fit the model ``config`` describes."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        modules = dict(AutoModelForCausalLM.from_config(config).named_modules())
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    for key, shape in shapes.items():
+        if ".lora_A." not in key and ".lora_B." not in key:
+            continue
+        name = key.removeprefix("base_model.model.").split(".lora_")[0]
+        module = modules.get(name)
+        want = None if module is None else (
+            module.in_features if ".lora_A." in key else module.out_features)
+        got = shape[1] if ".lora_A." in key else shape[0]
+        if want != got:
+            found = "no such layer" if module is None else f"{want} features, the adapter has {got}"
+            raise LoralabError(
+                f"the adapter in {adapter_dir} was trained for another base model ({name}: {found}); "
+                "set model.name_or_path to the model it was trained on"
+            )
+
+
 def _same_model(a: str, b: str) -> bool:
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     if pa.exists() and pb.exists():
@@ -135,6 +160,17 @@ def attach_adapter(base, adapter_dir: Path):
         ) from None
 
 
+def checked_adapter(target: Target, for_command: str) -> Path:
+    """The run's adapter folder, once its recorded base model and its matrix shapes match ``target.model``."""
+    from transformers import AutoConfig
+
+    adapter = require_adapter(target, for_command)
+    check_adapter_base(adapter, target.model)
+    config = AutoConfig.from_pretrained(resolve_model_source(target.model), revision=target.model.revision)
+    check_adapter_shapes(adapter, config)
+    return adapter
+
+
 def load_merged(target: Target, for_command: str):
     """(merged model in the checkpoint's dtype, tokenizer): base weights + the adapter's update, merged in fp32.
 
@@ -142,8 +178,7 @@ def load_merged(target: Target, for_command: str):
     """
     from transformers import AutoConfig
 
-    adapter = require_adapter(target, for_command)
-    check_adapter_base(adapter, target.model)
+    adapter = checked_adapter(target, for_command)
     config = AutoConfig.from_pretrained(resolve_model_source(target.model), revision=target.model.revision)
     base, tokenizer = load_base(target.model, torch.float32)
     merged = attach_adapter(base, adapter).merge_and_unload()

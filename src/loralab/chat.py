@@ -119,7 +119,7 @@ def generation_config(settings: SamplingSettings, tokenizer):
 
 def load_responder(target: str, settings: SamplingSettings, overrides: list[str] | None = None) -> Responder:
     """The model behind ``target`` in the precision eval uses, with the run's adapter unless ``base_only``."""
-    from loralab.adapters import attach_adapter, check_adapter_base, require_adapter, resolve_target
+    from loralab.adapters import attach_adapter, checked_adapter, resolve_target
     from loralab.data import make_template
     from loralab.modeling import DTYPES, choose_precision, detect_device, load_model, load_tokenizer
 
@@ -127,9 +127,7 @@ def load_responder(target: str, settings: SamplingSettings, overrides: list[str]
     use_adapter = tgt.cfg is not None and not settings.base_only
     if settings.compare and tgt.cfg is None:
         raise LoralabError(f"--compare needs a run with a trained adapter; {tgt.label} is a model folder")
-    adapter = require_adapter(tgt, "generate/chat") if use_adapter else None
-    if adapter is not None:
-        check_adapter_base(adapter, tgt.model)
+    adapter = checked_adapter(tgt, "generate/chat") if use_adapter else None
     device = detect_device(tgt.cfg.train.device if tgt.cfg is not None else "auto")
     precision = choose_precision(device, tgt.cfg.train.precision if tgt.cfg is not None else "auto")
     tokenizer = load_tokenizer(tgt.model)
