@@ -155,8 +155,9 @@ def read_prompts(prompts: list[str], file: str | None) -> list[str]:
 
 
 def generate(target: str, prompts: list[str], file: str | None, settings: SamplingSettings,
-             overrides: list[str] | None = None, out: TextIO = sys.stdout) -> list[dict[str, str]]:
+             overrides: list[str] | None = None, out: TextIO | None = None) -> list[dict[str, str]]:
     """Answer each prompt (one user turn each); print as they stream; return [{"prompt", side: answer}]."""
+    out = out or sys.stdout
     questions = read_prompts(prompts, file)
     responder = load_responder(target, settings, overrides)
     results = []
@@ -173,8 +174,9 @@ def generate(target: str, prompts: list[str], file: str | None, settings: Sampli
 
 
 def chat(target: str, settings: SamplingSettings, overrides: list[str] | None = None,
-         stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
+         stdin: TextIO | None = None, out: TextIO | None = None) -> None:
     """Multi-turn chat on ``stdin``: /reset starts over, /exit (or end of input) quits."""
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     responder = load_responder(target, settings, overrides)
     sides = responder.sides()
     histories: dict[str, list[dict[str, str]]] = {side: [] for side in sides}
