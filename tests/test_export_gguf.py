@@ -1,0 +1,152 @@
+"""`loralab export-gguf`: GGUF files that llama.cpp runs with the fine-tune, the right prompt and the right stop."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from loralab import cli
+from loralab.data import conversation_prompt_ids, conversation_prompt_text, make_template
+from loralab.export_gguf import go_template, ollama_pieces, permute_rope, render_with_pieces
+
+PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Describe a cat.",
+           "Write a haiku about rain.", "Explain photosynthesis."]
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run, tmp_path_factory):
+    """(run dir, folder of the run's GGUFs, folder of the base model's f16 GGUF)."""
+    _, rd = trained_run
+    out = tmp_path_factory.mktemp("gguf")
+    assert cli.main(["export-gguf", str(rd), "--out", str(out / "lora")]) == 0
+    return rd, out / "lora"
+
+
+def _field(reader, key):
+    field = reader.fields[key]
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if value.dtype == np.uint8 else value.tolist()[0]
+
+
+def test_gguf_metadata_says_llama_eos_bos_and_template(exported, tiny_model_dir):
+    from gguf import GGMLQuantizationType, GGUFReader
+    from transformers import AutoTokenizer
+
+    _, folder = exported
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for quant in ("f16", "q8_0"):
+        reader = GGUFReader(folder / f"model-{quant}.gguf")
+        assert _field(reader, "general.architecture") == "llama"
+        assert _field(reader, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+        assert _field(reader, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
+        # TinyLlama's template writes no BOS and loralab trains with one first: the file says add it.
+        assert _field(reader, "tokenizer.ggml.add_bos_token") is True
+        assert _field(reader, "tokenizer.chat_template") == tok.chat_template
+        assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tok)
+        matrix_types = {t.tensor_type for t in reader.tensors if len(t.shape) == 2}
+        want = GGMLQuantizationType.F16 if quant == "f16" else GGMLQuantizationType.Q8_0
+        assert matrix_types == {want}
+        # 2 layers x 9 tensors + embeddings, final norm and the untied head.
+        assert len(reader.tensors) == 2 * 9 + 3
+
+
+def test_modelfile_template_renders_what_training_renders(exported, tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    _, folder = exported
+    modelfile = (folder / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-q8_0.gguf") and 'PARAMETER stop "</s>"' in modelfile
+    template = make_template(AutoTokenizer.from_pretrained(tiny_model_dir))
+    pieces = ollama_pieces(lambda m: conversation_prompt_text(template, m))
+    assert f'TEMPLATE """{go_template(pieces)}"""' in modelfile
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine."},
+             {"role": "user", "content": "Bye"}]
+    for n in (1, 3, 5):
+        assert render_with_pieces(pieces, turns[:n]) == conversation_prompt_text(template, turns[:n])
+
+
+def test_rope_permutation_moves_rotate_half_pairs_next_to_each_other():
+    # One head of dim 4: transformers pairs rows (0, 2) and (1, 3); llama.cpp wants them adjacent.
+    weight = torch.arange(8.0).reshape(4, 2)
+    assert permute_rope(weight, 1)[:, 0].tolist() == [0.0, 4.0, 2.0, 6.0]
+
+
+def test_unsupported_architecture_fails_cleanly(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
+    capsys.readouterr()
+    assert cli.main(["export-gguf", str(tmp_path)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Llama-architecture" in err and "GPT2LMHeadModel" in err, err
+    assert not (tmp_path / "gguf").exists()
+
+
+def test_existing_output_folder_is_refused(exported, capsys):
+    rd, folder = exported
+    before = (folder / "model-f16.gguf").stat().st_mtime_ns
+    capsys.readouterr()
+    assert cli.main(["export-gguf", str(rd), "--out", str(folder)]) != 0
+    assert "--overwrite" in capsys.readouterr().err
+    assert (folder / "model-f16.gguf").stat().st_mtime_ns == before
+
+
+def _llama_greedy(llm, ids, n):
+    """llama.cpp's greedy continuation of the token ids, stopping at an end-of-generation token."""
+    import llama_cpp
+
+    out = []
+    for token in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token) or len(out) == n:
+            break
+        out.append(token)
+    return out
+
+
+def _transformers_greedy(model, ids, n, eos):
+    with torch.no_grad():
+        seq = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos)
+    new = seq[0, len(ids):].tolist()
+    return new[: new.index(eos)] if eos in new else new
+
+
+def _agree(model, ids, ours, theirs, margin=0.05):
+    """Equal, or the first difference is where transformers itself nearly ties (f16 rounding may flip it)."""
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if a != b:
+            with torch.no_grad():
+                logits = model(torch.tensor([ids + ours[:i]])).logits[0, -1]
+            top = logits.topk(2).values
+            return float(top[0] - top[1]) < margin
+    return len(ours) == len(theirs)
+
+
+def test_llama_cpp_runs_the_f16_gguf_like_transformers_runs_the_merged_model(exported, tiny_model_dir, tmp_path):
+    """The exported file in a real client: llama.cpp's greedy tokens equal transformers' on the merged model,
+    and differ from the base model's GGUF where transformers' LoRA answers differ from the base's."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extra (`make test` installs it)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loralab.adapters import load_merged, resolve_target
+
+    rd, folder = exported
+    assert cli.main(["export-gguf", str(tiny_model_dir), "--out", str(tmp_path / "base"), "--quant", "f16"]) == 0
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = make_template(tok)
+    merged, _ = load_merged(resolve_target(str(rd)), "test")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora_cpp = llama_cpp.Llama(str(folder / "model-f16.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    base_cpp = llama_cpp.Llama(str(tmp_path / "base" / "model-f16.gguf"), n_ctx=256, n_threads=2, verbose=False)
+    differs = 0
+    for prompt in PROMPTS:
+        ids = conversation_prompt_ids(tok, template, [{"role": "user", "content": prompt}])
+        ours = _transformers_greedy(merged, ids, 16, tok.eos_token_id)
+        theirs = _llama_greedy(lora_cpp, ids, 16)
+        assert _agree(merged, ids, ours, theirs), (prompt, ours, theirs)
+        base_ours = _transformers_greedy(base, ids, 16, tok.eos_token_id)
+        if base_ours != ours:
+            differs += 1
+            assert _llama_greedy(base_cpp, ids, 16) != theirs, prompt
+    assert differs >= 3  # the fine-tune changes most answers, and survives the export
