@@ -1,0 +1,30 @@
+"""The GGUF proof on a real model (bench/gguf_llamacpp.py), where SmolLM2-135M-Instruct has been fetched."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_MODEL = Path(os.environ.get("LORALAB_REAL_MODEL", ROOT / "models" / "smollm2-135m-instruct"))
+
+
+@pytest.mark.slow
+def test_llama_cpp_agrees_with_transformers_on_smollm2(tmp_path, alpaca_path):
+    if not (REAL_MODEL / "config.json").exists():
+        pytest.skip(f"real model not found at {REAL_MODEL}; run `loralab fetch smollm2-135m-instruct`")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extra (`make test` installs it)")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import gguf_llamacpp
+
+    result = gguf_llamacpp.main(["--model", str(REAL_MODEL), "--data", str(alpaca_path), "--work", str(tmp_path),
+                                 "--no-speed"])
+    rows = result["rows"]
+    assert len(rows) >= 5
+    assert all(r["ids_equal"] for r in rows)  # llama.cpp builds the prompt ids training built
+    assert all(r["f16_equal"] for r in rows)  # first 32 greedy tokens
+    assert all(r["f16_stops"] for r in rows)  # and both stop at the EOS
+    assert sum(r["q8_equal"] for r in rows) >= 4
+    assert any(r["lora_differs_hf"] for r in rows)
+    assert all(r["lora_differs_gguf"] for r in rows if r["lora_differs_hf"])  # the fine-tune survives
