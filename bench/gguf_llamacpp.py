@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
             "f16_equal": f16[:n] == hf[:n], "f16_stops": f16_stop and hf_stop and f16 == hf,
             "q8_equal": q8[:n] == hf[:n], "q8_stops": q8_stop,
             "lora_differs_hf": hf != hf_base, "lora_differs_gguf": f16 != cpp_base,
-            "answer": tok.decode(hf, skip_special_tokens=True), "base_answer": tok.decode(hf_base, skip_special_tokens=True),
+            "answer": tok.decode(hf, skip_special_tokens=True),
+            "base_answer": tok.decode(hf_base, skip_special_tokens=True),
         })
 
     print(f"\nSmolLM2-135M-Instruct + LoRA ({args.steps} steps), greedy; first {COMPARED_TOKENS} tokens compared\n")
@@ -168,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     for r in rows:
         print(f"| {r['prompt']} | {yes(r['ids_equal'])} | {yes(r['f16_equal'])} | {yes(r['f16_stops'])} | "
               f"{yes(r['q8_equal'])} | {yes(r['lora_differs_hf'])} | {yes(r['lora_differs_gguf'])} |")
-    print(f"\nf16 agrees on {sum(r['f16_equal'] for r in rows)}/{len(rows)}, q8_0 on {sum(r['q8_equal'] for r in rows)}/{len(rows)}")
+    f16_ok, q8_ok = sum(r["f16_equal"] for r in rows), sum(r["q8_equal"] for r in rows)
+    print(f"\nf16 agrees on {f16_ok}/{len(rows)}, q8_0 on {q8_ok}/{len(rows)}")
     for r in rows:
         print(f"- {r['prompt']}\n    LoRA: {r['answer']!r}\n    base: {r['base_answer']!r}")
     sizes = {name: (run / "gguf" / name).stat().st_size for name in ("model-f16.gguf", "model-q8_0.gguf")}

@@ -76,7 +76,8 @@ def test_rope_permutation_moves_rotate_half_pairs_next_to_each_other():
 def test_unsupported_architecture_fails_cleanly(tmp_path, capsys):
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, architectures=["GPT2LMHeadModel"]).save_pretrained(tmp_path)
+    config = GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100, architectures=["GPT2LMHeadModel"])
+    config.save_pretrained(tmp_path)
     capsys.readouterr()
     assert cli.main(["export-gguf", str(tmp_path)]) != 0
     err = capsys.readouterr().err.strip()
@@ -126,7 +127,7 @@ def _agree(model, ids, ours, theirs, margin=0.05):
 def test_llama_cpp_runs_the_f16_gguf_like_transformers_runs_the_merged_model(exported, tiny_model_dir, tmp_path):
     """The exported file in a real client: llama.cpp's greedy tokens equal transformers' on the merged model,
     and differ from the base model's GGUF where transformers' LoRA answers differ from the base's."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extra (`make test` installs it)")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extra (make test installs it)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from loralab.adapters import load_merged, resolve_target

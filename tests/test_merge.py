@@ -103,7 +103,8 @@ def test_a_failure_midway_leaves_the_old_output_whole(merged, trained_run, monke
 
 
 def test_merge_before_training_fails_cleanly(capsys, tmp_path, tiny_model_dir, alpaca_path):
-    cfg = write_config(tmp_path / "exp.yaml", model={"name_or_path": str(tiny_model_dir)}, data={"path": str(alpaca_path)})
+    cfg = write_config(tmp_path / "exp.yaml", model={"name_or_path": str(tiny_model_dir)},
+                       data={"path": str(alpaca_path)})
     _fails_cleanly(capsys, ["merge", str(cfg)], "loralab train")
     _fails_cleanly(capsys, ["export-gguf", str(cfg)], "loralab train")
     assert not (tmp_path / "runs" / "t" / "merged").exists()
@@ -113,7 +114,8 @@ def test_adapter_of_another_base_model_fails_cleanly(capsys, tmp_path, trained_r
     from loralab.tiny import build_tiny_llama
 
     _, rd = trained_run
-    other = build_tiny_llama(tmp_path / "other", [r["output"] for r in alpaca_records[:200]], vocab_size=300, hidden_size=32)
+    texts = [r["output"] for r in alpaca_records[:200]]
+    other = build_tiny_llama(tmp_path / "other", texts, vocab_size=300, hidden_size=32)
     run = tmp_path / "run"
     shutil.copytree(rd, run, ignore=shutil.ignore_patterns("checkpoints", "merged", "gguf"))
     # The recorded base differs from the config's model: refused by name.
@@ -121,7 +123,8 @@ def test_adapter_of_another_base_model_fails_cleanly(capsys, tmp_path, trained_r
     # Same name, other shapes (the adapter config edited to point at the other model): refused by shape.
     config_file = run / "adapter" / "adapter_config.json"
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "base_model_name_or_path": str(other)}))
-    _fails_cleanly(capsys, ["merge", str(run), "--set", f"model.name_or_path={other}"], "trained for another base model")
+    argv = ["merge", str(run), "--set", f"model.name_or_path={other}"]
+    _fails_cleanly(capsys, argv, "trained for another base model")
     assert not (run / "merged").exists()
 
 

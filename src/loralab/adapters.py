@@ -59,7 +59,9 @@ def resolve_target(target: str | Path, overrides: list[str] | None = None) -> Ta
         return Target(model=ModelConfig(name_or_path=str(path)))
     if not path.exists():
         raise LoralabError(f"{path} does not exist; give an experiment YAML, a run directory or a model folder")
-    raise LoralabError(f"{path} is neither an experiment YAML, a run directory (config.yaml) nor a model folder (config.json)")
+    raise LoralabError(
+        f"{path} is neither an experiment YAML, a run directory (config.yaml) nor a model folder (config.json)"
+    )
 
 
 def require_adapter(target: Target, for_command: str) -> Path:
@@ -69,7 +71,8 @@ def require_adapter(target: Target, for_command: str) -> Path:
     adapter = target.adapter_dir
     if not all((adapter / name).is_file() for name in ADAPTER_FILES):
         raise LoralabError(
-            f"no trained adapter in {adapter}; run `loralab train CONFIG` (or `loralab run CONFIG`) before {for_command}"
+            f"no trained adapter in {adapter}; "
+            f"run `loralab train CONFIG` (or `loralab run CONFIG`) before {for_command}"
         )
     return adapter
 
@@ -77,7 +80,8 @@ def require_adapter(target: Target, for_command: str) -> Path:
 def check_adapter_base(adapter_dir: Path, model: ModelConfig) -> None:
     """Refuse an adapter whose recorded base model is not ``model`` (a different path or hub id)."""
     try:
-        recorded = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+        adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        recorded = adapter_config.get("base_model_name_or_path")
     except (OSError, json.JSONDecodeError) as err:
         raise LoralabError(f"cannot read {adapter_dir / 'adapter_config.json'} ({err}); train again") from None
     if not recorded or _same_model(recorded, model.name_or_path):
@@ -153,7 +157,8 @@ def attach_adapter(base, adapter_dir: Path):
         return PeftModel.from_pretrained(base, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()
-        detail = next((line.strip() for line in first if "size mismatch" in line), first[0] if first else type(err).__name__)
+        fallback = first[0] if first else type(err).__name__
+        detail = next((line.strip() for line in first if "size mismatch" in line), fallback)
         raise LoralabError(
             f"the adapter in {adapter_dir} does not fit {base.name_or_path} ({detail[:200]}); "
             f"it was trained for another base model: set model.name_or_path to that model"

@@ -148,7 +148,9 @@ def read_prompts(prompts: list[str], file: str | None) -> list[str]:
         try:
             found += [line.strip() for line in Path(file).read_text(encoding="utf-8").splitlines() if line.strip()]
         except OSError as err:
-            raise LoralabError(f"cannot read prompts from {file} ({err.strerror}); give a text file with one prompt per line") from None
+            raise LoralabError(
+                f"cannot read prompts from {file} ({err.strerror}); give a text file with one prompt per line"
+            ) from None
     if not found:
         raise LoralabError("no prompts: give them on the command line or with --file FILE (one per line)")
     return found

@@ -18,10 +18,11 @@ STAGE_HELP = {
     "inspect": "show rendered examples with trained tokens marked, and dataset-wide checks",
 }
 
-# Commands that use a fine-tune after training; TARGET is a config, a run directory or (where it makes sense) a model folder.
+# Commands that use a fine-tune after training; TARGET is a config, a run directory or (for generate, chat and
+# export-gguf) a model folder.
 USE_HELP = {
     "merge": "merge the adapter into the base weights: a plain transformers model folder (<run>/merged/)",
-    "export-gguf": "write the merged model as GGUF (f16, q8_0) with an Ollama Modelfile, for llama.cpp and Ollama (<run>/gguf/)",
+    "export-gguf": "write the merged model as GGUF (f16, q8_0) and an Ollama Modelfile, for llama.cpp (<run>/gguf/)",
     "generate": "answer prompts from the command line or a file (base model, run's adapter or merged folder)",
     "chat": "chat interactively, answers streamed as they come",
     "card": "write the model card <run>/adapter/README.md from the run directory",
@@ -61,11 +62,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_use_command(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("target", metavar="TARGET", help="experiment YAML, run directory" + ("" if name in ("merge", "card") else ", or a model folder"))
+    folder = "" if name in ("merge", "card") else ", or a model folder"
+    p.add_argument("target", metavar="TARGET", help="experiment YAML, run directory" + folder)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field of the experiment (repeatable)")
     if name in ("merge", "export-gguf"):
-        p.add_argument("--out", default=None, help=f"output folder (default <run>/{'merged' if name == 'merge' else 'gguf'})")
+        default = "merged" if name == "merge" else "gguf"
+        p.add_argument("--out", default=None, help=f"output folder (default <run>/{default})")
         p.add_argument("--overwrite", action="store_true", help="replace an output folder that already holds files")
     if name == "export-gguf":
         p.add_argument("--quant", nargs="+", choices=["f16", "q8_0"], default=["f16", "q8_0"],
@@ -74,7 +77,7 @@ def _add_use_command(sub, name: str, help_text: str) -> None:
         if name == "generate":
             p.add_argument("prompts", nargs="*", help="prompts to answer (or --file)")
             p.add_argument("--file", default=None, help="a text file with one prompt per line")
-        p.add_argument("--compare", action="store_true", help="answer with the base model and with the LoRA, side by side")
+        p.add_argument("--compare", action="store_true", help="answer with the base model and with the LoRA")
         p.add_argument("--base", action="store_true", help="answer with the base model only (ignore the adapter)")
         p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
         p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
@@ -90,7 +93,8 @@ def _dispatch_use(args: argparse.Namespace) -> None:
     elif args.command == "export-gguf":
         from loralab import export_gguf
 
-        export_gguf.run(args.target, out=args.out, quants=args.quant, overwrite=args.overwrite, overrides=args.overrides)
+        export_gguf.run(args.target, out=args.out, quants=args.quant, overwrite=args.overwrite,
+                        overrides=args.overrides)
     elif args.command in ("generate", "chat"):
         from loralab import chat
 

@@ -379,7 +379,7 @@ def read_format(raw: Sequence[Any], data_format: str, columns: dict[str, str], w
         data_format = detect_format(renamed, where)
     return data_format, [normalize_record(r, data_format, f"{where} record {i}") for i, r in enumerate(renamed)]
 def adds_bos(tokenizer: Any, text: str) -> bool:
-    """True when `tokenize_text` puts a BOS in front of ``text`` (the tokenizer has one, the text does not start with it).
+    """True when `tokenize_text` puts a BOS before ``text``: the tokenizer has one, the text does not start with it.
 
     The same rule decides the exported GGUF's ``add_bos_token``, so llama.cpp sees the ids training saw.
     """

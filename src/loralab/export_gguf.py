@@ -25,7 +25,7 @@ GGUF_DIR = "gguf"
 QUANT_TYPES = ("f16", "q8_0")
 # llama.cpp's pre-tokenizer names by the hash of the ids of one probe text (from llama.cpp's
 # convert_hf_to_gguf.py, which detects byte-level BPE pre-tokenizers the same way).
-PRE_TOKENIZER_PROBE = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+PRE_TOKENIZER_PROBE = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'  # noqa: E501
 PRE_TOKENIZERS = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
@@ -47,7 +47,9 @@ def check_architecture(config) -> None:
         )
     rope = rope_settings(config)
     if rope.get("rope_type", "default") not in ("default", "linear"):
-        raise LoralabError(f"export-gguf does not write rope scaling '{rope['rope_type']}'; use llama.cpp's convert_hf_to_gguf.py")
+        raise LoralabError(
+            f"export-gguf does not write rope scaling '{rope['rope_type']}'; use llama.cpp's convert_hf_to_gguf.py"
+        )
 
 
 def rope_settings(config) -> dict:
@@ -63,7 +65,8 @@ def permute_rope(weight: torch.Tensor, n_head: int) -> torch.Tensor:
     (out, in): within each head the first half of the rows pairs with the second half in transformers;
     llama.cpp's Llama rope rotates adjacent rows (0, 1), (2, 3), ... (as llama.cpp's converter does).
     """
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    halves = weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+    return halves.swapaxes(1, 2).reshape(weight.shape)
 
 
 def gguf_tensors(state_dict: dict[str, torch.Tensor], config):
@@ -77,7 +80,9 @@ def gguf_tensors(state_dict: dict[str, torch.Tensor], config):
             continue  # computed by llama.cpp / the same tensor as token_embd
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
-            raise LoralabError(f"export-gguf has no GGUF name for the weight {name}; this Llama variant is not supported")
+            raise LoralabError(
+                f"export-gguf has no GGUF name for the weight {name}; this Llama variant is not supported"
+            )
         data = tensor.detach().to(torch.float32)
         if name.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute_rope(data, n_head)
@@ -148,7 +153,10 @@ def token_table(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
 
 
 def write_vocab(writer, tokenizer, vocab_size: int, add_bos: bool) -> None:
-    """Tokenizer, special tokens and chat template; byte-level BPE as llama.cpp's "gpt2", sentencepiece-style as "llama"."""
+    """Tokenizer, special tokens and chat template.
+
+    Byte-level BPE is written as llama.cpp's "gpt2" tokenizer, sentencepiece-style BPE as "llama".
+    """
     import gguf
 
     with tempfile.TemporaryDirectory() as folder:
@@ -159,7 +167,9 @@ def write_vocab(writer, tokenizer, vocab_size: int, add_bos: bool) -> None:
         if spec["model"]["type"] == "BPE" and byte_level:
             probe = hashlib.sha256(str(tokenizer.encode(PRE_TOKENIZER_PROBE)).encode()).hexdigest()
             if probe not in PRE_TOKENIZERS:
-                raise LoralabError("export-gguf does not know this tokenizer's pre-tokenizer; use llama.cpp's convert_hf_to_gguf.py")
+                raise LoralabError(
+                    "export-gguf does not know this tokenizer's pre-tokenizer; use llama.cpp's convert_hf_to_gguf.py"
+                )
             writer.add_tokenizer_model("gpt2")
             writer.add_tokenizer_pre(PRE_TOKENIZERS[probe])
             special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
@@ -212,7 +222,8 @@ def ollama_pieces(render) -> dict[str, str] | None:
     """
     u1, a1, u2 = OLLAMA_PROBES
     one = render([{"role": "user", "content": u1}])
-    two = render([{"role": "user", "content": u1}, {"role": "assistant", "content": a1}, {"role": "user", "content": u2}])
+    two = render([{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
+                  {"role": "user", "content": u2}])
     head, _, tail = one.partition(u1)
     if not two.startswith(head + u1) or not two.endswith(u2 + tail):
         return None
@@ -277,12 +288,14 @@ def run(target: str, out: str | None = None, quants: list[str] | tuple[str, ...]
     tgt = resolve_target(target, overrides)
     if tgt.cfg is not None:
         require_adapter(tgt, "export-gguf")
-    dest = Path(out) if out else (tgt.run_dir / GGUF_DIR if tgt.cfg is not None else Path(tgt.model.name_or_path) / GGUF_DIR)
+    home = tgt.run_dir if tgt.cfg is not None else Path(tgt.model.name_or_path)
+    dest = Path(out) if out else home / GGUF_DIR
     check_output_dir(dest, overwrite, "GGUF files")
     config = AutoConfig.from_pretrained(resolve_model_source(tgt.model), revision=tgt.model.revision)
     check_architecture(config)
     bytes_per_param = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 values + one f16 scale per block
-    check_free_space(dest.parent, int(parameter_count(config) * sum(bytes_per_param[q] for q in quants) * 1.02), "GGUF files")
+    need = int(parameter_count(config) * sum(bytes_per_param[q] for q in quants) * 1.02)
+    check_free_space(dest.parent, need, "GGUF files")
 
     model, tokenizer = load_for_export(tgt)
     template = make_template(tokenizer, tgt.cfg.data.template if tgt.cfg is not None else "auto")
@@ -296,7 +309,8 @@ def run(target: str, out: str | None = None, quants: list[str] | tuple[str, ...]
         for quant, file in zip(quants, files):
             write_gguf(folder / file, model, tokenizer, quant, add_bos, name)
         stops = [tokenizer.eos_token]
-        (folder / "Modelfile").write_text(modelfile_text(files[-1], go_template(pieces) if pieces else None, stops), encoding="utf-8")
+        modelfile = modelfile_text(files[-1], go_template(pieces) if pieces else None, stops)
+        (folder / "Modelfile").write_text(modelfile, encoding="utf-8")
 
     replace_dir(dest, fill)
     if tgt.cfg is not None:

@@ -72,7 +72,8 @@ def transformers_snippet(model_ref: str, base: str, adapter_ref: str | None, bos
 
 def card_text(info: dict) -> str:
     """The card's Markdown from plain values (see `write` for the keys)."""
-    front = ["---", f"base_model: {info['base_model']}", "library_name: " + ("transformers" if info["merged"] else "peft")]
+    library = "transformers" if info["merged"] else "peft"
+    front = ["---", f"base_model: {info['base_model']}", f"library_name: {library}"]
     if info.get("license"):
         front.append(f"license: {info['license']}")
     front += ["tags:", "- loralab", "- lora", "- peft", "- text-generation", "---", ""]
@@ -84,7 +85,8 @@ def card_text(info: dict) -> str:
     for split in ("train", "eval"):
         if split in stats:
             s = stats[split]
-            lines.append(f"- {split}: {s.get('examples')} examples, {s.get('tokens')} tokens ({s.get('trained_tokens')} trained)")
+            lines.append(f"- {split}: {s.get('examples')} examples, {s.get('tokens')} tokens "
+                         f"({s.get('trained_tokens')} trained)")
     lines += [f"- max length {info['max_length']} tokens, template `{info['template']}`, response-only loss", ""]
     lines += ["## LoRA and training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in info["settings"].items()]
@@ -101,8 +103,9 @@ def card_text(info: dict) -> str:
               "`loralab export-gguf` writes `model-f16.gguf`, `model-q8_0.gguf` and an Ollama `Modelfile` "
               "(chat template and stop token included):", "",
               "```bash\nloralab export-gguf " + info["run_ref"] + "\n"
-              "llama-cli -m " + info["run_ref"] + "/gguf/model-q8_0.gguf -cnv   # the chat template comes from the file\n"
-              "cd " + info["run_ref"] + "/gguf && ollama create my-finetune -f Modelfile && ollama run my-finetune\n```", ""]
+              "llama-cli -m " + info["run_ref"] + "/gguf/model-q8_0.gguf -cnv   # chat template from the file\n"
+              "cd " + info["run_ref"] + "/gguf && ollama create my-finetune -f Modelfile\n"
+              "ollama run my-finetune\n```", ""]
     return "\n".join(front + lines)
 
 
@@ -119,8 +122,10 @@ def gather(cfg: ExperimentConfig, merged_dir: Path | None) -> dict:
     settings = {"r": cfg.lora.r, "lora_alpha": cfg.lora.lora_alpha, "lora_dropout": cfg.lora.lora_dropout,
                 "target_modules": ", ".join(cfg.lora.target_modules)}
     t = cfg.train
-    settings.update({"optimizer steps": t.max_steps, "examples per step": t.per_device_train_batch_size * t.gradient_accumulation_steps,
-                     "learning rate": t.learning_rate, "scheduler": f"{t.lr_scheduler_type}, {t.warmup_steps} warm-up steps",
+    settings.update({"optimizer steps": t.max_steps,
+                     "examples per step": t.per_device_train_batch_size * t.gradient_accumulation_steps,
+                     "learning rate": t.learning_rate,
+                     "scheduler": f"{t.lr_scheduler_type}, {t.warmup_steps} warm-up steps",
                      "precision": manifest.get("precision", t.precision), "device": manifest.get("device", t.device)})
     if (params := manifest.get("parameters")) is not None:
         settings["trainable parameters"] = f"{params['trainable']:,} of {params['total']:,}"

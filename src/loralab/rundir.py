@@ -271,7 +271,7 @@ def check_free_space(folder: Path, need_bytes: int, what: str) -> None:
 
 
 def replace_dir(dest: Path, fill) -> None:
-    """Build a folder with ``fill(tmp_folder)`` beside ``dest``, then swap it in: a failure leaves ``dest`` as it was."""
+    """Build a folder with ``fill(tmp)`` beside ``dest``, then swap it in; a failure leaves ``dest`` as it was."""
     import shutil
 
     dest.parent.mkdir(parents=True, exist_ok=True)
