@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     from loralab import cli
     from loralab.adapters import load_merged, resolve_target
-    from loralab.data import conversation_prompt_ids, conversation_prompt_text, make_template
+    from loralab.data import (
+        conversation_prompt_ids,
+        conversation_prompt_text,
+        make_template,
+    )
     from loralab.modeling import cpu_has_native_bf16
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = AutoModelForCausalLM.from_pretrained(args.model)
     template = make_template(tok)
     eos = tok.eos_token_id
-    load = lambda p: llama_cpp.Llama(str(p), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)  # noqa: E731
+    load = lambda p: llama_cpp.Llama(str(p), n_ctx=1024, n_threads=os.cpu_count(), verbose=False)
     cpp = {"f16": load(run / "gguf/model-f16.gguf"), "q8_0": load(run / "gguf/model-q8_0.gguf"),
            "base": load(work / "base-gguf/model-f16.gguf")}
 
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("| prompt | prompt ids (llama.cpp tokeniser) | f16 = transformers | f16 stops at EOS | q8_0 = transformers "
           "| LoRA != base (transformers) | LoRA != base (GGUF) |")
     print("|---|---|---|---|---|---|---|")
-    yes = lambda b: "yes" if b else "NO"  # noqa: E731
+    yes = lambda b: "yes" if b else "NO"
     for r in rows:
         print(f"| {r['prompt']} | {yes(r['ids_equal'])} | {yes(r['f16_equal'])} | {yes(r['f16_stops'])} | "
               f"{yes(r['q8_equal'])} | {yes(r['lora_differs_hf'])} | {yes(r['lora_differs_gguf'])} |")

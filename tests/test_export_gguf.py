@@ -1,14 +1,22 @@
 """`loralab export-gguf`: GGUF files that llama.cpp runs with the fine-tune, the right prompt and the right stop."""
 
-import json
 
 import numpy as np
 import pytest
 import torch
 
 from loralab import cli
-from loralab.data import conversation_prompt_ids, conversation_prompt_text, make_template
-from loralab.export_gguf import go_template, ollama_pieces, permute_rope, render_with_pieces
+from loralab.data import (
+    conversation_prompt_ids,
+    conversation_prompt_text,
+    make_template,
+)
+from loralab.export_gguf import (
+    go_template,
+    ollama_pieces,
+    permute_rope,
+    render_with_pieces,
+)
 
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Describe a cat.",
            "Write a haiku about rain.", "Explain photosynthesis."]

@@ -1,24 +1,20 @@
-"""The GGUF proof on a real model (bench/gguf_llamacpp.py), where SmolLM2-135M-Instruct has been fetched."""
+"""The GGUF proof on a real model (bench/gguf_llamacpp.py): SmolLM2-135M-Instruct as `loralab fetch` writes it."""
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_MODEL = Path(os.environ.get("LORALAB_REAL_MODEL", ROOT / "models" / "smollm2-135m-instruct"))
 
 
 @pytest.mark.slow
-def test_llama_cpp_agrees_with_transformers_on_smollm2(tmp_path, alpaca_path):
-    if not (REAL_MODEL / "config.json").exists():
-        pytest.skip(f"real model not found at {REAL_MODEL}; run `loralab fetch smollm2-135m-instruct`")
-    pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extra (`make test` installs it)")
+def test_llama_cpp_agrees_with_transformers_on_smollm2(tmp_path, alpaca_path, real_model_dir):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extra (make test installs it)")
     sys.path.insert(0, str(ROOT / "bench"))
     import gguf_llamacpp
 
-    result = gguf_llamacpp.main(["--model", str(REAL_MODEL), "--data", str(alpaca_path), "--work", str(tmp_path),
+    result = gguf_llamacpp.main(["--model", str(real_model_dir), "--data", str(alpaca_path), "--work", str(tmp_path),
                                  "--no-speed"])
     rows = result["rows"]
     assert len(rows) >= 5

@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 import yaml
-
 from conftest import write_config
+
 from loralab import cli
 
 IDS = torch.tensor([[1, 50, 60, 70, 80, 90, 100, 110]])

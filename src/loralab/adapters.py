@@ -100,7 +100,8 @@ def check_adapter_shapes(adapter_dir: Path, config) -> None:
     with torch.device("meta"):
         modules = dict(AutoModelForCausalLM.from_config(config).named_modules())
     with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="pt") as f:
-        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+        # safe_open is not iterable: keys() is needed.
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
     for key, shape in shapes.items():
         if ".lora_A." not in key and ".lora_B." not in key:
             continue

@@ -121,7 +121,13 @@ def load_responder(target: str, settings: SamplingSettings, overrides: list[str]
     """The model behind ``target`` in the precision eval uses, with the run's adapter unless ``base_only``."""
     from loralab.adapters import attach_adapter, checked_adapter, resolve_target
     from loralab.data import make_template
-    from loralab.modeling import DTYPES, choose_precision, detect_device, load_model, load_tokenizer
+    from loralab.modeling import (
+        DTYPES,
+        choose_precision,
+        detect_device,
+        load_model,
+        load_tokenizer,
+    )
 
     tgt = resolve_target(target, overrides)
     use_adapter = tgt.cfg is not None and not settings.base_only

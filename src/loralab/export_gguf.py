@@ -25,7 +25,7 @@ GGUF_DIR = "gguf"
 QUANT_TYPES = ("f16", "q8_0")
 # llama.cpp's pre-tokenizer names by the hash of the ids of one probe text (from llama.cpp's
 # convert_hf_to_gguf.py, which detects byte-level BPE pre-tokenizers the same way).
-PRE_TOKENIZER_PROBE = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'  # noqa: E501
+PRE_TOKENIZER_PROBE = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
 PRE_TOKENIZERS = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
     "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
@@ -299,7 +299,7 @@ def run(target: str, out: str | None = None, quants: list[str] | tuple[str, ...]
 
     model, tokenizer = load_for_export(tgt)
     template = make_template(tokenizer, tgt.cfg.data.template if tgt.cfg is not None else "auto")
-    render = lambda messages: conversation_prompt_text(template, messages)  # noqa: E731
+    render = lambda messages: conversation_prompt_text(template, messages)
     add_bos = adds_bos(tokenizer, render([{"role": "user", "content": "Hi"}]))
     pieces = ollama_pieces(render)
     name = tgt.cfg.name if tgt.cfg is not None else Path(tgt.model.name_or_path).name

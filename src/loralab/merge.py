@@ -13,9 +13,21 @@ import time
 from pathlib import Path
 
 from loralab import model_card
-from loralab.adapters import checkpoint_dtype, load_merged, parameter_count, require_adapter, resolve_target
+from loralab.adapters import (
+    checkpoint_dtype,
+    load_merged,
+    parameter_count,
+    require_adapter,
+    resolve_target,
+)
 from loralab.modeling import resolve_model_source
-from loralab.rundir import RunDir, check_free_space, check_output_dir, replace_dir, write_json
+from loralab.rundir import (
+    RunDir,
+    check_free_space,
+    check_output_dir,
+    replace_dir,
+    write_json,
+)
 
 MERGED_DIR = "merged"
 # Weights plus tokenizer files and the safetensors index: a little over the raw tensor bytes.

@@ -22,8 +22,8 @@ def base_license(model_source: str) -> str | None:
     readme = Path(model_source).expanduser() / "README.md"
     if not readme.is_file():
         return None
-    front = re.match(r"---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
-    found = re.search(r"^license:\s*(\S+)", front.group(1), re.M) if front else None
+    front = re.match(r"---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.DOTALL)
+    found = re.search(r"^license:\s*(\S+)", front.group(1), re.MULTILINE) if front else None
     return found.group(1).strip("'\"") if found else None
 
 
@@ -100,8 +100,8 @@ def card_text(info: dict) -> str:
     lines += ["", "## Use it", "", "### transformers" + ("" if info["merged"] else " + PEFT"), "",
               transformers_snippet(info["model_ref"], info["base_model"], info["adapter_ref"], info["bos_first"])]
     lines += ["### llama.cpp and Ollama", "",
-              "`loralab export-gguf` writes `model-f16.gguf`, `model-q8_0.gguf` and an Ollama `Modelfile` "
-              "(chat template and stop token included):", "",
+              ("`loralab export-gguf` writes `model-f16.gguf`, `model-q8_0.gguf` and an Ollama `Modelfile` "
+               "(chat template and stop token included):"), "",
               "```bash\nloralab export-gguf " + info["run_ref"] + "\n"
               "llama-cli -m " + info["run_ref"] + "/gguf/model-q8_0.gguf -cnv   # chat template from the file\n"
               "cd " + info["run_ref"] + "/gguf && ollama create my-finetune -f Modelfile\n"
