@@ -14,7 +14,6 @@ import random
 import time
 from pathlib import Path
 
-from loralab.config import config_from_dict
 from loralab.rundir import atomic_write_text
 
 CAPITALS = {
@@ -101,12 +100,13 @@ def demo_config(out: Path, model_dir: Path, data_file: Path) -> dict:
     }
 
 
-def run(out: str | Path) -> Path:
-    """Build the tiny model and data under ``out``, run every stage, print where the report is."""
-    from loralab import pipeline
+def setup(out: str | Path) -> Path:
+    """Build the tiny model, its tokenizer and the data under ``out`` (offline); return the demo's config file.
+
+    The notebook and anyone scripting the demo start here; :func:`run` is this plus every stage.
+    """
     from loralab.tiny import build_tiny_llama
 
-    start = time.perf_counter()
     out = Path(out)
     records = make_records(1200, seed=0)
     data_file = out / "demo_data.json"
@@ -116,12 +116,23 @@ def run(out: str | Path) -> Path:
         texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in records]
         build_tiny_llama(model_dir, texts, vocab_size=400, hidden_size=128, num_hidden_layers=4, fan_in_head=True)
         print(f"demo: built a tiny Llama and tokenizer offline in {model_dir}")
-    cfg = config_from_dict(demo_config(out, model_dir, data_file))
-    atomic_write_text(out / "demo.yaml", _yaml(demo_config(out, model_dir, data_file)))
+    config_file = out / "demo.yaml"
+    atomic_write_text(config_file, _yaml(demo_config(out, model_dir, data_file)))
+    return config_file
+
+
+def run(out: str | Path) -> Path:
+    """Build the tiny model and data under ``out``, run every stage, print where the report is."""
+    from loralab import pipeline
+    from loralab.config import load_config
+
+    start = time.perf_counter()
+    config_file = setup(out)
+    cfg = load_config(config_file)
     pipeline.run_all(cfg)
     report = cfg.run_dir / "report.md"
     print(f"demo: finished in {time.perf_counter() - start:.0f} s. Report: {report}")
-    print(f"demo: the config it ran is {out / 'demo.yaml'}; rerun any stage with e.g. `loralab eval {out / 'demo.yaml'}`")
+    print(f"demo: the config it ran is {config_file}; rerun any stage with e.g. `loralab eval {config_file}`")
     return report
 
 

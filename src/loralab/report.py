@@ -20,6 +20,7 @@ import math
 import re
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 from matplotlib.ticker import MaxNLocator
 
 from loralab.config import ExperimentConfig
+from loralab import report_html as web
 from loralab.errors import LoralabError
 from loralab.rundir import RunDir, atomic_write_bytes, atomic_write_text, stage_hash
 
@@ -45,6 +47,7 @@ EXAMPLES_FILE = "examples.md"
 LOSS_CURVE_FILE = "loss_curve.png"
 FLOW_FILE = "lora_flow.png"
 REPORT_FILE = "report.md"
+HTML_REPORT_FILE = "report.html"
 
 METRIC_LABELS = {
     "bleu": "BLEU",
@@ -52,7 +55,9 @@ METRIC_LABELS = {
     "rouge2": "ROUGE-2",
     "rougeL": "ROUGE-L",
     "perplexity": "Perplexity (lower is better)",
+    "eval_loss": "Held-out loss (lower is better)",
 }
+LOWER_IS_BETTER = frozenset({"perplexity", "eval_loss"})
 STAGE_ORDER = ("prepare", "train", "eval")
 
 
@@ -128,13 +133,6 @@ def _require(run_dir: Path, name: str, stage: str, why: str) -> Path:
 
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _count_records(path: Path) -> int | None:
-    if not path.is_file():
-        return None
-    with open(path, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -360,54 +358,86 @@ def run(cfg: ExperimentConfig) -> Path:
     path = build_report(rundir.root)
     # Always rebuilt (about a second), from whatever the earlier stages last wrote; the hash records which eval.
     rundir.mark_done("report", stage_hash(cfg, "report", rundir.recorded_hash("eval")), time.perf_counter() - start)
-    print(f"report: {path}")
+    print(f"report: {path} and {path.with_name(HTML_REPORT_FILE).name}")
     return path
 
 
+@dataclass
+class RunFiles:
+    """What the report reads from one run directory; ``None`` where an optional file is absent."""
+
+    root: Path
+    config: dict
+    rows: list[dict]  # metrics.jsonl, in file order
+    manifest: dict | None
+    stats: dict | None
+    eval_results: dict[str, dict[str, float]] | None
+    predictions: list[dict] | None
+    examples: str | None
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name") or self.root.name
+
+    @property
+    def sources(self) -> list[str]:
+        """The run directory's files this report reads that exist, in a fixed order."""
+        names = (CONFIG_FILE, MANIFEST_FILE, STATS_FILE, METRICS_FILE, EVAL_RESULTS_FILE, PREDICTIONS_FILE, EXAMPLES_FILE)
+        return [name for name in names if (self.root / name).is_file()]
+
+
+def read_run(run_dir: Path) -> RunFiles:
+    """Read a run directory's files. Raises :class:`MissingRunFile` naming the stage to run when
+    ``config.yaml`` or ``metrics.jsonl`` is absent."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MissingRunFile(f"{run_dir} is not a directory; give a run directory (<output_dir>/<name>/)")
+    config_path = _require(run_dir, CONFIG_FILE, "prepare", "it holds the resolved experiment config")
+    metrics_path = _require(run_dir, METRICS_FILE, "train", "it holds the training log")
+    eval_path, predictions_path = run_dir / EVAL_RESULTS_FILE, run_dir / PREDICTIONS_FILE
+    examples_path = run_dir / EXAMPLES_FILE
+    return RunFiles(
+        root=run_dir,
+        config=yaml.safe_load(config_path.read_text(encoding="utf-8")) or {},
+        rows=read_metrics(metrics_path),
+        manifest=_read_json(run_dir / MANIFEST_FILE),
+        stats=_read_json(run_dir / STATS_FILE),
+        eval_results=read_eval_results(eval_path) if eval_path.is_file() else None,
+        predictions=read_metrics(predictions_path) if predictions_path.is_file() else None,
+        examples=examples_path.read_text(encoding="utf-8") if examples_path.is_file() else None,
+    )
+
+
 def build_report(run_dir: Path) -> Path:
-    """Write ``loss_curve.png``, ``lora_flow.png`` and ``report.md`` into ``run_dir`` from its files; return report.md's path.
+    """Write ``loss_curve.png``, ``lora_flow.png``, ``report.md`` and ``report.html`` into ``run_dir`` from
+    its files; return report.md's path.
 
     Raises :class:`MissingRunFile` (a ``FileNotFoundError``) naming the missing file and the stage that
     writes it when ``config.yaml`` or ``metrics.jsonl`` is absent.
     """
-    run_dir = Path(run_dir)
-    config_path = _require(run_dir, CONFIG_FILE, "prepare", "it holds the resolved experiment config")
-    metrics_path = _require(run_dir, METRICS_FILE, "train", "it holds the training log")
-    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    rows = read_metrics(metrics_path)
-    manifest = _read_json(run_dir / MANIFEST_FILE)
-    stats = _read_json(run_dir / STATS_FILE)
-    eval_path = run_dir / EVAL_RESULTS_FILE
-    eval_results = read_eval_results(eval_path) if eval_path.is_file() else None
-    n_predictions = _count_records(run_dir / PREDICTIONS_FILE)
-    examples_path = run_dir / EXAMPLES_FILE
-    examples = examples_path.read_text(encoding="utf-8") if examples_path.is_file() else None
-
+    run = read_run(run_dir)
+    run_dir = run.root
     # A run shorter than logging_steps logs no training row: nothing to plot, and the report says so.
-    if training_rows(rows):
-        plot_loss_curve(rows, run_dir / LOSS_CURVE_FILE)
-    plot_lora_flow(_flow_info(config, manifest, stats, eval_results), run_dir / FLOW_FILE)
+    if training_rows(run.rows):
+        plot_loss_curve(run.rows, run_dir / LOSS_CURVE_FILE)
+    plot_lora_flow(_flow_info(run.config, run.manifest, run.stats, run.eval_results), run_dir / FLOW_FILE)
 
-    sources = [
-        name
-        for name in (CONFIG_FILE, MANIFEST_FILE, STATS_FILE, METRICS_FILE, EVAL_RESULTS_FILE, PREDICTIONS_FILE, EXAMPLES_FILE)
-        if (run_dir / name).is_file()
-    ]
     text = "\n\n".join(
         [
-            f"# {config.get('name') or run_dir.name}: LoRA fine-tuning report",
+            f"# {run.name}: LoRA fine-tuning report",
             "Every number below is read from the files of this run directory: "
-            + ", ".join(f"`{name}`" for name in sources)
+            + ", ".join(f"`{name}`" for name in run.sources)
             + ".",
-            _setup_section(config, manifest, stats),
-            _results_section(eval_results, n_predictions),
-            _training_section(rows),
+            _setup_section(run.config, run.manifest, run.stats),
+            _results_section(run.eval_results, len(run.predictions) if run.predictions is not None else None),
+            _training_section(run.rows),
             f"## How this run fits together\n\n![Data flow of this run]({FLOW_FILE})",
-            _examples_section(examples),
+            _examples_section(run.examples),
         ]
     )
     report_path = run_dir / REPORT_FILE
     atomic_write_text(report_path, text + "\n")
+    atomic_write_text(run_dir / HTML_REPORT_FILE, report_page(run, (run_dir / FLOW_FILE).read_bytes()))
     return report_path
 
 
@@ -434,7 +464,8 @@ def _flow_info(config: dict, manifest: dict | None, stats: dict | None, eval_res
     }
 
 
-def _setup_section(config: dict, manifest: dict | None, stats: dict | None) -> str:
+def setup_rows(config: dict, manifest: dict | None, stats: dict | None) -> list[list[str]]:
+    """The setup table's ``[setting, value]`` rows, values in Markdown (`code` spans); shared by report.md and report.html."""
     model, data, lora, train = (_section(config, name) for name in ("model", "data", "lora", "train"))
     manifest = manifest or {}
 
@@ -465,7 +496,7 @@ def _setup_section(config: dict, manifest: dict | None, stats: dict | None) -> s
     seeds = manifest.get("seeds")
     data_hash = manifest.get("data_sha256")
 
-    setup = [
+    return [
         ["Base model (frozen)", f"`{_show(model.get('name_or_path'))}`"],
         ["Data", f"`{_show(data.get('path'))}`" + (f" (sha256 `{data_hash[:12]}`)" if data_hash else "")],
         ["Examples", examples],
@@ -494,20 +525,27 @@ def _setup_section(config: dict, manifest: dict | None, stats: dict | None) -> s
         ["Precision", _show(manifest.get("precision") or train.get("precision"))],
         ["loralab", f"{_show(manifest.get('loralab_version'))}, commit `{_show(manifest.get('git_commit'))}`"],
     ]
-    parts = ["## Setup", _table(["Setting", "Value"], setup)]
 
+
+def stage_timing_rows(manifest: dict | None) -> list[list[str]]:
+    """``[stage, wall time, finished at]`` per recorded stage, in pipeline order; empty when none is recorded."""
     # The report stage is left out: its entry, if any, is from an earlier report, not this one.
-    stages = {k: v for k, v in (manifest.get("stages") or {}).items() if k != "report"}
-    if stages:
-        ordered = sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
-        timing = [
-            [
-                stage,
-                _format_duration(stages[stage]["wall_s"]) if "wall_s" in stages[stage] else "n/a",
-                _show(stages[stage].get("finished_at")),
-            ]
-            for stage in ordered
+    stages = {k: v for k, v in ((manifest or {}).get("stages") or {}).items() if k != "report"}
+    ordered = sorted(stages, key=lambda s: STAGE_ORDER.index(s) if s in STAGE_ORDER else len(STAGE_ORDER))
+    return [
+        [
+            stage,
+            _format_duration(stages[stage]["wall_s"]) if "wall_s" in stages[stage] else "n/a",
+            _show(stages[stage].get("finished_at")),
         ]
+        for stage in ordered
+    ]
+
+
+def _setup_section(config: dict, manifest: dict | None, stats: dict | None) -> str:
+    parts = ["## Setup", _table(["Setting", "Value"], setup_rows(config, manifest, stats))]
+    timing = stage_timing_rows(manifest)
+    if timing:
         parts += ["Wall time per stage:", _table(["Stage", "Wall time", "Finished at"], timing)]
     else:
         parts.append(f"Wall time per stage: not recorded (`{MANIFEST_FILE}` has no stages).")
@@ -600,3 +638,153 @@ def _nest_headings(markdown: str, top_level: int) -> str:
     for i, level in levels.items():
         lines[i] = "#" * min(level + shift, 6) + lines[i][level:]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# report.html: the same run as one self-contained page, its numbers from the same files
+
+
+def curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """``(step, value)`` points of each logged curve: ``loss``, ``eval_loss``, ``grad_norm``, ``learning_rate``."""
+    train = training_rows(rows)
+    out = {key: [(r["step"], r[key]) for r in train if r.get(key) is not None] for key in ("loss", "grad_norm", "learning_rate")}
+    out["eval_loss"] = [(r["step"], r["eval_loss"]) for r in eval_loss_rows(rows)]
+    return out
+
+
+def metric_cells(name: str, values: dict[str, float]) -> list[web.Cell]:
+    """A metrics-table row: label, base, LoRA, change (coloured by whether it is a gain for this metric)."""
+    base, lora = values["base"], values["lora"]
+    return [
+        web.Cell(METRIC_LABELS.get(name, name)),
+        web.Cell(format_metric(base), base, "num"),
+        web.Cell(format_metric(lora), lora, "num"),
+        web.change_cell(base, lora, lower_is_better=name in LOWER_IS_BETTER),
+    ]
+
+
+def prompt_text(prediction: dict) -> str:
+    """A held-out example's prompt as a person reads it: the instruction, then its input when present."""
+    if "instruction" not in prediction:
+        return prediction.get("prompt", "")
+    return prediction["instruction"] + (f"\n\n{prediction['input']}" if prediction.get("input") else "")
+
+
+def example_rouge_l(prediction: dict, side: str) -> float:
+    """Per-example ROUGE-L F1 of the ``base`` or ``lora`` answer, as the eval stage recorded it; NaN if absent."""
+    value = ((prediction.get("scores") or {}).get(side) or {}).get("rougeL")
+    return math.nan if value is None else float(value)
+
+
+def win_loss_line(predictions: list[dict]) -> str:
+    """How many held-out prompts LoRA's per-example ROUGE-L beat, tied and lost against the base model's."""
+    changes = [example_rouge_l(p, "lora") - example_rouge_l(p, "base") for p in predictions]
+    changes = [c for c in changes if not math.isnan(c)]
+    better, worse = sum(c > 0 for c in changes), sum(c < 0 for c in changes)
+    return (
+        f"Per-example ROUGE-L: LoRA is higher than the base model on {better} of {len(changes)} held-out prompts, "
+        f"lower on {worse}, equal on {len(changes) - better - worse}."
+    )
+
+
+def report_page(run: RunFiles, flow_png: bytes | None) -> str:
+    """report.html for ``run``: results with deltas, interactive curves, every held-out answer, the setup."""
+    sections = [
+        web.section("Results", _html_results(run), "results"),
+        web.section("Training", _html_training(run.rows), "training"),
+        web.section("Held-out prompts", _html_predictions(run.predictions), "prompts"),
+        web.section("Setup", _html_setup(run), "setup"),
+    ]
+    if flow_png:
+        sections.append(web.section("How this run fits together", web.png_image(flow_png, "Data flow of this run"), "flow"))
+    examples = _not_yet(EXAMPLES_FILE) if run.examples is None else run.examples.strip()
+    sections.append(web.section("Fixed prompts", f'<pre class="md">{web.esc(examples)}</pre>', "examples"))
+    subtitle = (
+        f"Every number on this page is read from the files of the run directory `{run.root}`: "
+        + ", ".join(f"`{name}`" for name in run.sources)
+        + "."
+    )
+    return web.page(f"{run.name}: LoRA fine-tuning report", subtitle, sections)
+
+
+def _html_results(run: RunFiles) -> str:
+    if run.eval_results is None:
+        return web.paragraph(_not_yet(EVAL_RESULTS_FILE).strip("_"))
+    rows = [metric_cells(name, values) for name, values in run.eval_results.items()]
+    parts = [
+        web.paragraph(
+            "BLEU is corpus BLEU (sacrebleu), ROUGE the mean F1 over held-out prompts (rouge-score); both on a 0-1 scale. "
+            "Change is LoRA minus base; green where it is a gain."
+        ),
+        web.table(["Metric", "Base", "LoRA", "Change"], rows, table_id="metrics"),
+    ]
+    if run.predictions:
+        parts.append(web.paragraph(win_loss_line(run.predictions)))
+    parts.append(
+        web.paragraph(
+            "BLEU and ROUGE reward n-gram overlap with a single reference answer. They do not measure whether an "
+            "answer is correct or helpful, and they score a correct paraphrase low: read them next to the answers below."
+        )
+    )
+    return "\n".join(parts)
+
+
+def _html_training(rows: list[dict]) -> str:
+    points = curves(rows)
+    if not points["loss"]:
+        return web.paragraph("No training rows were logged (is `logging_steps` larger than the number of steps?).")
+    charts = [
+        web.line_chart(
+            "Loss",
+            [
+                web.Series("training loss", points["loss"], web.PALETTE[0], fmt=format_metric),
+                web.Series("held-out loss", points["eval_loss"], web.PALETTE[1], dashed=True, fmt=format_metric),
+            ],
+            chart_id="chart-loss",
+        ),
+        web.line_chart("Gradient norm", [web.Series("grad norm", points["grad_norm"], web.PALETTE[2], fmt=format_metric)],
+                       chart_id="chart-grad-norm"),
+        web.line_chart("Learning rate", [web.Series("learning rate", points["learning_rate"], web.PALETTE[3], fmt=format_lr)],
+                       chart_id="chart-lr"),
+    ]
+    parts = [web.paragraph("Hover over a chart to read the values at each logged step."),
+             f'<div class="charts">{"".join(charts)}</div>']
+    summary = _summary_row(rows)
+    if summary and "train_loss" in summary:
+        parts.append(web.paragraph(f"Mean training loss over the run: {format_metric(summary['train_loss'])}."))
+    return "\n".join(parts)
+
+
+def _html_predictions(predictions: list[dict] | None) -> str:
+    if predictions is None:
+        return web.paragraph(_not_yet(PREDICTIONS_FILE).strip("_"))
+    rows = []
+    for i, p in enumerate(predictions, start=1):
+        base, lora = example_rouge_l(p, "base"), example_rouge_l(p, "lora")
+        rows.append(
+            [
+                web.Cell(str(i), i, "num"),
+                web.Cell(prompt_text(p), cls="long"),
+                web.Cell(p.get("reference", ""), cls="long"),
+                web.Cell(p.get("base", ""), cls="long"),
+                web.Cell(p.get("lora", ""), cls="long"),
+                web.Cell(format_metric(base), base, "num"),
+                web.Cell(format_metric(lora), lora, "num"),
+                web.change_cell(base, lora),
+            ]
+        )
+    header = ["#", "Prompt", "Reference", "Base answer", "LoRA answer", "ROUGE-L base", "ROUGE-L LoRA", "Change"]
+    intro = web.paragraph(
+        f"The {len(rows)} held-out prompts of `{PREDICTIONS_FILE}`, answered greedily by the base model and by base + LoRA. "
+        "Click a column heading to sort (Change: where LoRA helped most, or hurt most); type to filter."
+    )
+    return intro + "\n" + web.table(header, rows, table_id="predictions", sortable=(0, 5, 6, 7), filter_label="Filter")
+
+
+def _html_setup(run: RunFiles) -> str:
+    rows = [[web.Cell(k), web.Cell(web.inline_code(v), html=True)] for k, v in setup_rows(run.config, run.manifest, run.stats)]
+    parts = [web.table(["Setting", "Value"], rows, table_id="setup")]
+    timing = stage_timing_rows(run.manifest)
+    if timing:
+        parts += ["<p>Wall time per stage:</p>", web.table(["Stage", "Wall time", "Finished at"], timing, table_id="stages")]
+    return "\n".join(parts)
