@@ -1,0 +1,192 @@
+"""report.html and the compare page in a real browser: headless Chromium driven through WebDriver.
+
+The fixture installs Debian's `chromium` and `chromium-driver` with apt-get where they are missing and
+the tests run as root (as CI does, on a fresh machine); where that cannot be done the tests are skipped
+with the reason, never passed. The install lives here and not in scripts/setup.sh so that `make demo`
+never needs root or a browser: only the tests that use one pay for it.
+"""
+
+import csv
+import io
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from report_runs import EXAMPLES, make_run
+
+from loralab.compare import compare_page
+from loralab.report import format_metric, read_run
+from loralab.rundir import atomic_write_text
+
+PACKAGES = ("chromium", "chromium-driver")
+
+
+def _binaries() -> tuple[str | None, str | None]:
+    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser")) if p), None)
+    return browser, shutil.which("chromedriver")
+
+
+def _apt_install() -> str:
+    """Install the browser with apt-get; return why it could not be done, or '' when it was."""
+    if not shutil.which("apt-get"):
+        return "apt-get is not available (not a Debian-based system)"
+    if os.geteuid() != 0:
+        return f"not root, so apt-get cannot install {' '.join(PACKAGES)} (install them, then rerun)"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
+    for command in (install, ["apt-get", "update", "-q"], install):  # update only when the first try fails
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            return f"`{' '.join(command)}` took over 15 minutes"
+        if command == install and done.returncode == 0:
+            return ""
+    tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+    return f"`{' '.join(install)}` failed: {tail[0]}"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install -e '.[dev]')")
+    browser_path, driver_path = _binaries()
+    if not (browser_path and driver_path):
+        reason = _apt_install()
+        browser_path, driver_path = _binaries()
+        if not (browser_path and driver_path):
+            pytest.skip(f"headless Chromium not available: {reason or 'installed, but not found on PATH'}")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser_path
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1600",
+                "--hide-scrollbars", "--force-device-scale-factor=1"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pages")
+    runs = [make_run(root / "r8", r=8, name="r8"), make_run(root / "r16", r=16, name="r16", shift=0.1, loss_scale=0.9)]
+    compare = root / "compare.html"
+    atomic_write_text(compare, compare_page([read_run(r) for r in runs]))
+    return {"report": runs[0] / "report.html", "compare": compare, "runs": runs}
+
+
+def open_page(driver, path):
+    driver.get(path.as_uri())
+    driver.get_log("browser")  # drop earlier pages' entries
+    driver.refresh()
+    assert driver.execute_script("return document.readyState") == "complete"
+    return driver
+
+
+def severe_logs(driver) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def column(driver, table_id: str, index: int, attr: str = "data-value") -> list[str]:
+    return driver.execute_script(
+        "return Array.from(document.getElementById(arguments[0]).tBodies[0].rows)"
+        ".filter(r => r.offsetParent !== null).map(r => r.cells[arguments[1]].getAttribute(arguments[2]))",
+        table_id, index, attr,
+    )
+
+
+def drawn_pixels(png: bytes) -> int:
+    """How many pixels of a screenshot are not (near) white."""
+    image = imread(io.BytesIO(png))[..., :3]
+    return int((image.min(axis=-1) < 0.9).sum())
+
+
+@pytest.mark.parametrize("name", ["report", "compare"])
+def test_page_loads_without_console_errors(browser, pages, name):
+    open_page(browser, pages[name])
+    browser.find_element("css selector", "#chart-loss svg").click()  # the scripts run on interaction too
+    assert severe_logs(browser) == []
+
+
+@pytest.mark.parametrize("name", ["report", "compare"])
+def test_curves_and_images_render(browser, pages, name, tmp_path):
+    open_page(browser, pages[name])
+    charts = browser.find_elements("css selector", "figure.chart .plot svg")
+    assert len(charts) == 3
+    for svg in charts:
+        assert svg.size["width"] > 300 and svg.size["height"] > 100  # laid out (DOM)
+        line = svg.find_element("css selector", "polyline")
+        box = browser.execute_script("const b = arguments[0].getBBox(); return [b.width, b.height];", line)
+        assert box[0] > 100 and box[1] > 0
+        assert drawn_pixels(svg.screenshot_as_png) > 2000  # painted (screenshot): axes, grid, lines
+    images = browser.find_elements("css selector", "img")
+    for img in images:
+        assert browser.execute_script("return arguments[0].naturalWidth", img) > 100
+        assert img.size["width"] > 100 and drawn_pixels(img.screenshot_as_png) > 1000
+    assert len(images) == (1 if name == "report" else 0)  # the flow diagram
+    shot = tmp_path / f"{name}.png"
+    assert browser.save_screenshot(str(shot)) and drawn_pixels(shot.read_bytes()) > 50_000
+
+
+def test_report_metrics_table_equals_eval_results(browser, pages):
+    open_page(browser, pages["report"])
+    cells = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#metrics tbody tr')).map(r => "
+        "Array.from(r.cells).map(c => [c.textContent, c.getAttribute('data-value')]))"
+    )
+    with open(pages["runs"][0] / "eval_results.csv", newline="") as f:
+        expected = list(csv.DictReader(f))
+    assert len(cells) == len(expected)
+    for row, want in zip(cells, expected):
+        base, lora = float(want["base"]), float(want["lora"])
+        assert [row[1][0], row[2][0]] == [format_metric(base), format_metric(lora)]
+        assert [float(row[1][1]), float(row[2][1])] == [base, lora]
+        assert float(row[3][1]) == lora - base
+
+
+def test_sorting_by_change_reorders_rows(browser, pages):
+    open_page(browser, pages["report"])
+    before = column(browser, "predictions", 0)
+    assert before == [str(i) for i in range(1, len(EXAMPLES) + 1)]
+    change = browser.find_element("css selector", '#predictions th[data-sort="7"] button')
+    change.click()
+    values = [float(v) for v in column(browser, "predictions", 7)]
+    assert values == sorted(values, reverse=True) and column(browser, "predictions", 0) != before
+    assert values[0] == pytest.approx(0.75) and browser.find_element(
+        "css selector", '#predictions th[data-sort="7"]').get_attribute("aria-sort") == "descending"
+    change.click()  # again: where LoRA hurt most comes first
+    values = [float(v) for v in column(browser, "predictions", 7)]
+    assert values == sorted(values) and values[0] == pytest.approx(-0.8)
+
+
+def test_filter_and_hover(browser, pages):
+    open_page(browser, pages["report"])
+    box = browser.find_element("css selector", 'input[data-filter="predictions"]')
+    box.send_keys("french")
+    assert column(browser, "predictions", 0) == ["2"]
+    assert browser.find_element("css selector", '[data-count="predictions"]').text == f"1 of {len(EXAMPLES)} rows"
+    box.clear()
+    box.send_keys(" ")  # a space matches every row
+    assert len(column(browser, "predictions", 0)) == len(EXAMPLES)
+
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    svg = browser.find_element("css selector", "#chart-loss svg")
+    tip = browser.find_element("css selector", "#chart-loss .tip")
+    assert not tip.is_displayed()
+    # The right edge of the plot is the last step (6): the readout shows both losses there.
+    ActionChains(browser).move_to_element_with_offset(svg, svg.size["width"] // 2 - 30, 0).perform()
+    assert tip.is_displayed() and tip.text.splitlines() == ["step 6", "training loss: 1.6180", "held-out loss: 2.1000"]
+
+
+def test_compare_sorts_by_the_difference_between_runs(browser, pages):
+    open_page(browser, pages["compare"])
+    last = browser.execute_script("return document.querySelectorAll('#predictions thead th').length") - 1
+    browser.find_element("css selector", f'#predictions th[data-sort="{last}"] button').click()
+    values = [float(v) for v in column(browser, "predictions", last)]
+    # r16's LoRA scores are r8's plus 0.1 except where r8 already had 1.0.
+    assert np.allclose(values, [0.1] * 5 + [0.0], atol=1e-9)
+    assert column(browser, "predictions", 0)[-1] == "1"
+    assert severe_logs(browser) == []
