@@ -191,6 +191,11 @@ def test_run_labels_and_alignment(runs):
     assert aligned[0][1][1] is None and aligned[-1][1][0] is None and aligned[-1][0]["instruction"] == "only here"
     text = compare_page([one, two])
     assert "(not set)" in text
+    # The same prompt and reference twice (a data set can repeat a record): both kept, matched in order.
+    one.predictions = one.predictions + one.predictions[:1]
+    two.predictions = one.predictions
+    aligned = aligned_predictions([one, two])
+    assert len(aligned) == len(EXAMPLES) + 1 and aligned[-1][1] == [one.predictions[-1], one.predictions[-1]]
 
 
 def test_nice_ticks_and_labels():

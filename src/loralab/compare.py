@@ -113,16 +113,21 @@ def prediction_key(prediction: dict) -> tuple[str, str]:
 
 
 def aligned_predictions(runs: Sequence[RunFiles]) -> list[tuple[dict, list[dict | None]]]:
-    """Held-out examples matched across runs by :func:`prediction_key`, in the first run's order (then the
-    others' new ones): ``(an example's record, that example's prediction in each run or None)``."""
-    order: dict[tuple[str, str], dict] = {}
+    """Held-out examples matched across runs, in the first run's order (then the others' new ones):
+    ``(an example's record, that example's prediction in each run or None)``.
+
+    Examples match by :func:`prediction_key` and, since a data set can hold the same prompt and reference
+    twice, by which occurrence of that key they are.
+    """
+    order: dict[tuple, dict] = {}
     by_run = []
     for r in runs:
-        mapping = {}
+        mapping, seen = {}, {}
         for p in r.predictions or []:
             key = prediction_key(p)
-            mapping.setdefault(key, p)
-            order.setdefault(key, p)
+            seen[key] = seen.get(key, 0) + 1
+            mapping[(*key, seen[key])] = p
+            order.setdefault((*key, seen[key]), p)
         by_run.append(mapping)
     return [(first, [mapping.get(key) for mapping in by_run]) for key, first in order.items()]
 

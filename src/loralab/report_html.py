@@ -285,6 +285,8 @@ table.data th[aria-sort="none"] button::after { content: " \\21C5"; color: var(-
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 td.up { color: var(--up); font-weight: 600; }
 td.down { color: var(--down); font-weight: 600; }
+small.up { color: var(--up); }
+small.down { color: var(--down); }
 td.long { white-space: pre-wrap; min-width: 14em; max-width: 30em; font-size: 14px; }
 tr.hidden { display: none; }
 .filter { margin: 6px 0; }
