@@ -665,7 +665,8 @@ def metric_cells(name: str, values: dict[str, float]) -> list[web.Cell]:
 
 def prompt_text(prediction: dict) -> str:
     """A held-out example's prompt as a person reads it: the instruction, then its input when present."""
-    if "instruction" not in prediction:
+    if not prediction.get("instruction"):
+        # Chat, ShareGPT and prompt/completion records have no instruction: show the rendered prompt.
         return prediction.get("prompt", "")
     return prediction["instruction"] + (f"\n\n{prediction['input']}" if prediction.get("input") else "")
 
