@@ -7,9 +7,9 @@ import copy
 import json
 
 import yaml
+from test_report import CONFIG, write_run_dir
 
 from loralab.report import build_report
-from test_report import CONFIG, write_run_dir
 
 # (instruction, input, reference, base answer, LoRA answer, ROUGE-L base, ROUGE-L LoRA)
 EXAMPLES = [

@@ -39,7 +39,7 @@ def _apt_install() -> str:
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
     for command in (install, ["apt-get", "update", "-q"], install):  # update only when the first try fails
         try:
-            done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+            done = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=900)
         except subprocess.TimeoutExpired:
             return f"`{' '.join(command)}` took over 15 minutes"
         if command == install and done.returncode == 0:

@@ -10,7 +10,13 @@ from html_page import parse_page
 from report_runs import EXAMPLES, make_run
 
 from loralab import cli
-from loralab.compare import aligned_predictions, compare_page, differing_fields, flatten, run_labels
+from loralab.compare import (
+    aligned_predictions,
+    compare_page,
+    differing_fields,
+    flatten,
+    run_labels,
+)
 from loralab.report import (
     build_report,
     format_lr,

@@ -8,8 +8,9 @@ report, it reads only the run directories' files (through :func:`loralab.report.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from loralab import report_html as web
 from loralab.errors import LoralabError
