@@ -47,6 +47,21 @@ def test_metrics_log_has_every_logged_step(run):
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 4]
 
 
+def test_tensorboard_event_file_holds_what_metrics_jsonl_holds(run):
+    """The Trainer's TensorBoard integration writes into <run>/tensorboard/ by default: read it back."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, rd = run
+    events = EventAccumulator(str(rd / "tensorboard"))
+    events.Reload()
+    scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    rows = read_metrics(rd / "metrics.jsonl")
+    for key, tag in [("loss", "train/loss"), ("grad_norm", "train/grad_norm"), ("learning_rate", "train/learning_rate")]:
+        assert scalars[tag] == pytest.approx({r["step"]: r[key] for r in rows if "loss" in r}, rel=1e-6), tag
+    assert scalars["eval/loss"] == pytest.approx({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}, rel=1e-6)
+    assert sorted(scalars["eval/loss"]) == [0, 4]
+
+
 def test_adapter_loads_with_plain_peft_and_was_trained(run, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -1,5 +1,6 @@
 """A NaN loss stops training at once with an actionable message, keeping the last good checkpoint."""
 
+import pytest
 import torch
 
 from conftest import write_config
@@ -52,10 +53,24 @@ def test_only_the_main_process_writes_metrics(tmp_path):
 
     for main, expected in [(False, ""), (True, '"loss": 1.5')]:
         path = tmp_path / f"metrics-{main}.jsonl"
-        log = MetricsLog(path, "fp32", [], 0, "cpu")
+        log = MetricsLog(path, "fp32", 0)
         state = TrainerState(is_world_process_zero=main)
         state.global_step, state.epoch = 1, 0.1
         log.on_train_begin(None, state, TrainerControl())
         log.on_log(None, state, TrainerControl(), logs={"loss": 1.5, "grad_norm": 0.3, "learning_rate": 1e-4})
         text = path.read_text() if path.exists() else ""
         assert (expected in text) if expected else text == ""
+
+
+@pytest.mark.parametrize("tracker", ["mlflow", "wandb"])
+def test_a_tracker_without_its_package_is_one_clear_error(tracker):
+    import importlib.util
+
+    from loralab.config import config_from_dict
+
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed here")
+    cfg = config_from_dict({"name": "t", "train": {"report_to": ["tensorboard", tracker]}})
+    with pytest.raises(train.LoralabError, match=f"train.report_to lists {tracker}, but its package is not installed: "
+                                                 f"pip install {tracker}"):
+        train.check_trackers(cfg)

@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints/")
         if name == "plan":
             p.add_argument("--device", default="auto", help="device profile: t4, a100, h100, m2-16gb, cpu or auto")
+            p.add_argument("--nproc", type=int, default=1, metavar="N",
+                           help="memory and time per device when N processes (DDP) share each step (default 1)")
             p.add_argument("--calibrate", action="store_true",
                            help="on a CPU, measure this machine's matmul peaks first (a few seconds) instead of the reference CPU's")
         if name == "inspect":
@@ -159,7 +161,7 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.command == "plan":
         from loralab import plan
 
-        plan.run(cfg, device=args.device, calibrate=args.calibrate)
+        plan.run(cfg, device=args.device, calibrate=args.calibrate, processes=args.nproc)
     elif args.command == "inspect":
         from loralab import inspect_data
 
@@ -175,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     except LoralabError as err:
         print(f"loralab: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("loralab: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        print(f"loralab: interrupted: {err}" if str(err) else "loralab: interrupted", file=sys.stderr)
         return 130
     except MemoryError:
         print("loralab: error: out of memory; run `loralab plan CONFIG` to see what fits", file=sys.stderr)

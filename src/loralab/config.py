@@ -84,8 +84,18 @@ class LoraSection:
     """LoRA scaling numerator: the update is scaled by lora_alpha / r."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA input during training."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    """Names of the linear modules that get adapters (PEFT's target_modules)."""
+    target_modules: Union[list[str], Literal["all-linear"]] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Names of the linear modules that get adapters (PEFT's target_modules); "all-linear": every linear layer
+    of the decoder (not the LM head)."""
+    use_dora: bool = False
+    """DoRA (PEFT's use_dora): a trained magnitude per output feature on top of the LoRA direction; adds
+    out_features parameters per adapted module and runs PEFT's own (slower) forward."""
+    use_rslora: bool = False
+    """rsLoRA (PEFT's use_rslora): scale the update by lora_alpha / sqrt(r) instead of lora_alpha / r."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters and saved with them (PEFT's modules_to_save), e.g.
+    [lm_head, embed_tokens] after adding tokens."""
 
 
 @dataclass
@@ -137,9 +147,18 @@ class TrainConfig:
     """CUDA only: compile the model with torch.compile through the Trainer (the first steps are slow while it
     compiles). Not measured by loralab. On a CPU, loralab's own training path is used instead."""
     eval_loss_steps: int = 0
-    """Compute the held-out loss every this many optimizer steps (0: only at the end)."""
+    """Compute the held-out loss every this many optimizer steps (0: only at the start and the end)."""
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers fed through the Trainer's own integrations, besides metrics.jsonl (always written): "tensorboard"
+    (event files in <run>/tensorboard/), "mlflow" (MLFLOW_TRACKING_URI, default <run>/mlruns), "wandb" (offline
+    into <run>/wandb/ unless WANDB_API_KEY or WANDB_MODE is set). [] for none. Each needs its package installed."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     """Where to train; "auto" prefers CUDA, then MPS, then CPU."""
+    load_in_4bit: bool = False
+    """QLoRA: load the frozen base weights in 4-bit NF4 (double quantisation) through bitsandbytes, computing in
+    train.precision; CUDA only, needs `pip install bitsandbytes`."""
+    optim: Literal["adamw_torch", "adamw_bnb_8bit"] = "adamw_torch"
+    """The Trainer's optimizer: AdamW, or bitsandbytes' 8-bit AdamW (optimizer states in 8 bits; needs bitsandbytes)."""
 
 
 @dataclass

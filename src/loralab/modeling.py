@@ -138,26 +138,51 @@ def load_tokenizer(model: ModelConfig):
     return tokenizer
 
 
-def load_model(model: ModelConfig, precision: str, device: str, in_memory: bool = False):
+def check_bitsandbytes(load_in_4bit: bool, optim: str, device: str) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes; the 8-bit optimizer needs bitsandbytes."""
+    import importlib.util
+
+    if load_in_4bit and device != "cuda":
+        raise LoralabError(f"train.load_in_4bit (QLoRA) needs a CUDA GPU and this run is on {device}; "
+                           f"set train.load_in_4bit: false")
+    missing = importlib.util.find_spec("bitsandbytes") is None
+    if load_in_4bit and missing:
+        raise LoralabError("train.load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes "
+                           "(or set train.load_in_4bit: false)")
+    if optim == "adamw_bnb_8bit" and missing:
+        raise LoralabError("train.optim adamw_bnb_8bit needs bitsandbytes: pip install bitsandbytes "
+                           "(or set train.optim: adamw_torch)")
+
+
+def load_model(model: ModelConfig, precision: str, device: str, in_memory: bool = False, load_in_4bit: bool = False):
     """The base model with weights stored in the compute dtype (bf16/fp16 weights, not fp32 under autocast).
 
     ``in_memory``: read the weights into memory instead of mapping the checkpoint file. Mapped weights stay
     resident as long as any tensor of the file is alive, so weights released later (loralab.cpu.onednn_weights)
     would still count; read in, each is freed on its own (at the cost of the file's size again while loading).
+    ``load_in_4bit``: QLoRA's NF4 base through bitsandbytes on the current CUDA device (check_bitsandbytes first).
     """
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(model)
+    extra: dict = {"disable_mmap": True} if in_memory else {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=DTYPES[precision])
+        extra["device_map"] = {"": torch.cuda.current_device()}
     try:
         net = AutoModelForCausalLM.from_pretrained(
             source, revision=model.revision, dtype=DTYPES[precision], attn_implementation=model.attn_implementation,
-            **({"disable_mmap": True} if in_memory else {}),
+            **extra,
         )
     except (OSError, ValueError) as err:
         if source == model.name_or_path and not Path(source).exists():
             raise _hub_error(model.name_or_path, err) from None
         raise LoralabError(f"cannot load a model from {source}: {err}") from None
-    return net.to(device)
+    return net if load_in_4bit else net.to(device)  # a quantised model is placed by device_map
 
 
 def lora_config(lora: LoraSection):
@@ -167,7 +192,10 @@ def lora_config(lora: LoraSection):
         r=lora.r,
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules),
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        modules_to_save=list(lora.modules_to_save) or None,
         bias="none",
         task_type=TaskType.CAUSAL_LM,
     )
@@ -175,8 +203,10 @@ def lora_config(lora: LoraSection):
 
 def add_lora(model, lora: LoraSection):
     """Wrap ``model`` with fresh LoRA adapters; LoRA weights are kept in fp32 whatever the base dtype."""
-    from peft import get_peft_model
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
+    if getattr(model, "is_loaded_in_4bit", False):  # QLoRA: norms in fp32, input gradients on (PEFT's recipe)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     try:
         return get_peft_model(model, lora_config(lora), autocast_adapter_dtype=True)
     except ValueError as err:

@@ -221,17 +221,60 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
     )
 
 
+def target_names(lora: LoraSection) -> list[str]:
+    """The adapted linears' names in a decoder layer ("all-linear": each of them; PEFT leaves the LM head out)."""
+    if lora.target_modules == "all-linear":
+        return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return list(lora.target_modules)
+
+
 def lora_modules(shape: ModelShape, lora: LoraSection) -> list[tuple[int, int]]:
     """(in, out) of every adapted linear across all layers."""
     dims = shape.module_dims()
-    unknown = [m for m in lora.target_modules if m not in dims]
+    unknown = [m for m in target_names(lora) if m not in dims]
     if unknown:
         raise LoralabError(f"plan does not know lora.target_modules {unknown}; it knows {', '.join(dims)}")
-    return [dims[m] for m in lora.target_modules] * shape.num_layers
+    return [dims[m] for m in target_names(lora)] * shape.num_layers
+
+
+def saved_module_params(shape: ModelShape, lora: LoraSection) -> int:
+    """Parameters of lora.modules_to_save, trained in full (PEFT keeps a trainable copy of each)."""
+    sizes = {"lm_head": shape.vocab_size * shape.hidden_size, "embed_tokens": shape.vocab_size * shape.hidden_size}
+    unknown = [m for m in lora.modules_to_save if m not in sizes]
+    if unknown:
+        raise LoralabError(f"plan does not know lora.modules_to_save {unknown}; it knows {', '.join(sizes)}")
+    return sum(sizes[m] for m in lora.modules_to_save)
 
 
 def lora_trainable_params(shape: ModelShape, lora: LoraSection) -> int:
-    return sum(lora.r * (a + b) for a, b in lora_modules(shape, lora))
+    """LoRA's A and B (r x (in + out) per module), DoRA's magnitude (out per module), modules_to_save in full;
+    rsLoRA changes only the scale."""
+    adapters = sum(lora.r * (a + b) + (b if lora.use_dora else 0) for a, b in lora_modules(shape, lora))
+    return adapters + saved_module_params(shape, lora)
+
+
+NF4_BYTES_PER_PARAM = 0.5 + 0.127 / 8  # 4 bits + double-quantised absmax constants (QLoRA paper: 0.127 bits)
+OPTIMIZER_8BIT_STATE_BYTES = 4 + 4 + 2  # fp32 weight + gradient + two 8-bit AdamW states (block constants ignored)
+
+
+def base_weights_item(shape: ModelShape, precision: str, load_in_4bit: bool) -> "MemoryItem":
+    """The frozen base: every weight in the compute dtype, or (QLoRA) the decoder's linears in NF4."""
+    b = DTYPE_BYTES[precision]
+    total = shape.total_params
+    if not load_in_4bit:
+        return MemoryItem("base weights", total * b, f"{total:,} params x {b} bytes ({precision}), frozen")
+    linear = shape.num_layers * sum(a * o for a, o in shape.module_dims().values())
+    return MemoryItem("base weights", linear * NF4_BYTES_PER_PARAM + (total - linear) * b,
+                      f"{linear:,} linear weights in 4-bit NF4 (QLoRA), {total - linear:,} others x {b} bytes ({precision})")
+
+
+def trainable_state_item(trainable: int, lora: LoraSection, optim: str) -> "MemoryItem":
+    per = OPTIMIZER_8BIT_STATE_BYTES if optim == "adamw_bnb_8bit" else LORA_STATE_BYTES
+    what = "8-bit AdamW" if optim == "adamw_bnb_8bit" else "AdamW"
+    extra = "; DoRA magnitudes" if lora.use_dora else ""
+    extra += f"; {', '.join(lora.modules_to_save)} in full" if lora.modules_to_save else ""
+    return MemoryItem(f"LoRA params + grads + {what}", trainable * per,
+                      f"{trainable:,} trainable x {per} bytes{extra}")
 
 
 # The estimate -------------------------------------------------------------------------------------
@@ -292,6 +335,21 @@ HEAP_HELD_FACTOR = 1.3  # memory glibc's heap holds per live activation byte on 
 CPU_ROW_TOKENS = 1024  # train.row_tokens "auto" on a CPU: the fastest of 512-2048 in bench/train_throughput.py
 
 
+def per_process_examples(train: TrainConfig, processes: int) -> int:
+    """Examples each of ``processes`` trains per optimizer step, so that all of them together see the recipe's
+    per_device_train_batch_size x gradient_accumulation_steps (the effective batch does not grow with processes)."""
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    if processes > per_step:
+        raise LoralabError(
+            f"{processes} processes are more than the examples of an optimizer step ({per_step} = train."
+            f"per_device_train_batch_size x train.gradient_accumulation_steps); launch at most {per_step} processes "
+            f"(--nproc_per_node / --num_processes) or raise train.gradient_accumulation_steps")
+    if per_step % processes:
+        raise LoralabError(f"the {per_step} examples of an optimizer step do not split evenly over {processes} processes; "
+                           f"launch a number of processes that divides {per_step}, or change train.gradient_accumulation_steps")
+    return per_step // processes
+
+
 def resolve_row_tokens(train: TrainConfig, device: str, lengths: list[int]) -> int:
     """train.row_tokens with "auto" decided: CPU_ROW_TOKENS on "cpu" (a device, or the cpu profile's name),
     the longest example elsewhere (whose fastest row length was not measured here; data.max_length bounds it)."""
@@ -349,12 +407,12 @@ def activation_bytes_per_token(shape: ModelShape, lora: LoraSection, act_bytes: 
     attention = (2 * q + 2 * kv) * act_bytes + shape.num_heads * 4  # q, output, k, v; log-sum-exp
     dims = shape.module_dims()
     if fused:
-        inputs = {_SHARED_INPUT.get(m, m): dims[m][0] for m in lora.target_modules}
-        adapters = sum(inputs.values()) * act_bytes + len(lora.target_modules) * lora.r * act_bytes
+        inputs = {_SHARED_INPUT.get(m, m): dims[m][0] for m in target_names(lora)}
+        adapters = sum(inputs.values()) * act_bytes + len(target_names(lora)) * lora.r * act_bytes
         return norms + mlp + attention + adapters
     # PEFT upcasts each adapted linear's input to the fp32 LoRA dtype; lora_A keeps it (and dropout its mask).
     per_input = 4 + (mask_bytes if lora.lora_dropout > 0 else 0)
-    adapters = sum(dims[m][0] * per_input + lora.r * 4 for m in lora.target_modules)
+    adapters = sum(dims[m][0] * per_input + lora.r * 4 for m in target_names(lora))
     return norms + mlp + attention + adapters
 
 
@@ -470,8 +528,8 @@ def estimate(
         act_note += f", x{held:g} held by the allocator"
 
     memory = [
-        MemoryItem("base weights", total * b, f"{total:,} params x {b} bytes ({precision}), frozen"),
-        MemoryItem("LoRA params + grads + AdamW", trainable * LORA_STATE_BYTES, f"{trainable:,} trainable x 16 bytes (fp32)"),
+        base_weights_item(shape, precision, train.load_in_4bit),
+        trainable_state_item(trainable, lora, train.optim),
         MemoryItem("activations", saved * held, act_note),
         MemoryItem("logits (fp32)", logits,
                    f"{CHUNK_ROWS} positions x {shape.vocab_size:,} vocab at a time (of the {peak_trained:,} trained), fp32 for the loss"
@@ -479,6 +537,11 @@ def estimate(
         MemoryItem("backward buffers", transient, buffers_note),
         MemoryItem("framework", profile.framework_bytes, "runtime before any weight: CUDA context on GPUs, Python + libraries on CPU"),
     ]
+    if lora.use_dora:
+        # PEFT's DoRA builds each adapted weight (W + scale B A) in fp32 to take its norm, one module at a time
+        largest = max(a * o for a, o in lora_modules(shape, lora))
+        memory.append(MemoryItem("DoRA weight norm", largest * 4, "the largest adapted weight rebuilt in fp32 for its norm"))
+        notes.append("DoRA runs PEFT's own forward (not loralab's fused CPU LoRA layers), rebuilding each adapted weight")
     if train.onednn_weights:
         # loralab.cpu.onednn_weights: each frozen linear weight reordered both ways, its plain copy released
         onednn_params = n_layers * sum(a * o for a, o in shape.module_dims().values())
@@ -525,7 +588,7 @@ def estimate(
     # Elementwise work (norms, casts, SiLU, RoPE, the loss) streams the activations: each saved byte is
     # written, read back by the backward pass, and its gradient written and read; the loss ~30 bytes per logit.
     elementwise_s = (4 * mean_tokens * n_layers * per_token + 30 * mean_trained * shape.vocab_size) / profile.bandwidth
-    dropout_inputs = sum(shape.module_dims()[m][0] for m in lora.target_modules) if lora.lora_dropout > 0 else 0
+    dropout_inputs = sum(shape.module_dims()[m][0] for m in target_names(lora)) if lora.lora_dropout > 0 else 0
     dropout_s = (1 + recompute) * mean_tokens * n_layers * dropout_inputs * profile.dropout_s_per_element  # a mask per forward
     if fast:
         # loralab.cpu.fused_lora.drop_positions draws p x N numbers, in forward and backward, instead of N masks
@@ -816,14 +879,24 @@ def format_plan(plan: Plan, source: str = "") -> str:
     return "\n".join(lines)
 
 
-def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False) -> Plan:
-    """Print the plan for ``cfg`` on ``device``; return it."""
+def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False, processes: int = 1) -> Plan:
+    """Print the plan for ``cfg`` on ``device``, per device when ``processes`` share each step (DDP); return it."""
     profile = resolve_profile(device, calibrate)
     precision = profile.default_precision if cfg.train.precision == "auto" else cfg.train.precision
     model_config = read_model_config(cfg.model)
     lengths, trained, source = read_lengths(cfg)
-    plan = estimate(model_config, cfg.lora, cfg.train, lengths, profile, precision, trained_counts=trained,
+    # Under DDP each device holds the whole model and trains its share of every step's examples.
+    train = replace(cfg.train, per_device_train_batch_size=1,
+                    gradient_accumulation_steps=per_process_examples(cfg.train, processes))
+    plan = estimate(model_config, cfg.lora, train, lengths, profile, precision, trained_counts=trained,
                     attn_implementation=cfg.model.attn_implementation)
+    if processes > 1:
+        # DDP's gradient buckets: a second copy of the trainable gradients (fp32) for the all-reduce
+        plan.memory.append(MemoryItem("DDP gradient buckets", plan.trainable_params * 4,
+                                      f"{plan.trainable_params:,} trainable gradients x 4 bytes for the all-reduce"))
+        plan.notes.append(f"{processes} processes (DDP): memory and time are per device, each training "
+                          f"{train.gradient_accumulation_steps} of the {processes * train.gradient_accumulation_steps} "
+                          f"examples of a step; the all-reduce of {plan.trainable_params:,} gradients is not counted")
     print(format_plan(plan, source))
     return plan
 

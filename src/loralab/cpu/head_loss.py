@@ -56,7 +56,10 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 
 def frozen_plain_head(model):
     """(decoder, head) when the loss may bypass the model's own head: a CPU model of a type whose
-    forward applies the LM head and nothing else, the head a frozen bias-free Linear; else None."""
+    forward applies the LM head and nothing else, the head a frozen bias-free Linear; else None. Never under
+    DDP: its gradient all-reduce is set up by its own forward, which this path would bypass."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings()
     if (
