@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.loralab-pyproject.sha256
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import loralab, torch, transformers, peft, pytest" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import loralab, torch, transformers, peft, pytest" 2>/dev/null || ! [ -x .venv/bin/ruff ]; then
   .venv/bin/pip install -q --upgrade pip
   # torch first, pinned: left to the resolver, an unpinned torch can pull a multi-GB CUDA build.
   # A torch already in .venv (say a CUDA build you installed) is kept.

@@ -50,7 +50,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, alpaca_path):
                                lora={"lora_dropout": 0.0}, train=TRAIN)
     _loralab([sys.executable], "prepare", str(cfgs[1]))
     shutil.copytree(tmp_path / "p1" / "runs", tmp_path / "p2" / "runs")  # same prepared data, hashes match the config
-    single = _loralab([sys.executable], "train", str(cfgs[1]))
+    _loralab([sys.executable], "train", str(cfgs[1]))
     double = _loralab(_torchrun(2), "train", str(cfgs[2]))
     assert "2 processes x 4 examples = 8 examples per optimizer step" in double.stdout
     assert double.stdout.count("adapter saved") == 1  # only rank 0 speaks and writes

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import yaml
 
 from conftest import write_config
 from loralab import cli
