@@ -174,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Library deprecation notices (transformers' v6 renames) are for us, not for the person training.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # torch's note on a refused pickle's protocol: the refusal itself is the one line loralab prints.
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch._weights_only_unpickler")
     try:
         _dispatch(args)
     except LoralabError as err:

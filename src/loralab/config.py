@@ -108,7 +108,7 @@ class TrainConfig:
     warmup_steps: int = 50
     """Linear warm-up steps from 0 to learning_rate."""
     lr_scheduler_type: str = "linear"
-    """transformers scheduler name after warm-up: one of SCHEDULERS ("linear", "cosine", "constant_with_warmup", ...)."""
+    """transformers scheduler after warm-up, one of SCHEDULERS ("linear", "cosine", "constant_with_warmup", ...)."""
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA parameters."""
     max_grad_norm: float = 1.0
@@ -270,7 +270,9 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
 
 # transformers' schedulers that need no arguments beyond warm-up and the step count (the others need an
 # evaluation loop or extra settings the Trainer would ask for only after training has started).
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt")
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+)
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
@@ -289,7 +291,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
     }
     for key, value in positive.items():
         if not value > 0:  # also catches NaN
-            why = " (0 scales every LoRA update to nothing: nothing would be trained)" if key == "lora.lora_alpha" else ""
+            zero_alpha = " (0 scales every LoRA update to nothing: nothing would be trained)"
+            why = zero_alpha if key == "lora.lora_alpha" else ""
             raise ConfigError(f"config key '{key}' must be positive, got {value}{why}")
     not_negative = {
         "train.warmup_steps": cfg.train.warmup_steps,
@@ -301,7 +304,8 @@ def _check_values(cfg: ExperimentConfig) -> None:
         if not value >= 0:
             raise ConfigError(f"config key '{key}' must be 0 or more, got {value}")
     if cfg.train.save_total_limit < 1:
-        raise ConfigError(f"config key 'train.save_total_limit' must be 1 or more (checkpoints kept), got {cfg.train.save_total_limit}")
+        raise ConfigError(f"config key 'train.save_total_limit' must be 1 or more (checkpoints kept), "
+                          f"got {cfg.train.save_total_limit}")
     if cfg.train.lr_scheduler_type not in SCHEDULERS:
         raise ConfigError(f"config key 'train.lr_scheduler_type' must be one of {', '.join(SCHEDULERS)}; "
                           f"got {cfg.train.lr_scheduler_type!r}")

@@ -63,12 +63,15 @@ def split_sizes(n_records: int, num_examples: int | None, eval_size: int, source
     warnings = []
     take = n_records if num_examples is None else min(num_examples, n_records)
     if num_examples is not None and num_examples > n_records:
-        warnings.append(f"data.num_examples is {num_examples} but {source} holds {n_records} usable records; using all {n_records}")
+        warnings.append(f"data.num_examples is {num_examples} but {source} holds {n_records} usable records; "
+                        f"using all {n_records}")
     if eval_size >= take:
-        raise DataError(f"data.eval_size {eval_size} holds out all {take} records of {source}, leaving none to train on; "
+        raise DataError(f"data.eval_size {eval_size} holds out all {take} records of {source}, leaving none to train "
+                        f"on; "
                         f"lower data.eval_size (at most {take // 2}) or add records")
     if take - eval_size < eval_size:
-        raise DataError(f"data.eval_size {eval_size} leaves only {take - eval_size} of the {take} records of {source} to train on, "
+        raise DataError(f"data.eval_size {eval_size} leaves only {take - eval_size} of the {take} records of {source} "
+                        f"to train on, "
                         f"fewer than it holds out; lower data.eval_size (at most {take // 2}) or add records")
     return warnings
 

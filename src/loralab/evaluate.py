@@ -87,7 +87,8 @@ def _load_adapter(model, adapter_dir):
         return PeftModel.from_pretrained(model, str(adapter_dir))
     except Exception as err:  # PEFT raises RuntimeError (shapes), ValueError, KeyError, SafetensorError...
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise LoralabError(f"cannot load the adapter in {adapter_dir} onto the base model ({first}); it was trained for "
+        raise LoralabError(f"cannot load the adapter in {adapter_dir} onto the base model ({first}); it was trained "
+                           f"for "
                            f"another model or is damaged: run `loralab train CONFIG --force`") from None
 
 
@@ -99,7 +100,8 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, expected: str, inputs: dict
     template = make_template(tokenizer, cfg.data.template, _data_format(rundir))
     held_out = read_jsonl(rundir.eval_file)
     if not held_out:
-        raise LoralabError(f"the eval split in {rundir.eval_file} is empty (data.eval_size {cfg.data.eval_size}): nothing to "
+        raise LoralabError(f"the eval split in {rundir.eval_file} is empty (data.eval_size {cfg.data.eval_size}): "
+                           f"nothing to "
                            f"score; set data.eval_size to 1 or more and run `loralab run CONFIG`")
     if cfg.eval.num_examples is not None:
         held_out = held_out[: cfg.eval.num_examples]

@@ -157,8 +157,9 @@ def load_model(model: ModelConfig, precision: str, device: str, in_memory: bool 
     except Exception as err:  # noqa: BLE001 - truncated safetensors, refused pickles, shape errors: all one line
         if source == model.name_or_path and not Path(source).exists():
             raise _hub_error(model.name_or_path, err) from None
-        raise LoralabError(f"cannot load a model from {source} ({_first_line(err)}); its files are damaged, incomplete or "
-                           f"unsafe (only safetensors and weights-only checkpoints load): download the model again") from None
+        raise LoralabError(f"cannot load a model from {source} ({_first_line(err)}); its files are damaged, incomplete "
+                           f"or unsafe (only safetensors and weights-only checkpoints load): download the model "
+                           f"again") from None
     return net.to(device)
 
 

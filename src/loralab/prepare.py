@@ -109,7 +109,8 @@ def tokenizer_fingerprint(cfg: ExperimentConfig) -> str:
         try:
             digest.update(file.name.encode() + b"\0" + file.read_bytes())
         except OSError as err:
-            raise DataError(f"cannot read {file} ({err.strerror or err}); check the model folder's permissions") from None
+            raise DataError(f"cannot read {file} ({err.strerror or err}); "
+                            f"check the model folder's permissions") from None
     return digest.hexdigest()[:16]
 
 

@@ -253,15 +253,28 @@ class RunDir:
 
     def problem(self, stage: str, expected_hash: str, current_inputs: dict | None = None) -> str | None:
         """Why ``stage``'s outputs cannot be used with this config, or None when they can. In order: missing,
-        from an attempt that did not finish, changed on disk since, made from other settings or inputs."""
+        from an attempt that did not finish, changed on disk since, made from other settings or inputs, built
+        on other outputs of the stage before it than those on disk."""
         if not self.outputs_exist(stage):
             return "missing"
         record = self.stage_record(stage)
         problem = self._record_problem(record)
         if problem is None and record.get("hash") != expected_hash:
             diff = differences(record.get("inputs") or {}, current_inputs or {}) if current_inputs is not None else ""
-            problem = "was made from a different config" + (f" ({diff})" if diff else " or an earlier attempt of the stage before it")
-        return problem
+            why = f" ({diff})" if diff else " or an earlier attempt of the stage before it"
+            problem = "was made from a different config" + why
+        return problem or self._upstream_problem(stage, record)
+
+    def _upstream_problem(self, stage: str, record: dict) -> str | None:
+        """Outputs made from another attempt of the stage before (same config, other outputs: a retrain)."""
+        before = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+        if before is None or record.get("upstream") is None:
+            return None
+        upstream = self.stage_record(before)
+        if record["upstream"] != outputs_digest(upstream):
+            return f"was made from an earlier attempt of '{before}', not the one on disk"
+        problem = self._record_problem(upstream) or self._upstream_problem(before, upstream)
+        return f"was made from the '{before}' outputs, and that stage {problem}" if problem else None
 
     def _record_problem(self, record: dict) -> str | None:
         """An attempt that did not finish, or outputs changed on disk after it finished."""
@@ -284,15 +297,14 @@ class RunDir:
         """Why a report of this run directory for ``cfg`` would mix runs, or None. Each stage that ran must have
         finished, its outputs be whole, be built on the attempt of the stage before it that is on disk, and be
         made with ``cfg``'s settings. Eval may not have run yet (the report says so)."""
-        for stage, before in (("prepare", None), ("train", "prepare"), ("eval", "train")):
+        for stage in ("prepare", "train", "eval"):
             record = self.stage_record(stage)
             if not record:
                 return None if stage == "eval" else f"the '{stage}' stage has not run"
             recorded = {k: v for k, v in (record.get("inputs") or {}).items() if k in flatten(cfg.to_dict())}
             wanted = {k: v for k, v in stage_inputs(cfg, stage).items() if k in recorded}
             problem = self._record_problem(record)  # its outputs' hashes included
-            if problem is None and before and record.get("upstream") not in (None, self.recorded_hash(before)):
-                problem = f"was made from an earlier attempt of '{before}', not the one on disk"
+            problem = problem or self._upstream_problem(stage, record)
             if problem is None and recorded != wanted:
                 problem = f"was made from a different config ({differences(recorded, wanted)})"
             if problem is not None:
@@ -302,7 +314,8 @@ class RunDir:
     def is_current(self, stage: str, expected_hash: str) -> bool:
         return self.problem(stage, expected_hash) is None
 
-    def require_current(self, stage: str, expected_hash: str, for_stage: str, current_inputs: dict | None = None) -> None:
+    def require_current(self, stage: str, expected_hash: str, for_stage: str,
+                        current_inputs: dict | None = None) -> None:
         """Refuse to build on ``stage``'s outputs unless they are whole and were made from this config."""
         problem = self.problem(stage, expected_hash, current_inputs)
         if problem == "missing":
@@ -349,13 +362,19 @@ class RunDir:
         self._set_stage(stage, {
             "hash": stage_hash_,
             "status": "done",
-            "upstream": self.recorded_hash(before) if before else None,
+            "upstream": outputs_digest(self.stage_record(before)) if before else None,
             "wall_s": round(wall_s, 3),
             "finished_at": _now(),
             "inputs": inputs or {},
             "outputs": folder_hashes(self.root, outputs),
             **extra,
         })
+
+
+def outputs_digest(record: dict) -> str | None:
+    """Names one attempt of a stage by what it wrote: the digest of its outputs' sha256."""
+    outputs = record.get("outputs")
+    return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16] if outputs else None
 
 
 def _now() -> str:
@@ -410,7 +429,8 @@ def _acquire(path: Path, command: str) -> int:
             holder = _read_holder(fd)
             if not _try_lock(fd, holder):
                 raise RunDirBusy(f"{path.parent} is in use by `loralab {holder.get('command', '?')}` (PID "
-                                 f"{holder.get('pid', '?')} on {holder.get('host', '?')}, since {holder.get('since', '?')}); "
+                                 f"{holder.get('pid', '?')} on {holder.get('host', '?')}, "
+                                 f"since {holder.get('since', '?')}); "
                                  f"wait for it to finish, or give this run another name")
             try:
                 same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
@@ -468,7 +488,8 @@ OLD_ADAPTER = ".adapter-old"
 
 def mark_complete(folder: Path, **info: Any) -> None:
     """Record that ``folder`` is whole: the sha256 of each file in it, written last and atomically."""
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_FILE)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and p.name != COMPLETE_FILE)
     write_json(folder / COMPLETE_FILE, {**info, "files": folder_hashes(folder, files)})
 
 

@@ -129,7 +129,8 @@ def stall_reason(rows: list[dict], lora_alpha: float, learning_rate: float) -> s
                 f"(lora.lora_alpha {lora_alpha}, lora.target_modules, or labels that train no token?)")
     losses = [r["loss"] for r in rows[-FLAT_LOSS_ROWS:]]
     if len(losses) == FLAT_LOSS_ROWS and max(losses) - min(losses) <= 1e-6 * max(1.0, abs(losses[0])):
-        return (f"the loss has stayed at {losses[0]:.6f} over {FLAT_LOSS_ROWS} logged steps on different batches, up to "
+        return (f"the loss has stayed at {losses[0]:.6f} over {FLAT_LOSS_ROWS} logged steps on different batches, "
+                f"up to "
                 f"step {last['step']}: the model has collapsed; lower train.learning_rate (now {learning_rate:g})")
     return None
 
@@ -255,7 +256,8 @@ def newest_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
 class CheckpointGuard(TrainerCallback):
     """After the Trainer writes checkpoint-N: mark it complete (rundir.mark_complete), then remove the oldest
     complete ones beyond train.save_total_limit, and incomplete ones. Written, then marked, then rotated: a
-    kill at any instant leaves the previous complete checkpoint in place."""
+    kill at any instant leaves the previous complete checkpoint in place. A checkpoint saved outside the
+    Trainer's save loop (on Ctrl-C, say) counts for --resume only once this on_save has run for it."""
 
     def __init__(self, checkpoints_dir: Path, train_hash: str, keep: int):
         self.checkpoints_dir, self.train_hash, self.keep = checkpoints_dir, train_hash, keep
@@ -390,8 +392,8 @@ def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
 def current_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
     prints = prints or fingerprints(cfg)
     model_print = {"model files": prints["model files"]}
-    return stage_hash(cfg, "train", prepare.current_hash(cfg, {k: v for k, v in prints.items() if k not in model_print}),
-                      model_print)
+    upstream = prepare.current_hash(cfg, {k: v for k, v in prints.items() if k not in model_print})
+    return stage_hash(cfg, "train", upstream, model_print)
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str:
@@ -409,11 +411,13 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     current = rundir.is_current("train", expected)
     if current and not force:
         steps = rundir.stage_record("train").get("steps")
-        print(f"train: {'the run has already finished' if resume else 'up to date'} (step {steps}, {rundir.adapter_dir})"
+        state = "the run has already finished" if resume else "up to date"
+        print(f"train: {state} (step {steps}, {rundir.adapter_dir})"
               + ("; nothing to resume" if resume else ""))
         return expected
     resume_from = _checkpoint_to_resume(rundir, expected, required=resume) if resume or not force else None
-    if resume_from is not None and _step(resume_from) >= cfg.train.max_steps and _log_reaches(rundir, _step(resume_from)):
+    finished = resume_from is not None and _step(resume_from) >= cfg.train.max_steps
+    if finished and _log_reaches(rundir, _step(resume_from)):
         _finish_from_checkpoint(rundir, resume_from, expected, inputs)
         return expected
     if not resume:
@@ -460,7 +464,8 @@ def _checkpoint_to_resume(rundir: RunDir, expected: str, required: bool) -> Path
         found = "only incomplete or damaged checkpoints" if skipped else "no checkpoint"
         raise LoralabError(f"--resume: {found} in {rundir.checkpoints_dir}; run `loralab train CONFIG` to start afresh")
     if not same_config:
-        raise LoralabError(f"--resume: {folder} was made with a different config; start afresh with `loralab train CONFIG`")
+        raise LoralabError(f"--resume: {folder} was made with a different config; "
+                           f"start afresh with `loralab train CONFIG`")
     return folder
 
 
@@ -485,7 +490,8 @@ def _finish_from_checkpoint(rundir: RunDir, checkpoint: Path, expected: str, inp
         mark_complete(new, train_hash=expected, step=_step(checkpoint))
         swap_in_adapter(new, rundir.adapter_dir)
         rundir.mark_done("train", expected, time.perf_counter() - start, inputs=inputs, steps=_step(checkpoint))
-    print(f"train: the run had finished at step {_step(checkpoint)}; adapter taken from {checkpoint} -> {rundir.adapter_dir}")
+    print(f"train: the run had finished at step {_step(checkpoint)}; adapter taken from {checkpoint} "
+          f"-> {rundir.adapter_dir}")
 
 
 def _prepare_training(cfg: ExperimentConfig, rundir: RunDir, expected: str):
@@ -506,7 +512,8 @@ def _prepare_training(cfg: ExperimentConfig, rundir: RunDir, expected: str):
             "device_name": device_name(device), "precision": precision, "parameters": counts.as_dict()}
     log = MetricsLog(rundir.metrics_file, precision, eval_examples, cfg.train.eval_loss_steps, device)
     guard = CheckpointGuard(rundir.checkpoints_dir, expected, cfg.train.save_total_limit)
-    trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log, guard], switches)
+    trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log, guard],
+                            switches)
     return trainer, log, model, info
 
 
