@@ -515,8 +515,8 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def test_kill_9_during_a_checkpoint_save_then_resume(work, finished, capsys):
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "train", "exp.yaml", "--force"], env=_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == -signal.SIGKILL
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
     ckpt4 = work / RUN / "checkpoints/checkpoint-4"
     assert ckpt4.is_dir() and not (ckpt4 / "trainer_state.json").exists()
     assert _manifest(work)["stages"]["train"]["status"] == "running"
@@ -529,20 +529,26 @@ def test_kill_9_during_a_checkpoint_save_then_resume(work, finished, capsys):
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
 
 
-def _wait_for(predicate, timeout: float = 300.0) -> None:
+def _wait_for(predicate, timeout: float = 600.0) -> None:
     end = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < end, "timed out"
         time.sleep(0.05)
 
 
-def test_two_trains_at_once(work):
-    argv = [sys.executable, "-m", "loralab", "train", "exp.yaml", "--force"]
-    first = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _start(argv: list[str], log: Path) -> subprocess.Popen:
+    """A loralab process whose output goes to a file (a pipe nobody reads would stall it on progress bars)."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "loralab", *argv], env=_env(), stdout=f, stderr=subprocess.STDOUT)
+
+
+def test_two_trains_at_once(work, tmp_path):
+    argv = ["train", "exp.yaml", "--force"]
+    first = _start(argv, tmp_path / "first.log")
     _wait_for(lambda: (work / RUN / rundir.LOCK_FILE).is_file() or first.poll() is not None)
-    second = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=300)
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err
+    second = subprocess.run([sys.executable, "-m", "loralab", *argv], env=_env(), capture_output=True, text=True,
+                            timeout=600)
+    assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()
     assert second.returncode == 2
     assert_one_line(second.stderr, f"is in use by `loralab train` (PID {first.pid} on ")
     rows = [json.loads(x) for x in (work / RUN / "metrics.jsonl").read_text().splitlines()]
@@ -550,17 +556,17 @@ def test_two_trains_at_once(work):
     assert not (work / RUN / rundir.LOCK_FILE).exists()
 
 
-def test_ctrl_c(work, capsys):
-    argv = [sys.executable, "-m", "loralab", "train", "exp.yaml", "--force", "--set", "train.max_steps=400",
-            "--set", "train.save_steps=400"]
-    proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_ctrl_c(work, capsys, tmp_path):
+    argv = ["train", "exp.yaml", "--force", "--set", "train.max_steps=400", "--set", "train.save_steps=400"]
     metrics = work / RUN / "metrics.jsonl"
-    _wait_for(lambda: proc.poll() is not None or (metrics.is_file() and '"loss"' in metrics.read_text()))
+    metrics.unlink()  # so the wait below sees this run's first logged step, not the finished run's
+    proc = _start(argv, tmp_path / "train.log")
+    _wait_for(lambda: proc.poll() is not None or (metrics.is_file() and '"loss"' in metrics.read_text()), 900)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
+    proc.wait(timeout=600)
+    err = (tmp_path / "train.log").read_text()
     assert proc.returncode == 130, err
-    lines = error_lines(err)
-    assert lines[-1] == "loralab: interrupted" and "Traceback" not in err, err
+    assert err.rstrip().splitlines()[-1] == "loralab: interrupted" and "Traceback" not in err, err
     assert _manifest(work)["stages"]["train"]["status"] == "interrupted"
     assert not (work / RUN / rundir.LOCK_FILE).exists()
     assert cli.main(["report", "exp.yaml"]) == 2
