@@ -17,6 +17,7 @@ import torch
 from loralab import train
 from loralab.config import ExperimentConfig
 from loralab.data import make_template, prompt_ids, reference_answer
+from loralab.errors import LoralabError
 from loralab.generation import (
     generate_greedy,
     generation_cache_key,
@@ -27,8 +28,14 @@ from loralab.generation import (
 from loralab.loss import heldout_loss
 from loralab.metrics import example_scores, score_corpus
 from loralab.modeling import choose_precision, detect_device, load_model, load_tokenizer
-from loralab.errors import LoralabError
-from loralab.rundir import RunDir, atomic_write_text, read_jsonl, stage_hash, stage_inputs, write_jsonl
+from loralab.rundir import (
+    RunDir,
+    atomic_write_text,
+    read_jsonl,
+    stage_hash,
+    stage_inputs,
+    write_jsonl,
+)
 
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
 
@@ -85,7 +92,7 @@ def _load_adapter(model, adapter_dir):
 
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir))
-    except Exception as err:  # PEFT raises RuntimeError (shapes), ValueError, KeyError, SafetensorError...
+    except Exception as err:  # noqa: BLE001 - PEFT raises RuntimeError (shapes), ValueError, KeyError, SafetensorError
         first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise LoralabError(f"cannot load the adapter in {adapter_dir} onto the base model ({first}); it was trained "
                            f"for "

@@ -19,7 +19,14 @@ from loralab.data import (
     split_sizes,
 )
 from loralab.modeling import load_tokenizer
-from loralab.rundir import RunDir, file_sha256, stage_hash, stage_inputs, write_json, write_jsonl
+from loralab.rundir import (
+    RunDir,
+    file_sha256,
+    stage_hash,
+    stage_inputs,
+    write_json,
+    write_jsonl,
+)
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "*.jinja")
 

@@ -12,8 +12,8 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import socket
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable
