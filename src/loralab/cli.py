@@ -29,6 +29,9 @@ USE_HELP = {
 }
 
 
+WRITES_RUN_DIR = ("run", "prepare", "train", "eval", "report")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loralab", description="LoRA fine-tuning of small open LLMs on modest hardware.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -138,6 +141,16 @@ def _dispatch(args: argparse.Namespace) -> None:
     from loralab.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.command in WRITES_RUN_DIR:
+        from loralab.rundir import run_lock
+
+        with run_lock(cfg.run_dir, args.command):  # one process per run directory
+            _run_stage(args, cfg)
+    else:
+        _run_stage(args, cfg)
+
+
+def _run_stage(args: argparse.Namespace, cfg) -> None:
     if args.command == "run":
         from loralab import pipeline
 
@@ -172,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Library deprecation notices (transformers' v6 renames) are for us, not for the person training.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # torch's note on a refused pickle's protocol: the refusal itself is the one line loralab prints.
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch._weights_only_unpickler")
     try:
         _dispatch(args)
     except LoralabError as err:
@@ -182,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MemoryError:
         print("loralab: error: out of memory; run `loralab plan CONFIG` to see what fits", file=sys.stderr)
+        return 1
+    except OSError as err:  # a disk or permission problem met mid-stage: the path and the reason, on one line
+        where = f" {err.filename}" if err.filename else ""
+        print(f"loralab: error: cannot read or write{where} ({err.strerror or err}); check the path, its permissions "
+              f"and the free disk space", file=sys.stderr)
         return 1
     return 0
 

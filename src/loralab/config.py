@@ -118,7 +118,7 @@ class TrainConfig:
     warmup_steps: int = 50
     """Linear warm-up steps from 0 to learning_rate."""
     lr_scheduler_type: str = "linear"
-    """transformers scheduler name after warm-up ("linear", "cosine", "constant_with_warmup", ...)."""
+    """transformers scheduler after warm-up, one of SCHEDULERS ("linear", "cosine", "constant_with_warmup", ...)."""
     weight_decay: float = 0.0
     """AdamW weight decay on the LoRA parameters."""
     max_grad_norm: float = 1.0
@@ -287,10 +287,20 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# transformers' schedulers that need no arguments beyond warm-up and the step count (the others need an
+# evaluation loop or extra settings the Trainer would ask for only after training has started).
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
+)
+
+
 def _check_values(cfg: ExperimentConfig) -> None:
+    """Ranges, checked at load so no stage touches a file with a config it would fail on later."""
     positive = {
         "data.max_length": cfg.data.max_length,
         "lora.r": cfg.lora.r,
+        "lora.lora_alpha": cfg.lora.lora_alpha,
+        "train.learning_rate": cfg.train.learning_rate,
         "train.per_device_train_batch_size": cfg.train.per_device_train_batch_size,
         "train.gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
         "train.max_steps": cfg.train.max_steps,
@@ -299,8 +309,29 @@ def _check_values(cfg: ExperimentConfig) -> None:
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
     }
     for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive, got {value}")
+        if not value > 0:  # also catches NaN
+            zero_alpha = " (0 scales every LoRA update to nothing: nothing would be trained)"
+            why = zero_alpha if key == "lora.lora_alpha" else ""
+            raise ConfigError(f"config key '{key}' must be positive, got {value}{why}")
+    not_negative = {
+        "train.warmup_steps": cfg.train.warmup_steps,
+        "train.weight_decay": cfg.train.weight_decay,
+        "train.max_grad_norm": cfg.train.max_grad_norm,
+        "train.eval_loss_steps": cfg.train.eval_loss_steps,
+    }
+    for key, value in not_negative.items():
+        if not value >= 0:
+            raise ConfigError(f"config key '{key}' must be 0 or more, got {value}")
+    if cfg.train.save_total_limit < 1:
+        raise ConfigError(f"config key 'train.save_total_limit' must be 1 or more (checkpoints kept), "
+                          f"got {cfg.train.save_total_limit}")
+    if cfg.train.lr_scheduler_type not in SCHEDULERS:
+        raise ConfigError(f"config key 'train.lr_scheduler_type' must be one of {', '.join(SCHEDULERS)}; "
+                          f"got {cfg.train.lr_scheduler_type!r}")
+    for key in ("num_examples", "batch_size"):
+        value = getattr(cfg.eval, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"config key 'eval.{key}' must be 1 or more, or null, got {value}")
     if cfg.train.row_tokens != "auto" and cfg.train.row_tokens <= 0:
         raise ConfigError(f"config key 'train.row_tokens' must be positive or \"auto\", got {cfg.train.row_tokens}")
     if cfg.data.num_examples is not None and cfg.data.num_examples <= 0:

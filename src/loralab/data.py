@@ -57,6 +57,59 @@ def user_message(record: dict[str, str]) -> str:
     return record["instruction"]
 
 
+def split_sizes(n_records: int, num_examples: int | None, eval_size: int, source: str) -> list[str]:
+    """Check the asked subset and split against the usable records; return warnings, raise on a split that
+    leaves too little to train on. Each message names the setting to change (not a symptom further on)."""
+    warnings = []
+    take = n_records if num_examples is None else min(num_examples, n_records)
+    if num_examples is not None and num_examples > n_records:
+        warnings.append(f"data.num_examples is {num_examples} but {source} holds {n_records} usable records; "
+                        f"using all {n_records}")
+    if eval_size >= take:
+        raise DataError(f"data.eval_size {eval_size} holds out all {take} records of {source}, leaving none to train "
+                        f"on; "
+                        f"lower data.eval_size (at most {take // 2}) or add records")
+    if take - eval_size < eval_size:
+        raise DataError(f"data.eval_size {eval_size} leaves only {take - eval_size} of the {take} records of {source} "
+                        f"to train on, "
+                        f"fewer than it holds out; lower data.eval_size (at most {take // 2}) or add records")
+    return warnings
+
+
+ZERO_WIDTH_SPACE = "\u200b"
+
+
+def escape_special_tokens(record: Any, specials: Sequence[str]) -> tuple[Any, int]:
+    """Break every special-token string (``</s>``, ``<|im_end|>``, ...) inside a record's text (nested messages
+    included) with a zero-width space after its first character, so it is tokenised as the text it is, never as
+    a control token: a literal ``</s>`` in an answer would otherwise train an end of sequence mid-answer.
+    Returns (record, strings escaped). Role names are left alone."""
+    ordered = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
+    if isinstance(record, str):
+        count = 0
+        for token in ordered:
+            if token in record:
+                count += record.count(token)
+                record = record.replace(token, token[0] + ZERO_WIDTH_SPACE + token[1:])
+        return record, count
+    if isinstance(record, list):
+        pairs = [escape_special_tokens(v, ordered) for v in record]
+        return [v for v, _ in pairs], sum(n for _, n in pairs)
+    if isinstance(record, dict):
+        pairs = {k: (v, 0) if k == "role" else escape_special_tokens(v, ordered) for k, v in record.items()}
+        return {k: v for k, (v, _) in pairs.items()}, sum(n for _, n in pairs.values())
+    return record, 0
+
+
+def answer_text(record: dict) -> str:
+    """Everything a record trains on as an answer (all assistant turns; plain text: the text)."""
+    if "text" in record:
+        return record["text"]
+    if "prompt" in record:
+        return record["completion"]
+    return "".join(m["content"] for m in conversation(record) if m["role"] == "assistant")
+
+
 def select_and_split(n_records: int, num_examples: int | None, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
     """Seeded subset of ``num_examples`` indices, split into (train, eval) index lists."""
     rng = random.Random(seed)

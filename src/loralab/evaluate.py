@@ -17,6 +17,7 @@ import torch
 from loralab import train
 from loralab.config import ExperimentConfig
 from loralab.data import make_template, prompt_ids, reference_answer
+from loralab.errors import LoralabError
 from loralab.generation import (
     generate_greedy,
     generation_cache_key,
@@ -27,13 +28,20 @@ from loralab.generation import (
 from loralab.loss import heldout_loss
 from loralab.metrics import example_scores, score_corpus
 from loralab.modeling import choose_precision, detect_device, load_model, load_tokenizer
-from loralab.rundir import RunDir, atomic_write_text, read_jsonl, stage_hash, write_jsonl
+from loralab.rundir import (
+    RunDir,
+    atomic_write_text,
+    read_jsonl,
+    stage_hash,
+    stage_inputs,
+    write_jsonl,
+)
 
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
 
 
-def current_hash(cfg: ExperimentConfig) -> str:
-    return stage_hash(cfg, "eval", train.current_hash(cfg))
+def current_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
+    return stage_hash(cfg, "eval", train.current_hash(cfg, prints))
 
 
 def eval_results_csv(base: dict[str, float], lora: dict[str, float]) -> str:
@@ -68,19 +76,40 @@ def _data_format(rundir: RunDir) -> str:
 
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
     rundir = RunDir(cfg)
-    upstream = train.current_hash(cfg)
-    rundir.require_current("train", upstream, "eval")
+    prints = train.fingerprints(cfg)
+    upstream = train.current_hash(cfg, prints)
+    rundir.require_current("train", upstream, "eval", stage_inputs(cfg, "train", prints))
     expected = stage_hash(cfg, "eval", upstream)
     if not force and rundir.is_current("eval", expected):
         print(f"eval: up to date ({rundir.eval_results_file})")
         return expected
+    _evaluate(cfg, rundir, expected, stage_inputs(cfg, "eval", prints))
+    return expected
 
+
+def _load_adapter(model, adapter_dir):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir))
+    except Exception as err:  # noqa: BLE001 - PEFT raises RuntimeError (shapes), ValueError, KeyError, SafetensorError
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise LoralabError(f"cannot load the adapter in {adapter_dir} onto the base model ({first}); it was trained "
+                           f"for "
+                           f"another model or is damaged: run `loralab train CONFIG --force`") from None
+
+
+def _evaluate(cfg: ExperimentConfig, rundir: RunDir, expected: str, inputs: dict) -> None:
     start = time.perf_counter()
     device = detect_device(cfg.train.device)
     precision = choose_precision(device, cfg.train.precision)
     tokenizer = load_tokenizer(cfg.model)
     template = make_template(tokenizer, cfg.data.template, _data_format(rundir))
     held_out = read_jsonl(rundir.eval_file)
+    if not held_out:
+        raise LoralabError(f"the eval split in {rundir.eval_file} is empty (data.eval_size {cfg.data.eval_size}): "
+                           f"nothing to "
+                           f"score; set data.eval_size to 1 or more and run `loralab run CONFIG`")
     if cfg.eval.num_examples is not None:
         held_out = held_out[: cfg.eval.num_examples]
     loss_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in held_out]
@@ -110,9 +139,7 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
         print(f"eval: base generations reused from the cache ({len(base_ids)} prompts)")
     base_loss = heldout_loss(model, loss_examples, device) if loss_examples else float("nan")
 
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(model, str(rundir.adapter_dir))
+    model = _load_adapter(model, rundir.adapter_dir)
     lora_loss = heldout_loss(model, loss_examples, device) if loss_examples else float("nan")
     model = model.merge_and_unload()
     lora_ids = generate_greedy(model, prompts, desc="eval: LoRA", **gen)
@@ -140,13 +167,13 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
         }
         for i in range(n)
     ]
-    write_jsonl(rundir.predictions_file, predictions)
-    atomic_write_text(rundir.examples_file, examples_markdown(cfg.eval.prompts, base_text[n:], lora_text[n:]))
-    atomic_write_text(rundir.eval_results_file, eval_results_csv(base_scores, lora_scores))
-    rundir.mark_done("eval", expected, time.perf_counter() - start, prompts=n)
+    with rundir.attempt("eval", expected):  # the outputs change together, or the manifest says they did not
+        write_jsonl(rundir.predictions_file, predictions)
+        atomic_write_text(rundir.examples_file, examples_markdown(cfg.eval.prompts, base_text[n:], lora_text[n:]))
+        atomic_write_text(rundir.eval_results_file, eval_results_csv(base_scores, lora_scores))
+        rundir.mark_done("eval", expected, time.perf_counter() - start, inputs=inputs, prompts=n)
     print(
         f"eval: {n} held-out prompts; ROUGE-L base {base_scores['rougeL']:.4f} -> LoRA {lora_scores['rougeL']:.4f}, "
         f"BLEU {base_scores['bleu']:.4f} -> {lora_scores['bleu']:.4f}, held-out loss {base_loss:.3f} -> {lora_loss:.3f} "
         f"-> {rundir.eval_results_file}"
     )
-    return expected

@@ -128,10 +128,11 @@ def load_tokenizer(model: ModelConfig):
     source = resolve_model_source(model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=model.revision)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - damaged tokenizer files raise many types; all one line
         if source == model.name_or_path and not Path(source).exists():
             raise _hub_error(model.name_or_path, err) from None
-        raise LoralabError(f"cannot load a tokenizer from {source}: {err}") from None
+        raise LoralabError(f"cannot load a tokenizer from {source} ({_first_line(err)}); check or download its "
+                           f"tokenizer files again") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss; any id will do, EOS is conventional.
         tokenizer.pad_token = tokenizer.eos_token
@@ -178,11 +179,18 @@ def load_model(model: ModelConfig, precision: str, device: str, in_memory: bool 
             source, revision=model.revision, dtype=DTYPES[precision], attn_implementation=model.attn_implementation,
             **extra,
         )
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - truncated safetensors, refused pickles, shape errors: all one line
         if source == model.name_or_path and not Path(source).exists():
             raise _hub_error(model.name_or_path, err) from None
-        raise LoralabError(f"cannot load a model from {source}: {err}") from None
+        raise LoralabError(f"cannot load a model from {source} ({_first_line(err)}); its files are damaged, incomplete "
+                           f"or unsafe (only safetensors and weights-only checkpoints load): download the model "
+                           f"again") from None
     return net if load_in_4bit else net.to(device)  # a quantised model is placed by device_map
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return (text.splitlines()[0][:200] if text else type(err).__name__)
 
 
 def lora_config(lora: LoraSection):

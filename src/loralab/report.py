@@ -355,9 +355,19 @@ def run(cfg: ExperimentConfig) -> Path:
     """The report stage: build the report in ``cfg``'s run directory and record the stage; return report.md's path."""
     rundir = RunDir(cfg)
     start = time.perf_counter()
-    path = build_report(rundir.root)
+    problem = rundir.report_problem(cfg)  # one source of truth: the report never mixes configs or attempts
+    if problem is not None:
+        raise LoralabError(f"cannot report on {rundir.root}: {problem}; run `loralab run CONFIG` with this config "
+                           f"(or the stage named) first")
+    try:
+        path = build_report(rundir.root)
+    except (ValueError, UnicodeDecodeError, yaml.YAMLError) as err:  # a run file damaged after its stage recorded it
+        raise LoralabError(f"cannot report on {rundir.root}: {str(err).splitlines()[0]}; run the stage that writes "
+                           f"that file again with --force") from None
     # Always rebuilt (about a second), from whatever the earlier stages last wrote; the hash records which eval.
-    rundir.mark_done("report", stage_hash(cfg, "report", rundir.recorded_hash("eval")), time.perf_counter() - start)
+    # config.yaml is the stages' that consumed the config; the report only reads it.
+    rundir.mark_done("report", stage_hash(cfg, "report", rundir.recorded_hash("eval")), time.perf_counter() - start,
+                     write_config=False)
     print(f"report: {path} and {path.with_name(HTML_REPORT_FILE).name}")
     return path
 

@@ -9,7 +9,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -22,6 +21,7 @@ from loralab import cpu, plan, prepare
 from loralab.config import ExperimentConfig
 from loralab.cpu.onednn_weights import onednn_weights_available
 from loralab.errors import LoralabError
+from loralab.generation import model_fingerprint
 from loralab.gguf_models import model_source
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import (
@@ -35,7 +35,19 @@ from loralab.modeling import (
     resolve_model_source,
 )
 from loralab.packing import RowCollator
-from loralab.rundir import RunDir, environment_info, read_jsonl, stage_hash
+from loralab.rundir import (
+    COMPLETE_FILE,
+    NEW_ADAPTER,
+    RunDir,
+    completeness,
+    environment_info,
+    mark_complete,
+    read_jsonl,
+    stage_hash,
+    stage_inputs,
+    swap_in_adapter,
+    write_jsonl,
+)
 
 
 class ResponseOnlyTrainer(Trainer):
@@ -119,15 +131,42 @@ class NonFiniteLoss(LoralabError):
         super().__init__(f"training stopped at step {step}: the {what} is NaN or infinite; {hint} (the last good checkpoint is kept)")
 
 
+class TrainingStalled(LoralabError):
+    """Training runs but learns nothing: a gradient norm of exactly 0, or a loss frozen at one value."""
+
+
+FLAT_LOSS_ROWS = 5  # logged rows of one identical loss (on different batches) that mean a collapsed run
+
+
+def stall_reason(rows: list[dict], lora_alpha: float, learning_rate: float) -> str | None:
+    """Why the logged rows show a run that learns nothing, or None. A gradient norm of exactly 0 means no
+    parameter gets a gradient; the same loss to 6 digits on FLAT_LOSS_ROWS different batches means the model
+    no longer depends on its input (collapsed, e.g. a uniform prediction after a divergence)."""
+    last = rows[-1]
+    if last.get("grad_norm") == 0.0:
+        return (f"the gradient norm is exactly 0 at step {last['step']}: no LoRA weight gets a gradient "
+                f"(lora.lora_alpha {lora_alpha}, lora.target_modules, or labels that train no token?)")
+    losses = [r["loss"] for r in rows[-FLAT_LOSS_ROWS:]]
+    if len(losses) == FLAT_LOSS_ROWS and max(losses) - min(losses) <= 1e-6 * max(1.0, abs(losses[0])):
+        return (f"the loss has stayed at {losses[0]:.6f} over {FLAT_LOSS_ROWS} logged steps on different batches, "
+                f"up to "
+                f"step {last['step']}: the model has collapsed; lower train.learning_rate (now {learning_rate:g})")
+    return None
+
+
 class MetricsLog(TrainerCallback):
-    """Appends each log row to metrics.jsonl, stops on a non-finite loss or grad norm, and asks for the held-out
-    loss (ResponseOnlyTrainer.evaluate) every ``eval_every`` steps and at the last step."""
+    """Appends each log row to metrics.jsonl, stops on a non-finite loss or grad norm or a stalled run
+    (stall_reason), and asks for the held-out loss (ResponseOnlyTrainer.evaluate) every ``eval_every`` steps and at
+    the last step. The summary's train_loss is the mean of every logged step's loss in the file, so a resumed run's
+    covers the whole run, not only its resumed part."""
 
     def __init__(self, path: Path, precision: str, eval_every: int):
         self.path = path
         self.precision = precision
         self.eval_every = eval_every
-        self.failure: NonFiniteLoss | None = None
+        self.failure: LoralabError | None = None
+        self.lora_alpha, self.learning_rate = 0.0, 0.0  # for stall messages (run sets them)
+        self.rows: list[dict] = []
         self.main_process = True  # under torchrun/accelerate only rank 0 writes (on_train_begin)
 
     def _write(self, row: dict) -> None:
@@ -157,6 +196,7 @@ class MetricsLog(TrainerCallback):
                 "learning_rate": logs.get("learning_rate"),
             }
             self._write(row)
+            self.rows.append(row)
             # fp16 with loss scaling meets infinite gradients on purpose (the scaler then skips the step).
             bad_grad = self.precision != "fp16" and row["grad_norm"] is not None and not math.isfinite(row["grad_norm"])
             if not math.isfinite(row["loss"]) or bad_grad:
@@ -164,8 +204,19 @@ class MetricsLog(TrainerCallback):
                 control.should_training_stop = True
                 control.should_save = False
                 control.should_evaluate = False
+                return
+            reason = stall_reason(self.rows, self.lora_alpha, self.learning_rate)
+            if reason is not None:
+                self.failure = TrainingStalled(f"training stopped: {reason} (the last good checkpoint is kept)")
+                control.should_training_stop = True
+                control.should_save = False
+                control.should_evaluate = False
         elif "train_runtime" in logs:
-            self._write({"step": state.global_step, **{k: logs[k] for k in ("train_runtime", "train_loss") if k in logs}})
+            summary = {"step": state.global_step, **{k: logs[k] for k in ("train_runtime", "train_loss") if k in logs}}
+            losses = [r["loss"] for r in _training_rows(self.path)] if self.main_process and self.path.exists() else []
+            if losses:
+                summary["train_loss"] = sum(losses) / len(losses)
+            self._write(summary)
 
 
 
@@ -198,23 +249,71 @@ class StopOnInterrupt(TrainerCallback):
             self.previous = None
 
 
+def _training_rows(path: Path) -> list[dict]:
+    """One row per logged step (the last written wins), in step order."""
+    by_step = {r["step"]: r for r in read_jsonl(path) if "loss" in r and "step" in r}
+    return [by_step[k] for k in sorted(by_step)]
+
+
 def _truncate_metrics(path: Path, after_step: int) -> None:
     """On resume, drop rows logged after the checkpoint so the log has no duplicated or orphaned steps."""
     if path.exists():
-        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= after_step and "train_runtime" not in r]
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= after_step and "train_runtime" not in r])
 
 
 HASH_FILE = "train_hash.txt"  # which config the checkpoints beside it belong to
 
 
 def _read_text(path: Path) -> str | None:
-    return path.read_text().strip() if path.exists() else None
+    try:
+        return path.read_text().strip() if path.exists() else None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
-def newest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    found = [p for p in checkpoints_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+def _step(folder: Path) -> int:
+    return int(folder.name.split("-")[-1])
+
+
+def checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """checkpoint-N folders, newest first."""
+    found = [p for p in checkpoints_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=_step, reverse=True)
+
+
+def newest_checkpoint(checkpoints_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint (rundir.completeness: marked complete, every file as written), and a line
+    for each newer one skipped."""
+    skipped = []
+    for folder in checkpoints(checkpoints_dir):
+        _, why = completeness(folder)
+        if why is None:
+            return folder, skipped
+        skipped.append(f"{folder.name} is {why}")
+    return None, skipped
+
+
+class CheckpointGuard(TrainerCallback):
+    """After the Trainer writes checkpoint-N: mark it complete (rundir.mark_complete), then remove the oldest
+    complete ones beyond train.save_total_limit, and incomplete ones. Written, then marked, then rotated: a
+    kill at any instant leaves the previous complete checkpoint in place. A checkpoint saved outside the
+    Trainer's save loop (on Ctrl-C, say) counts for --resume only once this on_save has run for it."""
+
+    def __init__(self, checkpoints_dir: Path, train_hash: str, keep: int):
+        self.checkpoints_dir, self.train_hash, self.keep = checkpoints_dir, train_hash, keep
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        folder = self.checkpoints_dir / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            mark_complete(folder, train_hash=self.train_hash, step=state.global_step)
+        complete = 0
+        for older in checkpoints(self.checkpoints_dir):
+            whole = (older / COMPLETE_FILE).is_file()
+            complete += whole
+            if not whole or complete > self.keep:
+                shutil.rmtree(older, ignore_errors=True)
 
 
 def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, device: str,
@@ -238,7 +337,7 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
         logging_steps=t.logging_steps,
         save_strategy="steps",
         save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        save_total_limit=None,  # CheckpointGuard rotates, after marking the new one complete
         seed=t.seed,
         data_seed=t.seed,
         # Weights are already stored in bf16/fp16 (see load_model); fp16 adds autocast and the loss scaler
@@ -377,8 +476,17 @@ def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_
     )
 
 
-def current_hash(cfg: ExperimentConfig) -> str:
-    return stage_hash(cfg, "train", prepare.current_hash(cfg))
+def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
+    """Content fingerprints of train's inputs beyond the config: prepare's, and the model files (config.json,
+    each weight file's size and mtime), so a model replaced in place is noticed."""
+    return {**prepare.fingerprints(cfg), "model files": model_fingerprint(cfg.model.name_or_path)}
+
+
+def current_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
+    prints = prints or fingerprints(cfg)
+    model_print = {"model files": prints["model files"]}
+    upstream = prepare.current_hash(cfg, {k: v for k, v in prints.items() if k not in model_print})
+    return stage_hash(cfg, "train", upstream, model_print)
 
 
 def _say(text: str) -> None:
@@ -387,48 +495,131 @@ def _say(text: str) -> None:
         print(text)
 
 
-def _checkpoint_to_resume(rundir: RunDir, expected: str) -> Path:
-    resume_from = newest_checkpoint(rundir.checkpoints_dir)
-    if resume_from is None:
-        raise LoralabError(f"--resume: no checkpoint in {rundir.checkpoints_dir}; run `loralab train CONFIG` to start")
-    if _read_text(rundir.checkpoints_dir / HASH_FILE) != expected:
-        raise LoralabError(f"--resume: {resume_from} was made with a different config; start afresh with `loralab train CONFIG`")
-    return resume_from
-
-
-def _start_logs(rundir: RunDir, expected: str, resume_step: int | None) -> None:
-    """A fresh run clears the old checkpoints and logs; a resumed one drops the rows logged after its checkpoint.
-    Main process only."""
+def _start_logs(rundir: RunDir, expected: str, resume_from: Path | None) -> None:
+    """A fresh run clears the old checkpoints and logs; a resumed one drops the checkpoints newer than the one it
+    resumes from (incomplete or damaged: newest_checkpoint said so) and the rows logged after it. Main process only."""
     if launched_processes()[0] != 0:
         return
-    if resume_step is None:
+    if resume_from is None:
         shutil.rmtree(rundir.checkpoints_dir, ignore_errors=True)
         rundir.metrics_file.unlink(missing_ok=True)
         shutil.rmtree(rundir.root / "tensorboard", ignore_errors=True)
         rundir.checkpoints_dir.mkdir(parents=True)
         (rundir.checkpoints_dir / HASH_FILE).write_text(expected)
     else:
-        _truncate_metrics(rundir.metrics_file, resume_step)
+        for newer in checkpoints(rundir.checkpoints_dir):
+            if _step(newer) > _step(resume_from):
+                shutil.rmtree(newer)
+        _truncate_metrics(rundir.metrics_file, _step(resume_from))
 
 
 def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str:
     """Train LoRA adapters; write adapter/, metrics.jsonl and checkpoints/; return the stage hash.
 
-    Under torchrun or accelerate launch every process runs this with the same config (DDP): each trains its share
-    of every step's examples, and only the main process (rank 0) writes to the run directory."""
+    Everything is checked and the trainer built before any file is touched; a finished checkpoint completes
+    an adapter that is missing or damaged (and --resume on a finished run does nothing). Under torchrun or
+    accelerate launch every process runs this with the same config (DDP): each trains its share of every step's
+    examples, and only the main process (rank 0) writes to the run directory."""
     rundir = RunDir(cfg)
-    upstream = prepare.current_hash(cfg)
-    rundir.require_current("prepare", upstream, "train")
-    expected = stage_hash(cfg, "train", upstream)
-    if not force and not resume and rundir.is_current("train", expected):
-        _say(f"train: up to date ({rundir.adapter_dir})")
-        return expected
-    resume_from = _checkpoint_to_resume(rundir, expected) if resume else None
+    prints = fingerprints(cfg)
+    prepare_prints = {k: v for k, v in prints.items() if k != "model files"}
+    rundir.require_current("prepare", prepare.current_hash(cfg, prepare_prints), "train",
+                           stage_inputs(cfg, "prepare", prepare_prints))
+    expected = current_hash(cfg, prints)
+    inputs = stage_inputs(cfg, "train", prints)
     rank, processes = launched_processes()
     main = rank == 0
+    if rundir.is_current("train", expected) and not force:
+        steps = rundir.stage_record("train").get("steps")
+        state = "the run has already finished" if resume else "up to date"
+        _say(f"train: {state} (step {steps}, {rundir.adapter_dir})" + ("; nothing to resume" if resume else ""))
+        return expected
+    resume_from = _checkpoint_to_resume(rundir, expected, required=resume) if resume or not force else None
+    finished = resume_from is not None and _step(resume_from) >= cfg.train.max_steps
+    if finished and _log_reaches(rundir, _step(resume_from)):
+        if main:
+            _finish_from_checkpoint(rundir, resume_from, expected, inputs)
+        return expected
+    if not resume:
+        resume_from = None
     per_process = plan.per_process_examples(cfg.train, processes)  # before anything is loaded or written
 
     start = time.perf_counter()
+    trainer, log, stop, model, info = _prepare_training(cfg, rundir, expected, processes, per_process)
+    log.lora_alpha, log.learning_rate = cfg.lora.lora_alpha, cfg.train.learning_rate
+    with rundir.attempt("train", expected) if main else contextlib.nullcontext():
+        if main:
+            rundir.update_manifest(**info, gradient_checkpointing=trainer.args.gradient_checkpointing,
+                                   row_tokens=trainer.row_tokens, onednn_weights=trainer.onednn_weights)
+        if resume_from is not None:
+            _say(f"train: resuming from step {_step(resume_from)} ({resume_from})")
+        _start_logs(rundir, expected, resume_from)
+        # The TensorBoard writer opens its event file at once: made after _start_logs cleared the old ones.
+        for callback in tracker_callbacks(cfg, rundir.root, _step(resume_from) if resume_from else 0):
+            trainer.add_callback(callback)
+        try:
+            trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        finally:
+            _close_progress_bars(trainer)  # so an error message starts on its own line, not after a bar
+        if log.failure is not None:
+            raise log.failure
+        step = trainer.state.global_step
+        if stop.requested and step < cfg.train.max_steps:
+            raise KeyboardInterrupt(f"checkpoint saved at step {step} of {cfg.train.max_steps} in "
+                                    f"{rundir.checkpoints_dir}; resume with `loralab train CONFIG --resume`")
+        if main:
+            _save_adapter(model, rundir.adapter_dir, train_hash=expected, step=step)
+            rundir.mark_done("train", expected, time.perf_counter() - start, inputs=inputs, steps=step)
+    _say(f"train: adapter saved to {rundir.adapter_dir}")
+    return expected
+
+
+def _checkpoint_to_resume(rundir: RunDir, expected: str, required: bool) -> Path | None:
+    """The newest complete checkpoint of this config, naming each newer one skipped; with ``required`` (--resume)
+    a missing one is an error, otherwise None."""
+    folder, skipped = newest_checkpoint(rundir.checkpoints_dir)
+    same_config = _read_text(rundir.checkpoints_dir / HASH_FILE) == expected
+    if not required:
+        return folder if same_config else None
+    for line in skipped:
+        print(f"train: skipping {line}")
+    if folder is None:
+        found = "only incomplete or damaged checkpoints" if skipped else "no checkpoint"
+        raise LoralabError(f"--resume: {found} in {rundir.checkpoints_dir}; run `loralab train CONFIG` to start afresh")
+    if not same_config:
+        raise LoralabError(f"--resume: {folder} was made with a different config; "
+                           f"start afresh with `loralab train CONFIG`")
+    return folder
+
+
+def _log_reaches(rundir: RunDir, step: int) -> bool:
+    """metrics.jsonl is readable and logged the run up to ``step`` (then only the adapter is missing)."""
+    try:
+        return rundir.metrics_file.is_file() and any(r.get("step", 0) >= step for r in read_jsonl(rundir.metrics_file))
+    except LoralabError:
+        return False
+
+
+def _finish_from_checkpoint(rundir: RunDir, checkpoint: Path, expected: str, inputs: dict) -> None:
+    """The run reached max_steps (its last checkpoint is complete) but its adapter is missing, damaged or was
+    never swapped in: take the adapter from that checkpoint instead of training again."""
+    start = time.perf_counter()
+    with rundir.attempt("train", expected):
+        new = rundir.root / NEW_ADAPTER
+        shutil.rmtree(new, ignore_errors=True)
+        new.mkdir()
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            shutil.copy2(checkpoint / name, new / name)
+        mark_complete(new, train_hash=expected, step=_step(checkpoint))
+        swap_in_adapter(new, rundir.adapter_dir)
+        rundir.mark_done("train", expected, time.perf_counter() - start, inputs=inputs, steps=_step(checkpoint))
+    print(f"train: the run had finished at step {_step(checkpoint)}; adapter taken from {checkpoint} "
+          f"-> {rundir.adapter_dir}")
+
+
+def _prepare_training(cfg: ExperimentConfig, rundir: RunDir, expected: str, processes: int, per_process: int):
+    """Everything that can fail on the config, the data or the model, before any file is touched:
+    (trainer, metrics log, Ctrl-C handler, model, manifest fields)."""
     device = detect_device(cfg.train.device)
     precision = choose_precision(device, cfg.train.precision)
     check_switches(cfg, device, precision)  # before loading any weight
@@ -444,38 +635,15 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     if processes > 1:
         _say(f"train: {processes} processes x {per_process} examples = {processes * per_process} examples per optimizer "
              f"step (train.per_device_train_batch_size x gradient_accumulation_steps, split over the processes)")
-    if main:
-        rundir.update_manifest(**environment_info(), model_source=model_source(resolve_model_source(cfg.model)),
-                               device=device, device_name=device_name(device), precision=precision,
-                               parameters=counts.as_dict(), processes=processes)
-
-    resume_step = int(resume_from.name.split("-")[-1]) if resume_from else None
-    if resume_from:
-        _say(f"train: resuming from step {resume_step} ({resume_from})")
-    _start_logs(rundir, expected, resume_step)
+    info = {**environment_info(), "model_source": model_source(resolve_model_source(cfg.model)), "device": device,
+            "device_name": device_name(device), "precision": precision, "parameters": counts.as_dict(),
+            "processes": processes}
     log = MetricsLog(rundir.metrics_file, precision, cfg.train.eval_loss_steps)
     stop = StopOnInterrupt()
-    callbacks = [log, stop, *tracker_callbacks(cfg, rundir.root, resume_step or 0)]
-    trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, callbacks, switches,
-                            eval_examples)
-    if main:
-        rundir.update_manifest(gradient_checkpointing=trainer.args.gradient_checkpointing, row_tokens=trainer.row_tokens,
-                               onednn_weights=trainer.onednn_weights)
-    try:
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    finally:
-        _close_progress_bars(trainer)  # so an error message starts on its own line, not after a bar
-    if log.failure is not None:
-        raise log.failure
-    step = trainer.state.global_step
-    if stop.requested and step < cfg.train.max_steps:
-        raise KeyboardInterrupt(f"checkpoint saved at step {step} of {cfg.train.max_steps} in {rundir.checkpoints_dir}; "
-                                f"resume with `loralab train CONFIG --resume`")
-    if main:
-        _save_adapter(model, rundir.adapter_dir)
-        rundir.mark_done("train", expected, time.perf_counter() - start, steps=step)
-    _say(f"train: adapter saved to {rundir.adapter_dir}")
-    return expected
+    guard = CheckpointGuard(rundir.checkpoints_dir, expected, cfg.train.save_total_limit)
+    trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log, stop, guard],
+                            switches, eval_examples)
+    return trainer, log, stop, model, info
 
 
 def _close_progress_bars(trainer: Trainer) -> None:
@@ -486,17 +654,11 @@ def _close_progress_bars(trainer: Trainer) -> None:
             callback.training_bar = None
 
 
-def _save_adapter(model, adapter_dir: Path) -> None:
-    """Save to a fresh folder beside the target, then swap it in: an old adapter is never half-overwritten."""
-    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=adapter_dir.parent, prefix=".adapter-"))
-    try:
-        model.save_pretrained(tmp)
-        old = adapter_dir.with_name(".adapter-old")
-        shutil.rmtree(old, ignore_errors=True)
-        if adapter_dir.exists():
-            adapter_dir.rename(old)
-        tmp.rename(adapter_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def _save_adapter(model, adapter_dir: Path, **info) -> None:
+    """Save to .adapter-new beside the target, mark it complete, then swap it in (rundir.swap_in_adapter): an old
+    adapter is never half-overwritten, and a kill at any instant is finished or undone by the next command."""
+    new = adapter_dir.with_name(NEW_ADAPTER)
+    shutil.rmtree(new, ignore_errors=True)
+    model.save_pretrained(new)
+    mark_complete(new, **info)
+    swap_in_adapter(new, adapter_dir)
