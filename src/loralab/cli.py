@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -141,7 +142,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     from loralab.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.command in WRITES_RUN_DIR:
+    # Under torchrun/accelerate only the main process (RANK 0) writes the run directory, so only it holds the lock.
+    if args.command in WRITES_RUN_DIR and os.environ.get("RANK", "0") == "0":
         from loralab.rundir import run_lock
 
         with run_lock(cfg.run_dir, args.command):  # one process per run directory
