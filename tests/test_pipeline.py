@@ -127,5 +127,6 @@ def test_base_generations_come_from_the_cache_on_a_rerun(run, capsys):
     cfg, rd = run
     before = (rd / "predictions.jsonl").read_text()
     assert cli.main(["eval", str(cfg), "--force"]) == 0
-    assert "base generations reused from the cache" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "base generations reused from the cache" in out and "base held-out loss reused from the cache" in out
     assert (rd / "predictions.jsonl").read_text() == before  # greedy and cached: the same answers

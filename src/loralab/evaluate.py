@@ -1,8 +1,8 @@
 """The eval stage: greedy answers from the base model and from base + adapter, scored against references.
 
-The base model is loaded once: it answers (or its cached answers are reused), then the adapter is
-loaded onto it, its held-out loss measured, and it is merged into the weights so LoRA generation costs
-no extra matmul per token.
+The base model is loaded once: it answers and its held-out loss is measured (or both are reused from the
+cache), then the adapter is loaded onto it and merged into the weights, so the LoRA model's held-out loss
+and answers cost no extra matmul per token.
 """
 
 from __future__ import annotations
@@ -17,13 +17,7 @@ import torch
 from loralab import train
 from loralab.config import ExperimentConfig
 from loralab.data import make_template, prompt_ids, reference_answer
-from loralab.generation import (
-    generate_greedy,
-    generation_cache_key,
-    load_cached_generations,
-    model_fingerprint,
-    save_cached_generations,
-)
+from loralab.generation import cache_key, generate_greedy, load_cached, model_fingerprint, save_cached
 from loralab.loss import heldout_loss
 from loralab.metrics import example_scores, score_corpus
 from loralab.modeling import choose_precision, detect_device, load_model, load_tokenizer
@@ -66,6 +60,23 @@ def _data_format(rundir: RunDir) -> str:
         return "alpaca"
 
 
+def _cached(cache_dir, key: str, compute, what: str):
+    """The value cached under ``key`` in ``cache_dir`` (None: no cache), else ``compute()``, then cached."""
+    value = load_cached(cache_dir, key) if cache_dir is not None else None
+    if value is not None:
+        print(f"eval: {what} reused from the cache")
+        return value
+    value = compute()
+    if cache_dir is not None:
+        save_cached(cache_dir, key, value)
+    return value
+
+
+def _heldout_loss(model, examples: list[dict], device: str, desc: str) -> float:
+    """Mean response loss over ``examples`` (NaN without any), with a progress bar."""
+    return heldout_loss(model, examples, device, progress=True, desc=desc) if examples else float("nan")
+
+
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
     rundir = RunDir(cfg)
     upstream = train.current_hash(cfg)
@@ -100,21 +111,22 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
     model = load_model(cfg.model, precision, device)
     settings = {"max_new_tokens": cfg.eval.max_new_tokens, "precision": precision, "device": device,
                 "eos": gen["eos_token_ids"], "revision": cfg.model.revision}
-    cache_key = generation_cache_key(model_fingerprint(cfg.model.name_or_path), prompts, settings)
-    base_ids = load_cached_generations(rundir.cache_dir, cache_key) if cfg.eval.cache_base_generations else None
-    if base_ids is None:
-        base_ids = generate_greedy(model, prompts, desc="eval: base", **gen)
-        if cfg.eval.cache_base_generations:
-            save_cached_generations(rundir.cache_dir, cache_key, base_ids)
-    else:
-        print(f"eval: base generations reused from the cache ({len(base_ids)} prompts)")
-    base_loss = heldout_loss(model, loss_examples, device) if loss_examples else float("nan")
+    fingerprint = model_fingerprint(cfg.model.name_or_path)
+    # A cached base result is reused only when cache_base_generations is on, for answers and loss alike.
+    cache_dir = rundir.cache_dir if cfg.eval.cache_base_generations else None
+    base_ids = _cached(cache_dir, cache_key(fingerprint, prompts, settings),
+                       lambda: generate_greedy(model, prompts, desc="eval: base", **gen), "base generations")
+    loss_settings = {"quantity": "heldout_loss", "precision": precision, "device": device, "revision": cfg.model.revision}
+    loss_inputs = [[e["input_ids"], e["labels"]] for e in loss_examples]
+    base_loss = _cached(cache_dir, cache_key(fingerprint, loss_inputs, loss_settings),
+                        lambda: _heldout_loss(model, loss_examples, device, "eval: base held-out loss"),
+                        "base held-out loss")
 
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(model, str(rundir.adapter_dir))
-    lora_loss = heldout_loss(model, loss_examples, device) if loss_examples else float("nan")
-    model = model.merge_and_unload()
+    # Merged first: the LoRA model's loss and answers then cost what the base model's did.
+    model = PeftModel.from_pretrained(model, str(rundir.adapter_dir)).merge_and_unload()
+    lora_loss = _heldout_loss(model, loss_examples, device, "eval: LoRA held-out loss")
     lora_ids = generate_greedy(model, prompts, desc="eval: LoRA", **gen)
     del model
     if device == "cuda":
