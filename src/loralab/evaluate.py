@@ -155,7 +155,8 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
     write_jsonl(rundir.predictions_file, predictions)
     atomic_write_text(rundir.examples_file, examples_markdown(cfg.eval.prompts, base_text[n:], lora_text[n:]))
     atomic_write_text(rundir.eval_results_file, eval_results_csv(base_scores, lora_scores))
-    rundir.mark_done("eval", expected, time.perf_counter() - start, prompts=n)
+    rundir.mark_done("eval", expected, time.perf_counter() - start, prompts=n,
+                     answer_tokens=sum(map(len, base_ids)) + sum(map(len, lora_ids)))
     print(
         f"eval: {n} held-out prompts; ROUGE-L base {base_scores['rougeL']:.4f} -> LoRA {lora_scores['rougeL']:.4f}, "
         f"BLEU {base_scores['bleu']:.4f} -> {lora_scores['bleu']:.4f}, held-out loss {base_loss:.3f} -> {lora_loss:.3f} "
