@@ -20,6 +20,7 @@ from loralab.data import make_template, prompt_ids, reference_answer
 from loralab.generation import cache_key, generate_greedy, load_cached, model_fingerprint, save_cached
 from loralab.loss import heldout_loss
 from loralab.metrics import example_scores, score_corpus
+from loralab.packing import use_per_example_attention
 from loralab.modeling import choose_precision, detect_device, load_model, load_tokenizer
 from loralab.rundir import RunDir, atomic_write_text, read_jsonl, stage_hash, write_jsonl
 
@@ -73,8 +74,20 @@ def _cached(cache_dir, key: str, compute, what: str):
 
 
 def _heldout_loss(model, examples: list[dict], device: str, desc: str) -> float:
-    """Mean response loss over ``examples`` (NaN without any), with a progress bar."""
-    return heldout_loss(model, examples, device, progress=True, desc=desc) if examples else float("nan")
+    """Mean response loss over ``examples`` (NaN without any), with a progress bar.
+
+    On a CPU the packed rows are attended one example at a time, as in training (loralab.packing): transformers'
+    sdpa would attend over each whole row with a block mask, through SDPA's slow masked CPU kernel.
+    """
+    if not examples:
+        return float("nan")
+    previous = model.config._attn_implementation
+    switched = device == "cpu" and use_per_example_attention(model)
+    try:
+        return heldout_loss(model, examples, device, progress=True, desc=desc)
+    finally:
+        if switched:
+            model.set_attn_implementation(previous)
 
 
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
