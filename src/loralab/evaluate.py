@@ -73,14 +73,30 @@ def _cached(cache_dir, key: str, compute, what: str):
     return value
 
 
-def _heldout_loss(model, examples: list[dict], device: str, desc: str) -> float:
-    """Mean response loss over ``examples`` (NaN without any), with a progress bar.
+def _losses_from_training(rundir: RunDir, precision: str, device: str) -> tuple[float | None, float | None]:
+    """The (base, LoRA) held-out losses `loralab train` logged over the whole eval split, where it did: the
+    step-0 row (LoRA's B is still zero, so that is the base model) and the row at its last step. None for
+    each it did not log, or when it trained on another device or in another precision."""
+    manifest = rundir.manifest()
+    steps = manifest.get("stages", {}).get("train", {}).get("steps")
+    if steps is None or manifest.get("precision") != precision or manifest.get("device") != device:
+        return None, None
+    rows = {r["step"]: r["eval_loss"] for r in read_jsonl(rundir.metrics_file) if "eval_loss" in r and "step" in r}
+    return rows.get(0), rows.get(steps)
+
+
+def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured: float | None = None) -> float:
+    """Mean response loss over ``examples`` (NaN without any), with a progress bar; ``measured`` when training
+    already measured it (said so, not recomputed).
 
     On a CPU the packed rows are attended one example at a time, as in training (loralab.packing): transformers'
     sdpa would attend over each whole row with a block mask, through SDPA's slow masked CPU kernel.
     """
     if not examples:
         return float("nan")
+    if measured is not None:
+        print(f"{desc}: {measured:.4f}, as loralab train measured it (metrics.jsonl)")
+        return measured
     previous = model.config._attn_implementation
     switched = device == "cpu" and use_per_example_attention(model)
     try:
@@ -105,8 +121,10 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
     tokenizer = load_tokenizer(cfg.model)
     template = make_template(tokenizer, cfg.data.template, _data_format(rundir))
     held_out = read_jsonl(rundir.eval_file)
-    if cfg.eval.num_examples is not None:
-        held_out = held_out[: cfg.eval.num_examples]
+    # loralab train measured both held-out losses over the whole eval split: reused when eval scores all of it.
+    trained = _losses_from_training(rundir, precision, device)
+    if cfg.eval.num_examples is not None and cfg.eval.num_examples < len(held_out):
+        held_out, trained = held_out[: cfg.eval.num_examples], (None, None)
     loss_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in held_out]
     # Plain-text examples have no prompt to answer: they count in the held-out loss only.
     records = [e["record"] for e in held_out if reference_answer(e["record"]) is not None]
@@ -132,14 +150,14 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
     loss_settings = {"quantity": "heldout_loss", "precision": precision, "device": device, "revision": cfg.model.revision}
     loss_inputs = [[e["input_ids"], e["labels"]] for e in loss_examples]
     base_loss = _cached(cache_dir, cache_key(fingerprint, loss_inputs, loss_settings),
-                        lambda: _heldout_loss(model, loss_examples, device, "eval: base held-out loss"),
+                        lambda: _heldout_loss(model, loss_examples, device, "eval: base held-out loss", trained[0]),
                         "base held-out loss")
 
     from peft import PeftModel
 
     # Merged first: the LoRA model's loss and answers then cost what the base model's did.
     model = PeftModel.from_pretrained(model, str(rundir.adapter_dir)).merge_and_unload()
-    lora_loss = _heldout_loss(model, loss_examples, device, "eval: LoRA held-out loss")
+    lora_loss = _heldout_loss(model, loss_examples, device, "eval: LoRA held-out loss", trained[1])
     lora_ids = generate_greedy(model, prompts, desc="eval: LoRA", **gen)
     del model
     if device == "cuda":
