@@ -16,11 +16,11 @@ import torch
 
 from loralab import train
 from loralab.config import ExperimentConfig
+from loralab.cpu.attention import undo_per_example_attention, use_per_example_attention
 from loralab.data import make_template, prompt_ids, reference_answer
 from loralab.generation import cache_key, generate_greedy, load_cached, model_fingerprint, save_cached
 from loralab.loss import heldout_loss
 from loralab.metrics import example_scores, score_corpus
-from loralab.packing import use_per_example_attention
 from loralab.modeling import choose_precision, detect_device, load_model, load_tokenizer
 from loralab.rundir import RunDir, atomic_write_text, read_jsonl, stage_hash, write_jsonl
 
@@ -89,7 +89,7 @@ def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured:
     """Mean response loss over ``examples`` (NaN without any), with a progress bar; ``measured`` when training
     already measured it (said so, not recomputed).
 
-    On a CPU the packed rows are attended one example at a time, as in training (loralab.packing): transformers'
+    On a CPU the packed rows are attended one example at a time, as in training (loralab.cpu.attention): transformers'
     sdpa would attend over each whole row with a block mask, through SDPA's slow masked CPU kernel.
     """
     if not examples:
@@ -97,13 +97,12 @@ def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured:
     if measured is not None:
         print(f"{desc}: {measured:.4f}, as loralab train measured it (metrics.jsonl)")
         return measured
-    previous = model.config._attn_implementation
-    switched = device == "cpu" and use_per_example_attention(model)
+    if device == "cpu":
+        use_per_example_attention(model)
     try:
         return heldout_loss(model, examples, device, progress=True, desc=desc)
     finally:
-        if switched:
-            model.set_attn_implementation(previous)
+        undo_per_example_attention(model)
 
 
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
