@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="precision of every side")
     parser.add_argument("--prompts", type=int, default=64, help="held-out examples (prompts and loss)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--baseline-prompts", type=int, default=16, help="time the per-example loop on the first N prompts")
+    parser.add_argument("--baseline-prompts", type=int, default=16,
+                        help="time the per-example loop on the first N prompts")
     parser.add_argument("--no-whole-process", action="store_true", help="skip the `loralab eval` subprocess")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Alpaca-format JSON records")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the random model is kept")
@@ -233,7 +234,8 @@ def generation_alone(cfg_path: Path, args: argparse.Namespace) -> dict:
     hook.remove()
     peaks.append(matmul_peak(dtype))
     steps = sorted(b - a for a, b in zip(stamps, stamps[1:]))
-    return {"prompts": prompts, "ours": ours, "ours_s": ours_s, "merge_s": merge_s, "theirs": theirs, "theirs_s": theirs_s,
+    return {"prompts": prompts, "ours": ours, "ours_s": ours_s, "merge_s": merge_s,
+            "theirs": theirs, "theirs_s": theirs_s,
             "decode_step_s": steps[len(steps) // 2] if steps else float("nan"), "batch": len(prompts),
             "peaks": peaks, "flops_per_token": 2 * non_embedding}
 
@@ -248,7 +250,8 @@ def whole_process(cfg_path: Path) -> dict:
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "loralab", "eval", str(cfg_path)], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "loralab", "eval", str(cfg_path)], env=env,
+                          capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"loralab eval failed:\n{proc.stderr[-4000:]}")
@@ -271,7 +274,8 @@ def report(args, gen: dict, whole: dict | None) -> None:
     print(f"   {args.dtype} matmul peak (3072^3, best of 4, before/after the generation sides): "
           f"{' / '.join(f'{p / 1e9:.0f}' for p in gen['peaks'])} GFLOP/s")
     print(f"   TinyLlama-1.1B shape, random weights, {args.dtype}; {n} held-out Alpaca prompts "
-          f"({min(map(len, gen['prompts']))}..{max(map(len, gen['prompts']))} tokens), max_new_tokens={args.max_new_tokens}; "
+          f"({min(map(len, gen['prompts']))}..{max(map(len, gen['prompts']))} tokens), "
+          f"max_new_tokens={args.max_new_tokens}; "
           f"{per_token / 1e9:.2f} GFLOP per token")
     print("\n== generation alone")
     print(f"   loralab generate_greedy, LoRA merged, batched : {ours_tokens:6d} tokens in {gen['ours_s']:7.1f} s = "

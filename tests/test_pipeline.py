@@ -145,7 +145,8 @@ def test_eval_reuses_the_held_out_losses_training_measured(run):
 
 def test_eval_of_a_subset_measures_its_own_held_out_losses(run, capsys):
     cfg, rd = run
-    assert cli.main(["eval", str(cfg), "--set", "eval.num_examples=3", "--set", "eval.cache_base_generations=false"]) == 0
+    overrides = ["--set", "eval.num_examples=3", "--set", "eval.cache_base_generations=false"]
+    assert cli.main(["eval", str(cfg), *overrides]) == 0
     err = capsys.readouterr().err
     assert "eval: base held-out loss" in err and "eval: LoRA held-out loss" in err  # the progress bars
     results = read_eval_results(rd / "eval_results.csv")

@@ -89,8 +89,8 @@ def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured:
     """Mean response loss over ``examples`` (NaN without any), with a progress bar; ``measured`` when training
     already measured it (said so, not recomputed).
 
-    On a CPU the packed rows are attended one example at a time, as in training (loralab.cpu.attention): transformers'
-    sdpa would attend over each whole row with a block mask, through SDPA's slow masked CPU kernel.
+    On a CPU the packed rows are attended one example at a time, as in training (loralab.cpu.attention):
+    transformers' sdpa would attend over each whole row with a block mask, through SDPA's slow masked CPU kernel.
     """
     if not examples:
         return float("nan")
@@ -103,6 +103,38 @@ def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured:
         return heldout_loss(model, examples, device, progress=True, desc=desc)
     finally:
         undo_per_example_attention(model)
+
+
+def _answers_and_losses(cfg, rundir, prompts, loss_examples, trained, gen, precision, device):
+    """(base answers, LoRA answers, base loss, LoRA loss): the base model loaded once, then merged with the adapter.
+
+    The base model's answers and loss come from the cache when they are there (eval.cache_base_generations);
+    ``trained`` holds the (base, LoRA) losses loralab train already measured on these examples, or Nones.
+    """
+    model = load_model(cfg.model, precision, device)
+    settings = {"max_new_tokens": cfg.eval.max_new_tokens, "precision": precision, "device": device,
+                "eos": gen["eos_token_ids"], "revision": cfg.model.revision}
+    fingerprint = model_fingerprint(cfg.model.name_or_path)
+    cache_dir = rundir.cache_dir if cfg.eval.cache_base_generations else None
+    base_ids = _cached(cache_dir, cache_key(fingerprint, prompts, settings),
+                       lambda: generate_greedy(model, prompts, desc="eval: base", **gen), "base generations")
+    loss_settings = {"quantity": "heldout_loss", "precision": precision, "device": device,
+                     "revision": cfg.model.revision}
+    loss_inputs = [[e["input_ids"], e["labels"]] for e in loss_examples]
+    base_loss = _cached(cache_dir, cache_key(fingerprint, loss_inputs, loss_settings),
+                        lambda: _heldout_loss(model, loss_examples, device, "eval: base held-out loss", trained[0]),
+                        "base held-out loss")
+
+    from peft import PeftModel
+
+    # Merged first: the LoRA model's loss and answers then cost what the base model's did.
+    model = PeftModel.from_pretrained(model, str(rundir.adapter_dir)).merge_and_unload()
+    lora_loss = _heldout_loss(model, loss_examples, device, "eval: LoRA held-out loss", trained[1])
+    lora_ids = generate_greedy(model, prompts, desc="eval: LoRA", **gen)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return base_ids, lora_ids, base_loss, lora_loss
 
 
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
@@ -138,29 +170,9 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
         batch_size=cfg.eval.batch_size,
     )
 
-    model = load_model(cfg.model, precision, device)
-    settings = {"max_new_tokens": cfg.eval.max_new_tokens, "precision": precision, "device": device,
-                "eos": gen["eos_token_ids"], "revision": cfg.model.revision}
-    fingerprint = model_fingerprint(cfg.model.name_or_path)
-    # A cached base result is reused only when cache_base_generations is on, for answers and loss alike.
-    cache_dir = rundir.cache_dir if cfg.eval.cache_base_generations else None
-    base_ids = _cached(cache_dir, cache_key(fingerprint, prompts, settings),
-                       lambda: generate_greedy(model, prompts, desc="eval: base", **gen), "base generations")
-    loss_settings = {"quantity": "heldout_loss", "precision": precision, "device": device, "revision": cfg.model.revision}
-    loss_inputs = [[e["input_ids"], e["labels"]] for e in loss_examples]
-    base_loss = _cached(cache_dir, cache_key(fingerprint, loss_inputs, loss_settings),
-                        lambda: _heldout_loss(model, loss_examples, device, "eval: base held-out loss", trained[0]),
-                        "base held-out loss")
-
-    from peft import PeftModel
-
-    # Merged first: the LoRA model's loss and answers then cost what the base model's did.
-    model = PeftModel.from_pretrained(model, str(rundir.adapter_dir)).merge_and_unload()
-    lora_loss = _heldout_loss(model, loss_examples, device, "eval: LoRA held-out loss", trained[1])
-    lora_ids = generate_greedy(model, prompts, desc="eval: LoRA", **gen)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    base_ids, lora_ids, base_loss, lora_loss = _answers_and_losses(
+        cfg, rundir, prompts, loss_examples, trained, gen, precision, device
+    )
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     base_text, lora_text = [decode(x) for x in base_ids], [decode(x) for x in lora_ids]
