@@ -131,7 +131,7 @@ def _answers_and_losses(cfg, rundir, prompts, loss_examples, trained, gen, preci
     model = PeftModel.from_pretrained(model, str(rundir.adapter_dir)).merge_and_unload()
     lora_loss = _heldout_loss(model, loss_examples, device, "eval: LoRA held-out loss", trained[1])
     lora_ids = generate_greedy(model, prompts, desc="eval: LoRA", **gen)
-    del model
+    model = None  # freed before the cache is emptied
     if device == "cuda":
         torch.cuda.empty_cache()
     return base_ids, lora_ids, base_loss, lora_loss
