@@ -13,10 +13,10 @@ from loralab.generation import (
     available_memory_bytes,
     choose_batch_size,
     generate_greedy,
-    generation_cache_key,
-    load_cached_generations,
+    cache_key,
+    load_cached,
     model_fingerprint,
-    save_cached_generations,
+    save_cached,
 )
 from loralab.tiny import TINYLLAMA_CONFIG, build_tiny_llama
 
@@ -144,17 +144,17 @@ def test_merged_lora_gives_the_same_greedy_outputs_as_the_peft_model(model_dir, 
 
 def test_cache_key_changes_with_each_input_and_is_stable_otherwise():
     prompts, settings = [[1, 5, 9], [1, 7]], {"max_new_tokens": 64, "eos_token_ids": [2], "dtype": "bf16"}
-    key = generation_cache_key("local:abc", prompts, settings)
-    assert key == generation_cache_key("local:abc", [list(p) for p in prompts], dict(reversed(settings.items())))
+    key = cache_key("local:abc", prompts, settings)
+    assert key == cache_key("local:abc", [list(p) for p in prompts], dict(reversed(settings.items())))
     assert len(key) == 64 and int(key, 16) >= 0
     variants = [
-        generation_cache_key("local:abd", prompts, settings),
-        generation_cache_key("local:abc", [[1, 5, 9], [1, 8]], settings),
-        generation_cache_key("local:abc", [[1, 7], [1, 5, 9]], settings),
-        generation_cache_key("local:abc", prompts, settings | {"max_new_tokens": 65}),
-        generation_cache_key("local:abc", prompts, settings | {"eos_token_ids": [2, 3]}),
-        generation_cache_key("local:abc", prompts, settings | {"dtype": "fp32"}),
-        generation_cache_key("local:abc", prompts, settings | {"batch_size": 8}),
+        cache_key("local:abd", prompts, settings),
+        cache_key("local:abc", [[1, 5, 9], [1, 8]], settings),
+        cache_key("local:abc", [[1, 7], [1, 5, 9]], settings),
+        cache_key("local:abc", prompts, settings | {"max_new_tokens": 65}),
+        cache_key("local:abc", prompts, settings | {"eos_token_ids": [2, 3]}),
+        cache_key("local:abc", prompts, settings | {"dtype": "fp32"}),
+        cache_key("local:abc", prompts, settings | {"batch_size": 8}),
     ]
     assert len({key, *variants}) == len(variants) + 1
 
@@ -162,13 +162,13 @@ def test_cache_key_changes_with_each_input_and_is_stable_otherwise():
 def test_cached_generations_round_trip(tmp_path):
     cache_dir = tmp_path / "cache" / "generations"
     outputs = [[4, 5, 6], [], [7]]
-    assert load_cached_generations(cache_dir, "a" * 64) is None
-    path = save_cached_generations(cache_dir, "a" * 64, outputs)
+    assert load_cached(cache_dir, "a" * 64) is None
+    path = save_cached(cache_dir, "a" * 64, outputs)
     assert path.parent == cache_dir and path.exists()
-    assert load_cached_generations(cache_dir, "a" * 64) == outputs
-    assert load_cached_generations(cache_dir, "b" * 64) is None
-    save_cached_generations(cache_dir, "a" * 64, [[1]])  # overwriting replaces the file whole
-    assert load_cached_generations(cache_dir, "a" * 64) == [[1]]
+    assert load_cached(cache_dir, "a" * 64) == outputs
+    assert load_cached(cache_dir, "b" * 64) is None
+    save_cached(cache_dir, "a" * 64, [[1]])  # overwriting replaces the file whole
+    assert load_cached(cache_dir, "a" * 64) == [[1]]
     assert sorted(p.name for p in cache_dir.iterdir()) == ["a" * 64 + ".json"]  # no temp files left
 
 
@@ -236,3 +236,27 @@ def test_head_sees_contiguous_inputs_and_no_hook_is_left_behind(model, prompts):
         probe.remove()
     assert seen and all(seen)
     assert not head._forward_pre_hooks
+
+
+def test_batched_merged_lora_equals_the_per_example_generate_loop_in_fp32(model_dir, prompts):
+    """The notebook way (one `generate` call per prompt on the unmerged PeftModel) and loralab's batched,
+    merged decoding give the same greedy tokens, every one (fp32)."""
+    peft_model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
+    )
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    peft_model.eval()
+    loop = []
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)
+        loop.append(out[0, len(prompt):].tolist())
+    batched = greedy(peft_model.merge_and_unload().eval(), prompts, batch_size=len(prompts))
+    assert batched == loop

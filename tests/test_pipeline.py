@@ -127,5 +127,29 @@ def test_base_generations_come_from_the_cache_on_a_rerun(run, capsys):
     cfg, rd = run
     before = (rd / "predictions.jsonl").read_text()
     assert cli.main(["eval", str(cfg), "--force"]) == 0
-    assert "base generations reused from the cache" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "base generations reused from the cache" in out and "base held-out loss reused from the cache" in out
     assert (rd / "predictions.jsonl").read_text() == before  # greedy and cached: the same answers
+
+
+def test_eval_reuses_the_held_out_losses_training_measured(run):
+    """Training logs the held-out loss at step 0 (LoRA's B is zero: the base model) and at its last step; eval
+    scores the same examples, so it takes those instead of a second forward pass over them."""
+    _, rd = run
+    losses = {r["step"]: r["eval_loss"] for r in read_metrics(rd / "metrics.jsonl") if "eval_loss" in r}
+    results = read_eval_results(rd / "eval_results.csv")
+    assert results["eval_loss"]["base"] == pytest.approx(losses[0], abs=1e-6)
+    assert results["eval_loss"]["lora"] == pytest.approx(losses[4], abs=1e-6)
+    assert results["eval_loss"]["lora"] < results["eval_loss"]["base"]
+
+
+def test_eval_of_a_subset_measures_its_own_held_out_losses(run, capsys):
+    cfg, rd = run
+    overrides = ["--set", "eval.num_examples=3", "--set", "eval.cache_base_generations=false"]
+    assert cli.main(["eval", str(cfg), *overrides]) == 0
+    err = capsys.readouterr().err
+    assert "eval: base held-out loss" in err and "eval: LoRA held-out loss" in err  # the progress bars
+    results = read_eval_results(rd / "eval_results.csv")
+    losses = {r["step"]: r["eval_loss"] for r in read_metrics(rd / "metrics.jsonl") if "eval_loss" in r}
+    assert results["eval_loss"]["base"] != pytest.approx(losses[0], abs=1e-6)
+    assert math.isfinite(results["eval_loss"]["lora"])

@@ -172,7 +172,8 @@ class EvalConfig:
     prompts: list[str] = field(default_factory=lambda: list(DEFAULT_EXAMPLE_PROMPTS))
     """Fixed prompts answered by base and LoRA for the before/after examples (examples.md)."""
     cache_base_generations: bool = True
-    """Reuse the base model's generations across experiments with the same base, prompts and settings."""
+    """Reuse the base model's generations and held-out loss across experiments with the same base, prompts
+    (held-out examples) and settings."""
 
 
 @dataclass

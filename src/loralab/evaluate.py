@@ -1,8 +1,8 @@
 """The eval stage: greedy answers from the base model and from base + adapter, scored against references.
 
-The base model is loaded once: it answers (or its cached answers are reused), then the adapter is
-loaded onto it, its held-out loss measured, and it is merged into the weights so LoRA generation costs
-no extra matmul per token.
+The base model is loaded once: it answers and its held-out loss is measured (or both are reused from the
+cache), then the adapter is loaded onto it and merged into the weights, so the LoRA model's held-out loss
+and answers cost no extra matmul per token.
 """
 
 from __future__ import annotations
@@ -16,15 +16,10 @@ import torch
 
 from loralab import train
 from loralab.config import ExperimentConfig
+from loralab.cpu.attention import undo_per_example_attention, use_per_example_attention
 from loralab.data import make_template, prompt_ids, reference_answer
 from loralab.errors import LoralabError
-from loralab.generation import (
-    generate_greedy,
-    generation_cache_key,
-    load_cached_generations,
-    model_fingerprint,
-    save_cached_generations,
-)
+from loralab.generation import cache_key, generate_greedy, load_cached, model_fingerprint, save_cached
 from loralab.loss import heldout_loss
 from loralab.metrics import example_scores, score_corpus
 from loralab.modeling import choose_precision, detect_device, load_model, load_tokenizer
@@ -74,6 +69,80 @@ def _data_format(rundir: RunDir) -> str:
         return "alpaca"
 
 
+def _cached(cache_dir, key: str, compute, what: str):
+    """The value cached under ``key`` in ``cache_dir`` (None: no cache), else ``compute()``, then cached."""
+    value = load_cached(cache_dir, key) if cache_dir is not None else None
+    if value is not None:
+        print(f"eval: {what} reused from the cache")
+        return value
+    value = compute()
+    if cache_dir is not None:
+        save_cached(cache_dir, key, value)
+    return value
+
+
+def _losses_from_training(rundir: RunDir, precision: str, device: str) -> tuple[float | None, float | None]:
+    """The (base, LoRA) held-out losses `loralab train` logged over the whole eval split, where it did: the
+    step-0 row (LoRA's B is still zero, so that is the base model) and the row at its last step. None for
+    each it did not log, or when it trained on another device or in another precision."""
+    manifest = rundir.manifest()
+    steps = manifest.get("stages", {}).get("train", {}).get("steps")
+    if steps is None or manifest.get("precision") != precision or manifest.get("device") != device:
+        return None, None
+    rows = {r["step"]: r["eval_loss"] for r in read_jsonl(rundir.metrics_file) if "eval_loss" in r and "step" in r}
+    return rows.get(0), rows.get(steps)
+
+
+def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured: float | None = None) -> float:
+    """Mean response loss over ``examples`` (NaN without any), with a progress bar; ``measured`` when training
+    already measured it (said so, not recomputed).
+
+    On a CPU the packed rows are attended one example at a time, as in training (loralab.cpu.attention):
+    transformers' sdpa would attend over each whole row with a block mask, through SDPA's slow masked CPU kernel.
+    """
+    if not examples:
+        return float("nan")
+    if measured is not None:
+        print(f"{desc}: {measured:.4f}, as loralab train measured it (metrics.jsonl)")
+        return measured
+    if device == "cpu":
+        use_per_example_attention(model)
+    try:
+        return heldout_loss(model, examples, device, progress=True, desc=desc)
+    finally:
+        undo_per_example_attention(model)
+
+
+def _answers_and_losses(cfg, rundir, prompts, loss_examples, trained, gen, precision, device):
+    """(base answers, LoRA answers, base loss, LoRA loss): the base model loaded once, then merged with the adapter.
+
+    The base model's answers and loss come from the cache when they are there (eval.cache_base_generations);
+    ``trained`` holds the (base, LoRA) losses loralab train already measured on these examples, or Nones.
+    """
+    model = load_model(cfg.model, precision, device)
+    settings = {"max_new_tokens": cfg.eval.max_new_tokens, "precision": precision, "device": device,
+                "eos": gen["eos_token_ids"], "revision": cfg.model.revision}
+    fingerprint = model_fingerprint(cfg.model.name_or_path)
+    cache_dir = rundir.cache_dir if cfg.eval.cache_base_generations else None
+    base_ids = _cached(cache_dir, cache_key(fingerprint, prompts, settings),
+                       lambda: generate_greedy(model, prompts, desc="eval: base", **gen), "base generations")
+    loss_settings = {"quantity": "heldout_loss", "precision": precision, "device": device,
+                     "revision": cfg.model.revision}
+    loss_inputs = [[e["input_ids"], e["labels"]] for e in loss_examples]
+    base_loss = _cached(cache_dir, cache_key(fingerprint, loss_inputs, loss_settings),
+                        lambda: _heldout_loss(model, loss_examples, device, "eval: base held-out loss", trained[0]),
+                        "base held-out loss")
+
+    # Merged first: the LoRA model's loss and answers then cost what the base model's did.
+    model = _load_adapter(model, rundir.adapter_dir).merge_and_unload()
+    lora_loss = _heldout_loss(model, loss_examples, device, "eval: LoRA held-out loss", trained[1])
+    lora_ids = generate_greedy(model, prompts, desc="eval: LoRA", **gen)
+    model = None  # freed before the cache is emptied
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return base_ids, lora_ids, base_loss, lora_loss
+
+
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
     rundir = RunDir(cfg)
     prints = train.fingerprints(cfg)
@@ -110,8 +179,10 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, expected: str, inputs: dict
         raise LoralabError(f"the eval split in {rundir.eval_file} is empty (data.eval_size {cfg.data.eval_size}): "
                            f"nothing to "
                            f"score; set data.eval_size to 1 or more and run `loralab run CONFIG`")
-    if cfg.eval.num_examples is not None:
-        held_out = held_out[: cfg.eval.num_examples]
+    # loralab train measured both held-out losses over the whole eval split: reused when eval scores all of it.
+    trained = _losses_from_training(rundir, precision, device)
+    if cfg.eval.num_examples is not None and cfg.eval.num_examples < len(held_out):
+        held_out, trained = held_out[: cfg.eval.num_examples], (None, None)
     loss_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in held_out]
     # Plain-text examples have no prompt to answer: they count in the held-out loss only.
     records = [e["record"] for e in held_out if reference_answer(e["record"]) is not None]
@@ -126,26 +197,9 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, expected: str, inputs: dict
         batch_size=cfg.eval.batch_size,
     )
 
-    model = load_model(cfg.model, precision, device)
-    settings = {"max_new_tokens": cfg.eval.max_new_tokens, "precision": precision, "device": device,
-                "eos": gen["eos_token_ids"], "revision": cfg.model.revision}
-    cache_key = generation_cache_key(model_fingerprint(cfg.model.name_or_path), prompts, settings)
-    base_ids = load_cached_generations(rundir.cache_dir, cache_key) if cfg.eval.cache_base_generations else None
-    if base_ids is None:
-        base_ids = generate_greedy(model, prompts, desc="eval: base", **gen)
-        if cfg.eval.cache_base_generations:
-            save_cached_generations(rundir.cache_dir, cache_key, base_ids)
-    else:
-        print(f"eval: base generations reused from the cache ({len(base_ids)} prompts)")
-    base_loss = heldout_loss(model, loss_examples, device) if loss_examples else float("nan")
-
-    model = _load_adapter(model, rundir.adapter_dir)
-    lora_loss = heldout_loss(model, loss_examples, device) if loss_examples else float("nan")
-    model = model.merge_and_unload()
-    lora_ids = generate_greedy(model, prompts, desc="eval: LoRA", **gen)
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    base_ids, lora_ids, base_loss, lora_loss = _answers_and_losses(
+        cfg, rundir, prompts, loss_examples, trained, gen, precision, device
+    )
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     base_text, lora_text = [decode(x) for x in base_ids], [decode(x) for x in lora_ids]
@@ -171,7 +225,8 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, expected: str, inputs: dict
         write_jsonl(rundir.predictions_file, predictions)
         atomic_write_text(rundir.examples_file, examples_markdown(cfg.eval.prompts, base_text[n:], lora_text[n:]))
         atomic_write_text(rundir.eval_results_file, eval_results_csv(base_scores, lora_scores))
-        rundir.mark_done("eval", expected, time.perf_counter() - start, inputs=inputs, prompts=n)
+        rundir.mark_done("eval", expected, time.perf_counter() - start, inputs=inputs, prompts=n,
+                         answer_tokens=sum(map(len, base_ids)) + sum(map(len, lora_ids)))
     print(
         f"eval: {n} held-out prompts; ROUGE-L base {base_scores['rougeL']:.4f} -> LoRA {lora_scores['rougeL']:.4f}, "
         f"BLEU {base_scores['bleu']:.4f} -> {lora_scores['bleu']:.4f}, held-out loss {base_loss:.3f} -> {lora_loss:.3f} "

@@ -4,7 +4,7 @@ Evaluation decodes hundreds of prompts greedily. Doing it one prompt at a time (
 leaves the hardware idle: a single decode step is a matrix-vector product bound by reading the weights.
 Here prompts are sorted by length and decoded in batches, so each weight read serves many sequences and
 little compute goes to padding. Greedy decoding is deterministic, so the base model's generations for a
-fixed prompt set can be cached on disk and reused across runs (`generation_cache_key`).
+fixed prompt set can be cached on disk and reused across runs (`cache_key`), and so can its held-out loss.
 """
 
 from __future__ import annotations
@@ -175,14 +175,15 @@ def available_memory_bytes(device: torch.device | str) -> int:
     return psutil.virtual_memory().available
 
 
-def generation_cache_key(model_fingerprint: str, prompts: list[list[int]], settings: dict) -> str:
-    """sha256 hex digest identifying one model's greedy generations for ``prompts`` under ``settings``.
+def cache_key(model_fingerprint: str, inputs: list, settings: dict) -> str:
+    """sha256 hex digest identifying one model's results (greedy generations, held-out loss) for ``inputs``.
 
-    ``settings`` should hold everything that can change the outputs: max_new_tokens, EOS ids, dtype,
-    and the batch size (padding shifts low-precision numerics). It must be JSON-serialisable.
+    ``inputs`` are the prompts' token ids (or the examples a loss is taken over); ``settings`` should hold
+    everything else that can change the result: what is computed, max_new_tokens, EOS ids, dtype, device.
+    Both must be JSON-serialisable.
     """
     canonical = json.dumps(
-        {"model": model_fingerprint, "prompts": prompts, "settings": settings},
+        {"model": model_fingerprint, "prompts": inputs, "settings": settings},
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -230,22 +231,22 @@ def cache_file(cache_dir: Path, key: str) -> Path:
     return Path(cache_dir) / f"{key}.json"
 
 
-def load_cached_generations(cache_dir: Path, key: str) -> list[list[int]] | None:
-    """The generations saved under ``key``, or None when there are none."""
+def load_cached(cache_dir: Path, key: str):
+    """The value saved under ``key``, or None when there is none."""
     path = cache_file(cache_dir, key)
     if not path.exists():
         return None
     return json.loads(path.read_text(encoding="utf-8"))["outputs"]
 
 
-def save_cached_generations(cache_dir: Path, key: str, outputs: list[list[int]]) -> Path:
-    """Save ``outputs`` under ``key`` atomically (temp file, then rename) and return the file path.
+def save_cached(cache_dir: Path, key: str, value) -> Path:
+    """Save the JSON-serialisable ``value`` under ``key`` atomically (temp file, then rename); return the path.
 
     A crash mid-write, or two runs writing the same key, never leave a truncated file behind.
     """
     path = cache_file(cache_dir, key)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False, encoding="utf-8") as tmp:
-        json.dump({"key": key, "outputs": outputs}, tmp)
+        json.dump({"key": key, "outputs": value}, tmp)
     os.replace(tmp.name, path)
     return path

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from loralab import IGNORE_INDEX
 from loralab.cpu import head_loss, onednn_weights
-from loralab.packing import pack_examples
+from loralab.packing import pack_examples, plan_rows
 
 
 def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -36,23 +37,32 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def heldout_loss(model, examples: list[dict], device: str | torch.device, max_tokens: int = 2048) -> float:
-    """Token-weighted mean response loss over ``examples`` (teacher forcing, no dropout)."""
+def heldout_loss(
+    model,
+    examples: list[dict],
+    device: str | torch.device,
+    max_tokens: int = 2048,
+    progress: bool = False,
+    desc: str = "held-out loss",
+) -> float:
+    """Token-weighted mean response loss over ``examples`` (teacher forcing, no dropout).
+
+    One forward pass over every example, the examples packed best-fit into rows of at most ``max_tokens``
+    tokens (attention stays inside each example), logits only where a trained token is predicted.
+    ``progress`` shows a bar counting tokens, with an ETA.
+    """
+    lengths = [len(ex["input_ids"]) for ex in examples]
     was_training = model.training
     model.eval()
-    total, count, row, row_tokens = 0.0, 0, [], 0
+    total, count = 0.0, 0
     try:
-        for ex in examples + [None]:
-            if ex is not None and (not row or row_tokens + len(ex["input_ids"]) <= max_tokens):
-                row.append(ex)
-                row_tokens += len(ex["input_ids"])
-                continue
-            if row:
-                batch = {k: v.to(device) for k, v in pack_examples(row).items()}
+        with tqdm(total=sum(lengths), desc=desc, unit="tok", unit_scale=True, disable=not progress) as bar:
+            for group in plan_rows(lengths, max_tokens):
+                batch = {k: v.to(device) for k, v in pack_examples([examples[i] for i in group]).items()}
                 loss_sum, n = response_loss_sum(model, batch)
                 total += loss_sum.item()
                 count += n
-            row, row_tokens = ([ex], len(ex["input_ids"])) if ex is not None else ([], 0)
+                bar.update(sum(lengths[i] for i in group))
     finally:
         model.train(was_training)
     return total / max(count, 1)

@@ -1,0 +1,56 @@
+"""The held-out loss: one forward pass over every example, the same value however the examples are packed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from loralab import IGNORE_INDEX
+from loralab.loss import heldout_loss
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def examples(model):
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for length, prompt in [(40, 10), (7, 3), (90, 30), (25, 24), (60, 5)]:
+        ids = torch.randint(3, model.config.vocab_size, (length,), generator=generator).tolist()
+        out.append({"input_ids": ids, "labels": [IGNORE_INDEX] * prompt + ids[prompt:]})
+    return out
+
+
+def reference_loss(model, examples) -> float:
+    """Each example alone through the model's own forward and full logits: token-weighted mean CE."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ex in examples:
+            logits = model(torch.tensor([ex["input_ids"]])).logits[0, :-1]  # (L-1, vocab)
+            targets = torch.tensor(ex["labels"][1:])
+            total += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+            count += int((targets != IGNORE_INDEX).sum())
+    return total / count
+
+
+@pytest.mark.parametrize("max_tokens", [1, 64, 100, 4096])
+def test_heldout_loss_equals_the_per_example_full_logits_loss(model, examples, max_tokens):
+    expected = reference_loss(model, examples)
+    assert heldout_loss(model, examples, "cpu", max_tokens=max_tokens) == pytest.approx(expected, rel=1e-5)
+
+
+def test_heldout_loss_progress_bar_counts_tokens_and_restores_training_mode(model, examples, capsys):
+    model.train()
+    try:
+        heldout_loss(model, examples, "cpu", max_tokens=64, progress=True, desc="held-out check")
+        assert model.training
+    finally:
+        model.eval()
+    err = capsys.readouterr().err
+    total = sum(len(ex["input_ids"]) for ex in examples)
+    assert "held-out check" in err and f"{total}/{total}" in err
