@@ -404,7 +404,7 @@ def run_lock(root: Path, command: str):
     earlier holder (the adapter swap, temp folders) are finished or removed once the lock is held.
     """
     root = Path(root)
-    created = not root.exists()
+    created = [d for d in (root, *root.parents) if not d.exists()]  # innermost first: removed in this order
     try:
         root.mkdir(parents=True, exist_ok=True)
         fd = _acquire(root / LOCK_FILE, command)
@@ -417,9 +417,9 @@ def run_lock(root: Path, command: str):
     finally:
         (root / LOCK_FILE).unlink(missing_ok=True)  # while still held, so no one locks a file about to vanish
         os.close(fd)
-        if created:
+        for folder in created:
             with contextlib.suppress(OSError):
-                root.rmdir()  # only when empty
+                folder.rmdir()  # only when empty: a failed first stage leaves no output_dir behind
 
 
 def _acquire(path: Path, command: str) -> int:
