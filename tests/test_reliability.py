@@ -566,7 +566,10 @@ def test_ctrl_c(work, capsys, tmp_path):
     proc.wait(timeout=600)
     err = (tmp_path / "train.log").read_text()
     assert proc.returncode == 130, err
-    assert err.rstrip().splitlines()[-1] == "loralab: interrupted" and "Traceback" not in err, err
+    # Ctrl-C finishes the step, saves a checkpoint and says how to resume (issue 17), in one last line.
+    last = err.rstrip().splitlines()[-1]
+    assert last.startswith("loralab: interrupted: checkpoint saved at step ") and "--resume" in last, err
+    assert "Traceback" not in err, err
     assert _manifest(work)["stages"]["train"]["status"] == "interrupted"
     assert not (work / RUN / rundir.LOCK_FILE).exists()
     assert cli.main(["report", "exp.yaml"]) == 2
