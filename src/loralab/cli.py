@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 
@@ -143,9 +142,9 @@ def _dispatch(args: argparse.Namespace) -> None:
 
     cfg = load_config(args.config, args.overrides)
     # Under torchrun/accelerate only the main process (RANK 0) writes the run directory, so only it holds the lock.
-    if args.command in WRITES_RUN_DIR and os.environ.get("RANK", "0") == "0":
-        from loralab.rundir import run_lock
+    from loralab.rundir import launched_processes, run_lock
 
+    if args.command in WRITES_RUN_DIR and launched_processes()[0] == 0:
         with run_lock(cfg.run_dir, args.command):  # one process per run directory
             _run_stage(args, cfg)
     else:

@@ -394,6 +394,12 @@ class RunDirBusy(LoralabError):
     """Another loralab process holds the run directory."""
 
 
+
+def launched_processes() -> tuple[int, int]:
+    """(this process's rank, the number of processes) as torchrun and accelerate launch set them; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @contextlib.contextmanager
 def run_lock(root: Path, command: str):
     """Hold ``<root>/.lock`` (the holder's PID, host and command) while a stage writes the run directory.

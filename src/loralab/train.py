@@ -36,6 +36,7 @@ from loralab.modeling import (
 )
 from loralab.packing import RowCollator
 from loralab.rundir import (
+    launched_processes,
     COMPLETE_FILE,
     NEW_ADAPTER,
     RunDir,
@@ -418,11 +419,6 @@ def check_trackers(cfg: ExperimentConfig) -> None:
         if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
             raise LoralabError(f"train.report_to lists {name}, but its package is not installed: pip install "
                                f"{TRACKER_PACKAGES[name]} (or remove {name} from train.report_to)")
-
-
-def launched_processes() -> tuple[int, int]:
-    """(this process's rank, the number of processes) as torchrun and accelerate launch set them; (0, 1) alone."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def tracker_callbacks(cfg: ExperimentConfig, run_root: Path, resume_step: int = 0) -> list:
