@@ -12,9 +12,10 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import write_config
-from loralab import plan
+from loralab import plan, rundir
 from loralab.config import TrainConfig
 from loralab.errors import LoralabError
+from loralab.rundir import launched_processes
 
 TRAIN = {"max_steps": 3, "save_steps": 100, "logging_steps": 1, "warmup_steps": 1, "per_device_train_batch_size": 1,
          "gradient_accumulation_steps": 8, "precision": "fp32", "device": "cpu", "report_to": []}
@@ -40,34 +41,54 @@ def test_examples_per_process_keep_the_effective_batch():
         plan.per_process_examples(train, 3)
 
 
-def test_two_processes_match_one(tmp_path, tiny_model_dir, alpaca_path):
-    cfgs = {}
-    for n in (1, 2):
-        folder = tmp_path / f"p{n}"
-        folder.mkdir()
-        cfgs[n] = write_config(folder / "c.yaml", model={"name_or_path": str(tiny_model_dir)},
-                               data={"path": str(alpaca_path), "num_examples": 40, "eval_size": 4},
-                               lora={"lora_dropout": 0.0}, train=TRAIN)
-    _loralab([sys.executable], "prepare", str(cfgs[1]))
-    shutil.copytree(tmp_path / "p1" / "runs", tmp_path / "p2" / "runs")  # same prepared data, hashes match the config
-    _loralab([sys.executable], "train", str(cfgs[1]))
-    double = _loralab(_torchrun(2), "train", str(cfgs[2]))
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory, tiny_model_dir, alpaca_path) -> Path:
+    """A folder with prepared/ (a prepared run directory, not trained) and p1/ (the same trained by one process)."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    folder = root / "p1"
+    folder.mkdir()
+    cfg = _config(folder, tiny_model_dir, alpaca_path)
+    _loralab([sys.executable], "prepare", str(cfg))
+    shutil.copytree(folder / "runs", root / "prepared")  # the same prepared data for every launcher
+    _loralab([sys.executable], "train", str(cfg))
+    return root
+
+
+def _config(folder: Path, tiny_model_dir: Path, alpaca_path: Path) -> Path:
+    return write_config(folder / "c.yaml", model={"name_or_path": str(tiny_model_dir)},
+                        data={"path": str(alpaca_path), "num_examples": 40, "eval_size": 4},
+                        lora={"lora_dropout": 0.0}, train=TRAIN)
+
+
+def _accelerate(n: int) -> list[str]:
+    # accelerate's --multi_gpu is its torchrun launcher and starts n processes on CPUs too; --cpu starts one.
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", f"--num_processes={n}",
+            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]
+
+
+@pytest.mark.parametrize("launcher", [_torchrun, _accelerate], ids=["torchrun", "accelerate"])
+def test_two_processes_match_one(launcher, one_process_run, tiny_model_dir, alpaca_path):
+    folder = one_process_run / launcher.__name__.strip("_")
+    folder.mkdir()
+    cfg = _config(folder, tiny_model_dir, alpaca_path)
+    shutil.copytree(one_process_run / "prepared", folder / "runs")  # prepared data: hashes match the config
+    double = _loralab(launcher(2), "train", str(cfg))
     assert "2 processes x 4 examples = 8 examples per optimizer step" in double.stdout
     assert double.stdout.count("adapter saved") == 1  # only rank 0 speaks and writes
-    rows = {n: [json.loads(l) for l in (tmp_path / f"p{n}" / "runs/t/metrics.jsonl").read_text().splitlines()]
-            for n in (1, 2)}
+    runs = {1: one_process_run / "p1/runs/t", 2: folder / "runs/t"}
+    rows = {n: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] for n, run in runs.items()}
     losses = {n: [r["loss"] for r in rows[n] if "loss" in r] for n in (1, 2)}
-    print("step  1 process  2 processes  difference")
+    print(f"{launcher.__name__.strip('_')}\nstep  1 process  2 processes  difference")
     for step, (a, b) in enumerate(zip(losses[1], losses[2]), 1):
         print(f"{step:>4}  {a:.6f}   {b:.6f}     {abs(a - b):.2e}")
+    # One process would train 4 of the step's 8 examples: only both halves give the single-process loss.
     assert len(losses[2]) == TRAIN["max_steps"] == len(losses[1])
     assert losses[2] == pytest.approx(losses[1], abs=1e-4, rel=0)
     evals = {n: [r["eval_loss"] for r in rows[n] if "eval_loss" in r] for n in (1, 2)}
     assert evals[2] == pytest.approx(evals[1], abs=1e-4, rel=0) and len(evals[2]) == 2
-    run = tmp_path / "p2" / "runs/t"
-    assert sorted(p.name for p in run.glob("metrics*")) == ["metrics.jsonl"]
-    assert sorted(p.name for p in run.glob("adapter*")) == ["adapter"]
-    a, b = load_file(run / "adapter/adapter_model.safetensors"), load_file(tmp_path / "p1/runs/t/adapter/adapter_model.safetensors")
+    assert sorted(p.name for p in runs[2].glob("metrics*")) == ["metrics.jsonl"]
+    assert sorted(p.name for p in runs[2].glob("adapter*")) == ["adapter"]
+    a, b = (load_file(runs[n] / "adapter/adapter_model.safetensors") for n in (2, 1))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
 
 
@@ -83,3 +104,32 @@ def test_more_processes_than_examples_per_step_is_one_line(tmp_path, tiny_model_
     lines = [l for l in proc.stderr.splitlines() if l.startswith("loralab: error:")]
     assert lines and "2 processes are more than the examples of an optimizer step (1 = " in lines[0], proc.stderr[-3000:]
     assert not (tmp_path / "runs/t/metrics.jsonl").exists() and not (tmp_path / "runs/t/adapter").exists()
+
+
+def _accelerate_cpu_env(n: int) -> dict[str, str]:
+    """The environment `accelerate launch --cpu --num_processes n` gives the process it starts."""
+    proc = subprocess.run([*_accelerate(n)[:2], "--cpu", f"--num_processes={n}", "--num_machines=1",
+                           "--mixed_precision=no", "--dynamo_backend=no", "--no_python", "env", "-0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return dict(line.split("=", 1) for line in proc.stdout.split("\0") if "=" in line)
+
+
+def test_accelerate_cpu_starting_one_process_is_noticed():
+    assert rundir.accelerate_cpu_started_one(_accelerate_cpu_env(2))  # --cpu asked for 2 and started 1
+    assert not rundir.accelerate_cpu_started_one(_accelerate_cpu_env(1))
+    assert launched_processes(_accelerate_cpu_env(2)) == (0, 1)
+
+
+@pytest.mark.parametrize("env", [{}, {"RANK": "1", "WORLD_SIZE": "2"}, {"PMI_RANK": "3", "PMI_SIZE": "4"},
+                                 {"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"},
+                                 {"MV2_COMM_WORLD_RANK": "2", "MV2_COMM_WORLD_SIZE": "3", "RANK": "0"}])
+def test_the_rank_is_read_where_accelerate_reads_it(env, monkeypatch):
+    from accelerate.utils import get_cpu_distributed_information
+
+    for name in (*rundir.RANK_VARIABLES, *rundir.SIZE_VARIABLES):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    info = get_cpu_distributed_information()
+    assert launched_processes() == (info.rank, info.world_size)

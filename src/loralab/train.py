@@ -36,6 +36,7 @@ from loralab.modeling import (
 )
 from loralab.packing import RowCollator
 from loralab.rundir import (
+    accelerate_cpu_started_one,
     launched_processes,
     COMPLETE_FILE,
     NEW_ADAPTER,
@@ -525,6 +526,9 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     inputs = stage_inputs(cfg, "train", prints)
     rank, processes = launched_processes()
     main = rank == 0
+    if accelerate_cpu_started_one():
+        _say("train: `accelerate launch --cpu` started one process, whatever --num_processes says; for N processes on "
+             "CPUs use `accelerate launch --multi_gpu --num_processes N -m loralab train CONFIG` (gloo)")
     if rundir.is_current("train", expected) and not force:
         steps = rundir.stage_record("train").get("steps")
         state = "the run has already finished" if resume else "up to date"
