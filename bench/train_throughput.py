@@ -184,20 +184,16 @@ def decoder_of(model):
 def loralab_trainer(cfg, dataset: list, out_dir: Path, callbacks: list):
     """Exactly the objects `loralab train` builds (see loralab.train.run)."""
     from loralab import train
-    from loralab.modeling import choose_precision, detect_device
 
-    from loralab import plan
-
-    device = detect_device(cfg.train.device)
-    precision = choose_precision(device, cfg.train.precision)
-    switches = train.decide_switches(cfg, device, precision, *plan.example_lengths(dataset))
-    model = train.build_model(cfg, precision, device, onednn_weights=switches[1])
-    trainer = train.build_trainer(cfg, model, dataset, out_dir, precision, device, callbacks, switches)
-    return trainer, precision
+    switches = train.decide(cfg, dataset)
+    model = train.build_model(cfg, switches)
+    return train.build_trainer(cfg, model, dataset, out_dir, callbacks, switches), switches
 
 
-def plain_trainer(root: Path, examples: list[dict], max_steps: int, out_dir: Path, callbacks: list, bf16_weights: bool):
-    """The seed's recipe: plain Trainer, get_peft_model, padded micro-batches of 1, model-computed loss."""
+def plain_trainer(root: Path, examples: list[dict], max_steps: int, out_dir: Path, callbacks: list, bf16_weights: bool,
+                  device: str = "cpu", autocast: str | None = None):
+    """The seed's recipe: plain Trainer, get_peft_model, padded micro-batches of 1, model-computed loss
+    (on a GPU, bench/gpu_check.py: fp32 weights under the Trainer's ``autocast`` "fp16" or "bf16")."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -205,13 +201,15 @@ def plain_trainer(root: Path, examples: list[dict], max_steps: int, out_dir: Pat
     tokenizer = AutoTokenizer.from_pretrained(root / "model")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.bfloat16 if bf16_weights else torch.float32)
+    model = model.to(device)
     torch.manual_seed(SEED)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
                                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=1, gradient_accumulation_steps=EXAMPLES_PER_STEP,
         max_steps=max_steps, learning_rate=LEARNING_RATE, warmup_steps=0, logging_steps=1, save_strategy="no",
-        seed=SEED, data_seed=SEED, use_cpu=True, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        seed=SEED, data_seed=SEED, use_cpu=device == "cpu", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        fp16=autocast == "fp16", bf16=autocast == "bf16",
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     return Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks)
@@ -226,8 +224,8 @@ def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict
         if side in ("loralab", "plain"):
             cfg = experiment_config(root, data, max_steps=warmup + steps)
             cfg.train.onednn_weights = "auto" if side == "loralab" else False
-            trainer, precision = loralab_trainer(cfg, examples, Path(tmp), [clock])
-            precision += ", oneDNN weights" if trainer.onednn_weights else ""
+            trainer, switches = loralab_trainer(cfg, examples, Path(tmp), [clock])
+            precision = switches.precision + (", oneDNN weights" if switches.onednn_weights else "")
         else:
             trainer, precision = plain_trainer(root, examples, warmup + steps, Path(tmp), [clock], side == "bf16"), side
         decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
@@ -239,9 +237,8 @@ def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict
 
 def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
     """loralab's trainer on rows of up to ``tokens`` tokens, each a whole optimizer step (best-fit packed)."""
-    from loralab import plan, train
+    from loralab import decisions, train
     from loralab.cpu.allocator import mmap_threshold_for
-    from loralab.modeling import choose_precision
     from loralab.packing import pack_rows, plan_rows
 
     examples = load_examples(root, data, 999)
@@ -254,22 +251,22 @@ def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
     # What train.onednn_weights "auto" decides for such rows (the rows handed over below are not the ones
     # build_trainer would plan from this config).
     longest = max(sum(lengths[i] for i in row) for row in rows)
-    onednn = plan.can_use_onednn_weights("cpu", "bf16", longest, checkpointing=False)
-    precision = choose_precision("cpu", cfg.train.precision)
+    onednn = decisions.can_use_onednn_weights("cpu", "bf16", longest, checkpointing=False)
+    switches = train.decide(cfg, examples)._replace(row_tokens=tokens, longest_row_tokens=longest, onednn_weights=onednn)
     clock = make_clock()
     with tempfile.TemporaryDirectory(prefix="bench-packed-") as tmp:
-        model = train.build_model(cfg, precision, "cpu", onednn_weights=onednn)
+        model = train.build_model(cfg, switches)
         # The trainer `loralab train` builds, with one dataset item per optimizer step: that row's examples,
         # laid out as build_trainer's collator does.
         trainer = train.ResponseOnlyTrainer(
-            model=model, args=train.training_arguments(cfg, Path(tmp), precision, "cpu"),
+            model=model, args=train.training_arguments(cfg, Path(tmp), switches),
             train_dataset=[[examples[i] for i in row] for row in rows],
             data_collator=lambda batch: pack_rows([ex for step in batch for ex in step], tokens), callbacks=[clock],
-            row_tokens=tokens, precision=precision, cpu_speed_path=True, longest_row_tokens=longest, onednn_weights=onednn,
+            switches=switches,
         )
         decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
         trainer.train()
-    precision += ", oneDNN weights" if onednn else ", plain weights"
+    precision = switches.precision + (", oneDNN weights" if onednn else ", plain weights")
     return {"row_tokens": [sum(lengths[i] for i in r) for r in rows], "peak_rss": peak_rss_bytes(), "precision": precision,
             "seconds": clock.marks[-1][1] - clock.marks[0][1] if len(clock.marks) > 1 else None,
             "mmap_threshold": mmap_threshold_for(longest)}

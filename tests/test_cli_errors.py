@@ -132,15 +132,16 @@ def test_cuda_only_switches_on_a_cpu_fail_before_loading_the_model(capsys, tmp_p
 def test_cuda_switches_reach_the_trainer_and_liger_needs_its_package(monkeypatch, tmp_path):
     import importlib.util
 
-    from loralab import train
+    from loralab import decisions, train
     from loralab.config import config_from_dict
     from loralab.errors import LoralabError
 
     cfg = config_from_dict({"name": "x", "train": {"liger_kernels": True, "torch_compile": True}})
-    args = train.training_arguments(cfg, tmp_path, "bf16", "cuda")
+    switches = decisions.Switches("cuda", "bf16", 512, 512, False, False, False, True, True)
+    args = train.training_arguments(cfg, tmp_path, switches)
     assert args.use_liger_kernel and args.torch_compile
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real_find_spec(name, *a))
     with pytest.raises(LoralabError, match="pip install liger-kernel"):
-        train.check_switches(cfg, "cuda")
-    train.check_switches(config_from_dict({"name": "x", "train": {"torch_compile": True}}), "cuda")  # no package needed
+        decisions.check_switches(cfg, "cuda")
+    decisions.check_switches(config_from_dict({"name": "x", "train": {"torch_compile": True}}), "cuda")  # no package needed

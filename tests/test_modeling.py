@@ -20,29 +20,6 @@ def test_lora_rank_scales_trainable_count():
     assert counts.trainable == 2 * 2_252_800
 
 
-def test_precision_policy_cpu(monkeypatch):
-    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: True)
-    assert modeling.choose_precision("cpu") == "bf16"
-    monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: False)
-    assert modeling.choose_precision("cpu") == "fp32"
-    with pytest.raises(LoralabError, match="no native bf16"):
-        modeling.choose_precision("cpu", "bf16")
-    with pytest.raises(LoralabError, match="fp16 training needs a GPU"):
-        modeling.choose_precision("cpu", "fp16")
-
-
-def test_precision_policy_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (7, 5))
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what a T4 can claim
-    assert modeling.choose_precision("cuda") == "fp16"
-    with pytest.raises(LoralabError, match="Tesla T4 has no native bf16"):
-        modeling.choose_precision("cuda", "bf16")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 0))
-    assert modeling.choose_precision("cuda") == "bf16"
-    assert modeling.choose_precision("cuda", "fp32") == "fp32"
-
-
 def test_missing_local_model_path(tmp_path):
     with pytest.raises(LoralabError, match="does not exist"):
         modeling.resolve_model_source(ModelConfig(name_or_path=str(tmp_path / "nope")))

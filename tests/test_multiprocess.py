@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import write_config
-from loralab import plan
+from loralab import decisions
 from loralab.config import TrainConfig
 from loralab.errors import LoralabError
 
@@ -33,11 +33,11 @@ def _torchrun(n: int) -> list[str]:
 
 def test_examples_per_process_keep_the_effective_batch():
     train = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=8)
-    assert [plan.per_process_examples(train, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    assert [decisions.per_process_examples(train, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
     with pytest.raises(LoralabError, match=r"16 processes are more than the examples of an optimizer step \(8 = "):
-        plan.per_process_examples(train, 16)
+        decisions.per_process_examples(train, 16)
     with pytest.raises(LoralabError, match="do not split evenly over 3 processes"):
-        plan.per_process_examples(train, 3)
+        decisions.per_process_examples(train, 3)
 
 
 def test_two_processes_match_one(tmp_path, tiny_model_dir, alpaca_path):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from loralab import cpu
 from loralab.cpu import onednn_weights as ow
 from loralab.loss import response_loss_sum
-from loralab.modeling import cpu_has_native_bf16
+from loralab.devices import cpu_has_native_bf16
 from loralab.packing import pack_examples
 from test_fused import _lora_model
 
@@ -116,10 +116,11 @@ def test_training_with_onednn_weights_trains_the_same_adapter(tmp_path, tiny_mod
         })
         prepare.run(cfg)
         examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(RunDir(cfg).train_file)]
-        model = train.build_model(cfg, "bf16", "cpu")
+        switches = train.decide(cfg, examples)
+        assert switches.onednn_weights is (onednn is not False)  # "auto": this run is small enough
+        model = train.build_model(cfg, switches._replace(onednn_weights=False))
         base = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
-        trainer = train.build_trainer(cfg, model, examples, tmp_path / f"ckpt-{onednn}", "bf16", "cpu", [])
-        assert trainer.onednn_weights is (onednn is not False)  # "auto": this run is small enough
+        trainer = train.build_trainer(cfg, model, examples, tmp_path / f"ckpt-{onednn}", [], switches)
         trainer.train()
         state = model.state_dict()
         assert all(torch.equal(state[k], v) for k, v in base.items())

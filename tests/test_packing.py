@@ -111,8 +111,9 @@ def test_a_steps_update_does_not_depend_on_how_its_examples_are_split_into_rows(
         })
         prepare.run(cfg)
         examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(RunDir(cfg).train_file)]
-        model = train.build_model(cfg, "fp32", "cpu")
-        trainer = train.build_trainer(cfg, model, examples, tmp_path / f"ckpt-{row_tokens}", "fp32", "cpu", [])
+        switches = train.decide(cfg, examples)
+        model = train.build_model(cfg, switches)
+        trainer = train.build_trainer(cfg, model, examples, tmp_path / f"ckpt-{row_tokens}", [], switches)
         rows_seen = []
         real_step = trainer.training_step
         trainer.training_step = lambda m, inputs, n=None: rows_seen.append(len(inputs["rows"])) or real_step(m, inputs, n)

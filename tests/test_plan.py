@@ -209,15 +209,18 @@ def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit():
 
 
 def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monkeypatch, capsys):
+    from loralab import decisions
     from loralab import plan as plan_module
-    from loralab.train import decide_switches
+    from loralab.devices import DeviceFacts
 
-    def decide_checkpointing(*args):
-        return decide_switches(*args)[0]
+    def decide_checkpointing(cfg, device, precision, *counts):
+        facts = DeviceFacts(device, "test CPU", 16 * 2**30, precision == "bf16")
+        cfg = replace(cfg, train=replace(cfg.train, precision=precision))
+        return decisions.decide_switches(cfg, facts, *counts).gradient_checkpointing
 
     cfg = config_from_dict({"name": "x", "model": {"name_or_path": str(tiny_model_dir)}})
     examples = [{"input_ids": list(range(3, 403)), "labels": [IGNORE_INDEX] * 100 + list(range(103, 403))}] * 4
-    counts = plan_module.example_lengths(examples)
+    counts = decisions.example_lengths(examples)
     assert decide_checkpointing(cfg, "cpu", "fp32", *counts) is False  # a tiny model fits this machine
     assert capsys.readouterr().out == ""
     model_config = json.loads((tiny_model_dir / "config.json").read_text())
@@ -225,7 +228,7 @@ def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monk
     off, on = (estimate(model_config, LORA, replace(cfg.train, gradient_checkpointing=ck), lengths, PROFILES["cpu"], "fp32",
                               trained_counts=[299] * 4).peak_bytes for ck in (False, True))
     assert on < off
-    monkeypatch.setattr(plan_module, "resolve_profile", lambda device, calibrate=False: replace(
+    monkeypatch.setattr(plan_module, "profile_for", lambda facts, calibrate=False: replace(
         PROFILES["cpu"], memory_bytes=(on + off) // 2))  # fits only with checkpointing
     assert decide_checkpointing(cfg, "cpu", "fp32", *counts) is True
     assert "turning it on" in capsys.readouterr().out
@@ -269,13 +272,13 @@ def test_auto_onednn_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits
 
 
 def test_onednn_weights_true_off_a_cpu_is_a_clear_error():
-    from loralab import train
+    from loralab import decisions
 
     cfg = config_from_dict({"name": "x", "train": {"onednn_weights": True}})
     with pytest.raises(LoralabError, match="train.onednn_weights is for bf16 training on a CPU"):
-        train.check_switches(cfg, "cpu", "fp32")
+        decisions.check_switches(cfg, "cpu", "fp32")
     with pytest.raises(LoralabError, match="set train.onednn_weights: auto"):
-        train.check_switches(cfg, "cuda", "bf16")
+        decisions.check_switches(cfg, "cuda", "bf16")
     with pytest.raises(LoralabError, match="onednn_weights"):
         config_from_dict({"name": "x", "train": {"onednn_weights": "sometimes"}})
     with pytest.raises(LoralabError, match="train.packed_weights is now called train.onednn_weights"):

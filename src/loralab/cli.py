@@ -45,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints/")
         if name == "plan":
-            p.add_argument("--device", default="auto", help="device profile: t4, a100, h100, m2-16gb, cpu or auto")
+            p.add_argument("--device", default="auto",
+                           help="device profile: a known GPU (t4, v100, a10g, l4, rtx3090, rtx4090, a100, a100-80gb, "
+                                "h100, h200), m2-16gb, cpu, or auto (the device this process sees)")
             p.add_argument("--nproc", type=int, default=1, metavar="N",
                            help="memory and time per device when N processes (DDP) share each step (default 1)")
             p.add_argument("--calibrate", action="store_true",

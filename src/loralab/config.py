@@ -132,7 +132,7 @@ class TrainConfig:
     seed: int = 42
     """Seed of LoRA initialisation, dropout and example order."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Compute precision; "auto" picks per device (see loralab.modeling.choose_precision)."""
+    """Compute precision; "auto" picks per device (see loralab.decisions.choose_precision)."""
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     """Recompute activations in the backward pass: less memory, about 50% more compute for LoRA.
     "auto": on only when `loralab plan`'s estimate says the run would not fit this device's memory without it."""

@@ -1,4 +1,4 @@
-"""Device, precision policy, model/tokenizer loading with clear errors, and LoRA through PEFT."""
+"""Model/tokenizer loading with clear errors, and LoRA through PEFT."""
 
 from __future__ import annotations
 
@@ -9,89 +9,18 @@ from typing import Any
 
 import torch
 
+from loralab import decisions, devices
 from loralab.config import LoraSection, ModelConfig
+from loralab.devices import cpu_has_native_bf16, detect_device, device_name  # noqa: F401  (where callers find them)
 from loralab.errors import LoralabError
 from loralab.hub import prepare_hub_access, why_not_loaded
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def detect_device(requested: str = "auto") -> str:
-    if requested != "auto":
-        if requested == "cuda" and not torch.cuda.is_available():
-            raise LoralabError("train.device is 'cuda' but no CUDA GPU is visible; set train.device: auto or cpu")
-        if requested == "mps" and not torch.backends.mps.is_available():
-            raise LoralabError("train.device is 'mps' but MPS is not available; set train.device: auto or cpu")
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name(0)
-    if device == "mps":
-        return "Apple MPS"
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as oneDNN reports it."""
-    try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return True
-    except (AttributeError, RuntimeError):
-        pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def cuda_has_native_bf16() -> bool:
-    # torch.cuda.is_bf16_supported() can say yes on a T4 (bf16 emulated, slow, and not what fp16-era
-    # recipes expect); native bf16 arrived with Ampere, compute capability 8.0.
-    return torch.cuda.get_device_capability(0)[0] >= 8
-
-
-def mps_supports_bf16() -> bool:
-    try:
-        (torch.ones(2, dtype=torch.bfloat16, device="mps") * 2).cpu()
-        return True
-    except (RuntimeError, TypeError):
-        return False
-
-
 def choose_precision(device: str, requested: str = "auto") -> str:
-    """The precision policy: bf16 where the hardware has it, fp16 (with loss scaling) on pre-Ampere
-    GPUs, fp32 where nothing else is safe. A forced impossible choice is an error, not a slow path."""
-    if device == "cuda":
-        native_bf16 = cuda_has_native_bf16()
-        if requested == "auto":
-            return "bf16" if native_bf16 else "fp16"
-        if requested == "bf16" and not native_bf16:
-            name = torch.cuda.get_device_name(0)
-            raise LoralabError(f"{name} has no native bf16 (needs compute capability 8.0+); set train.precision: fp16 or fp32")
-        return requested
-    if device == "mps":
-        if requested == "auto":
-            return "bf16" if mps_supports_bf16() else "fp32"
-        if requested == "bf16" and not mps_supports_bf16():
-            raise LoralabError("this Mac's MPS backend cannot compute in bf16 (needs macOS 14+); set train.precision: fp32")
-        return requested
-    if requested == "fp16":
-        raise LoralabError("fp16 training needs a GPU; on CPU set train.precision: bf16 (if the CPU supports it) or fp32")
-    if requested == "auto":
-        return "bf16" if cpu_has_native_bf16() else "fp32"
-    if requested == "bf16" and not cpu_has_native_bf16():
-        raise LoralabError("this CPU has no native bf16 (AVX512-BF16/AMX); set train.precision: fp32")
-    return requested
+    """loralab.decisions.choose_precision for the device of kind ``device`` this process sees."""
+    return decisions.choose_precision(devices.probe(device), requested)
 
 
 def _looks_like_local_path(name: str) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from loralab import IGNORE_INDEX
+from loralab.decisions import plan_rows
 
 
 def pack_examples(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -26,28 +27,6 @@ def pack_examples(examples: list[dict]) -> dict[str, torch.Tensor]:
         "labels": torch.tensor([labels], dtype=torch.long),
         "position_ids": torch.tensor([positions], dtype=torch.long),
     }
-
-
-def plan_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Best-fit-decreasing plan: group example indices into rows of at most ``max_tokens`` tokens.
-
-    Longest first, each into the fullest row it still fits in; an example longer than max_tokens gets a row alone.
-    """
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        n = lengths[i]
-        best = -1
-        for r, left in enumerate(room):
-            if n <= left and (best < 0 or left < room[best]):
-                best = r
-        if best < 0:
-            rows.append([i])
-            room.append(max_tokens - n)
-        else:
-            rows[best].append(i)
-            room[best] -= n
-    return rows
 
 
 def pack_rows(examples: list[dict], max_tokens: int) -> dict:

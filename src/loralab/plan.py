@@ -30,14 +30,17 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from loralab import LEAN_ALLOCATOR_ROW_TOKENS, PLAIN_HEAD_MODELS, decisions
 from loralab import LOSS_CHUNK_ROWS as CHUNK_ROWS
-from loralab import LEAN_ALLOCATOR_ROW_TOKENS, PLAIN_HEAD_MODELS
 from loralab.config import ExperimentConfig, LoraSection, ModelConfig, TrainConfig
+from loralab.decisions import can_use_onednn_weights, fullest_row_tokens, peak_row, resolve_row_tokens
+from loralab.devices import DeviceFacts
 from loralab.errors import LoralabError
 
 GB = 1e9
@@ -58,7 +61,7 @@ class DeviceProfile:
     bandwidth: float
     """Memory bandwidth in bytes/s (elementwise work and weight reads are bound by it)."""
     default_precision: str
-    """What train.precision: auto picks on this device (loralab.modeling.choose_precision)."""
+    """What train.precision: auto picks on this device (loralab.decisions.choose_precision)."""
     efficiency: float
     """Fraction of the matmul peak a LoRA training step's linear layers reach."""
     attention_efficiency: dict[int, float]
@@ -91,26 +94,102 @@ class DeviceProfile:
     CUDA's caching allocator reuses blocks and loses only fragmentation."""
 
 
-def _cuda(name, description, memory, flops, bandwidth, precision, efficiency) -> DeviceProfile:
+def _cuda(name, description, memory, flops, bandwidth, precision, efficiency, basis) -> DeviceProfile:
     return DeviceProfile(
         name=name, description=description, memory_bytes=memory, peak_flops=flops, bandwidth=bandwidth,
         default_precision=precision, efficiency=efficiency,
         attention_efficiency={64: 0.3, 128: 0.4}, attention_block=128,  # SDPA flash / memory-efficient kernels
         framework_bytes=int(0.6 * GiB),  # CUDA context, cuBLAS workspace, allocator slack
         op_overhead_s=2.0e-3, step_overhead_s=5e-3, async_dispatch=True, dropout_mask_bytes=1,
-        allocator_factor=1.1,
+        allocator_factor=1.1, basis=basis,
     )
 
 
-# GPU peaks are vendor dense (no sparsity) tensor-core figures; their efficiencies are typical for
-# LoRA-sized matmuls (a few thousand tokens x a few thousand features), not validated on the device here.
+@dataclass(frozen=True)
+class GpuCard:
+    """A known NVIDIA card: vendor dense (no sparsity) peaks; the efficiency is typical for LoRA-sized matmuls
+    (a few thousand tokens x a few thousand features), not validated on the card by loralab."""
+
+    description: str
+    pattern: str
+    """Regular expression matched against torch.cuda's device name."""
+    memory_gib: float
+    compute_capability: tuple[int, int]
+    sm_count: int
+    tensor_flops: float
+    """Dense fp16/bf16 tensor-core peak with fp32 accumulation."""
+    fp32_flops: float
+    bandwidth: float
+    efficiency: float
+
+
+GPU_CARDS: dict[str, GpuCard] = {
+    "t4": GpuCard("NVIDIA T4 16 GB (Colab free tier)", r"\bT4\b", 15, (7, 5), 40, 65e12, 8.1e12, 320e9, 0.30),
+    "v100": GpuCard("NVIDIA V100 SXM2 16 GB", r"V100", 16, (7, 0), 80, 125e12, 15.7e12, 900e9, 0.35),
+    "a10g": GpuCard("NVIDIA A10G 24 GB", r"A10G", 24, (8, 6), 80, 70e12, 31.2e12, 600e9, 0.40),
+    "l4": GpuCard("NVIDIA L4 24 GB", r"\bL4\b", 24, (8, 9), 58, 121e12, 30.3e12, 300e9, 0.40),
+    "rtx3090": GpuCard("NVIDIA GeForce RTX 3090 24 GB", r"3090", 24, (8, 6), 82, 71e12, 35.6e12, 936e9, 0.40),
+    "rtx4090": GpuCard("NVIDIA GeForce RTX 4090 24 GB", r"4090", 24, (8, 9), 128, 165e12, 82.6e12, 1008e9, 0.40),
+    "a100": GpuCard("NVIDIA A100 40 GB", r"A100(?!.*80)", 40, (8, 0), 108, 312e12, 19.5e12, 1555e9, 0.45),
+    "a100-80gb": GpuCard("NVIDIA A100 80 GB", r"A100.*80", 80, (8, 0), 108, 312e12, 19.5e12, 2039e9, 0.45),
+    "h100": GpuCard("NVIDIA H100 SXM 80 GB", r"H100", 80, (9, 0), 132, 989e12, 67e12, 3350e9, 0.40),
+    "h200": GpuCard("NVIDIA H200 141 GB", r"H200", 141, (9, 0), 132, 989e12, 67e12, 4800e9, 0.40),
+}
+
+# An unknown card by compute capability: (tensor FLOP/s per SM, fp32 FLOP/s per SM, bandwidth, efficiency), from
+# the known cards of that generation (Volta/Turing; A100; consumer Ampere/Ada; Hopper and newer).
+GENERIC_GPU = {
+    (7, 0): (1.55e12, 0.2e12, 600e9, 0.30),
+    (8, 0): (2.9e12, 0.18e12, 1500e9, 0.40),
+    (8, 6): (1.0e12, 0.4e12, 600e9, 0.35),
+    (9, 0): (7.5e12, 0.5e12, 3000e9, 0.35),
+}
+GPU_BASIS = "vendor peaks x typical efficiencies, not measured by loralab"
+
+
+def gpu_card(facts: DeviceFacts) -> str | None:
+    """The GPU_CARDS key of the card ``facts`` name (an A100 by its memory), or None for a card not in the table."""
+    for key, card in GPU_CARDS.items():
+        if re.search(card.pattern, facts.name, re.IGNORECASE):
+            if key.startswith("a100"):
+                return "a100-80gb" if facts.memory_bytes > 50 * GiB else "a100"
+            return key
+    return None
+
+
+def card_facts(key: str) -> DeviceFacts:
+    """The facts of a known card, as torch.cuda would report them."""
+    card = GPU_CARDS[key]
+    return DeviceFacts("cuda", card.description, int(card.memory_gib * GiB), card.compute_capability >= (8, 0),
+                       card.compute_capability, card.sm_count)
+
+
+def gpu_profile(facts: DeviceFacts) -> DeviceProfile:
+    """A CUDA device's profile: its card's figures when the card is known, else a generic profile for its compute
+    capability and SM count (the description says so); precisions and memory from ``facts``."""
+    precisions = decisions.supported_precisions(facts)
+    key = gpu_card(facts)
+    if key is not None:
+        card = GPU_CARDS[key]
+        tensor, fp32, bandwidth, efficiency = card.tensor_flops, card.fp32_flops, card.bandwidth, card.efficiency
+        name, description, basis = key, facts.name, GPU_BASIS
+    else:
+        cc = facts.compute_capability or (7, 0)
+        generation = max(g for g in GENERIC_GPU if g <= cc) if cc >= (7, 0) else (7, 0)
+        per_sm, fp32_per_sm, bandwidth, efficiency = GENERIC_GPU[generation]
+        sms = facts.sm_count or 40
+        tensor, fp32 = per_sm * sms, fp32_per_sm * sms
+        name = "cuda"
+        description = (f"{facts.name} (not in loralab's table: generic compute capability {cc[0]}.{cc[1]} profile "
+                       f"for {sms} SMs)")
+        basis = f"generic for compute capability {cc[0]}.{cc[1]} x {sms} SMs: rough, " + GPU_BASIS
+    flops = {p: fp32 if p == "fp32" else tensor for p in precisions}
+    return _cuda(name, description, facts.memory_bytes, flops, bandwidth,
+                 decisions.choose_precision(facts), efficiency, basis)
+
+
 PROFILES: dict[str, DeviceProfile] = {
-    "t4": _cuda("t4", "NVIDIA T4 16 GB (Colab free tier)", 15 * GiB,
-                {"fp16": 65e12, "fp32": 8.1e12}, 320e9, "fp16", 0.30),
-    "a100": _cuda("a100", "NVIDIA A100 40 GB", 40 * GiB,
-                  {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, 1555e9, "bf16", 0.45),
-    "h100": _cuda("h100", "NVIDIA H100 SXM 80 GB", 80 * GiB,
-                  {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, 3350e9, "bf16", 0.40),
+    **{key: replace(gpu_profile(card_facts(key)), description=card.description) for key, card in GPU_CARDS.items()},
     "m2-16gb": DeviceProfile(
         name="m2-16gb", description="Apple M2, 16 GB unified memory (MPS)",
         memory_bytes=int(0.67 * 16 * GiB),  # macOS lets Metal wire about two thirds of RAM
@@ -332,64 +411,13 @@ PER_EXAMPLE_MAX_TOKENS = 1024  # loralab.cpu.attention.MATERIALISED_MAX_TOKENS: 
 
 
 HEAP_HELD_FACTOR = 1.3  # memory glibc's heap holds per live activation byte on the CPU path, rows up to that
-CPU_ROW_TOKENS = 1024  # train.row_tokens "auto" on a CPU: the fastest of 512-2048 in bench/train_throughput.py
-
-
-def per_process_examples(train: TrainConfig, processes: int) -> int:
-    """Examples each of ``processes`` trains per optimizer step, so that all of them together see the recipe's
-    per_device_train_batch_size x gradient_accumulation_steps (the effective batch does not grow with processes)."""
-    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    if processes > per_step:
-        raise LoralabError(
-            f"{processes} processes are more than the examples of an optimizer step ({per_step} = train."
-            f"per_device_train_batch_size x train.gradient_accumulation_steps); launch at most {per_step} processes "
-            f"(--nproc_per_node / --num_processes) or raise train.gradient_accumulation_steps")
-    if per_step % processes:
-        raise LoralabError(f"the {per_step} examples of an optimizer step do not split evenly over {processes} processes; "
-                           f"launch a number of processes that divides {per_step}, or change train.gradient_accumulation_steps")
-    return per_step // processes
-
-
-def resolve_row_tokens(train: TrainConfig, device: str, lengths: list[int]) -> int:
-    """train.row_tokens with "auto" decided: CPU_ROW_TOKENS on "cpu" (a device, or the cpu profile's name),
-    the longest example elsewhere (whose fastest row length was not measured here; data.max_length bounds it)."""
-    if train.row_tokens != "auto":
-        return int(train.row_tokens)
-    return CPU_ROW_TOKENS if device == "cpu" else max(lengths)
-
-
-def peak_row(lengths: list[int], per_step: int, row_tokens: int) -> list[int]:
-    """Indices of the examples in the fullest row a step can make: the longest examples that fit together
-    (one of ``per_step`` examples alone if it is longer than ``row_tokens``)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:per_step]
-    row, used = [], 0
-    for i in order:
-        if used + lengths[i] <= row_tokens or not row:
-            row.append(i)
-            used += lengths[i]
-    return row
-
-
-def fullest_row_tokens(train: TrainConfig, device: str, lengths: list[int]) -> int:
-    """Tokens in the fullest row (peak_row) ``train``'s steps can make on ``device`` (as in resolve_row_tokens)."""
-    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    return sum(lengths[i] for i in peak_row(lengths, per_step, resolve_row_tokens(train, device, lengths)))
-
-
 def typical_rows(lengths: list[int], per_step: int, row_tokens: int, steps: int = 64) -> list[list[int]]:
     """The rows of the first ``steps`` optimizer steps, taking the examples in order (each row a list of lengths)."""
-    from loralab.packing import plan_rows
-
     rows = []
     for start in range(0, min(len(lengths), steps * per_step), per_step):
         step = lengths[start : start + per_step]
-        rows += [[step[i] for i in group] for group in plan_rows(step, row_tokens)]
+        rows += [[step[i] for i in group] for group in decisions.plan_rows(step, row_tokens)]
     return rows
-
-
-def cpu_fast_path(profile: DeviceProfile, attn_implementation: str) -> bool:
-    """Whether `loralab train` runs fused LoRA layers and per-example attention (loralab.cpu.speed_path)."""
-    return profile.name == "cpu" and attn_implementation == "sdpa"
 
 
 def activation_bytes_per_token(shape: ModelShape, lora: LoraSection, act_bytes: int, mask_bytes: int,
@@ -421,6 +449,213 @@ def backward_transient_per_token(shape: ModelShape, act_bytes: int) -> float:
     return 4 * shape.intermediate_size * act_bytes + 4 * shape.hidden_size * 4
 
 
+class Rows(NamedTuple):
+    """How a run's examples fall into rows: the fullest row sets the memory, the first steps' rows the time."""
+
+    row_tokens: int
+    peak_examples: list[int]
+    """Lengths of the examples in the fullest row."""
+    peak_trained: int
+    rows: list[list[int]]
+    rows_per_step: float
+    mean_tokens: float
+    mean_trained: float
+    packed: bool
+    """Whether any row holds more than one example."""
+
+    @property
+    def peak_tokens(self) -> int:
+        return sum(self.peak_examples)
+
+
+def row_layout(train: TrainConfig, device: str, lengths: list[int], trained_counts: list[int]) -> Rows:
+    per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    row_tokens = resolve_row_tokens(train, device, lengths)
+    peak = peak_row(lengths, per_step, row_tokens)
+    rows = typical_rows(lengths, per_step, row_tokens)
+    mean_tokens = statistics.fmean(sum(r) for r in rows)
+    return Rows(
+        row_tokens=row_tokens, peak_examples=[lengths[i] for i in peak],
+        peak_trained=sum(sorted(trained_counts, reverse=True)[: len(peak)]), rows=rows,
+        rows_per_step=len(rows) / math.ceil(sum(len(r) for r in rows) / per_step), mean_tokens=mean_tokens,
+        mean_trained=mean_tokens * sum(trained_counts) / sum(lengths), packed=max(len(r) for r in rows) > 1 or len(peak) > 1,
+    )
+
+
+class SpeedPath(NamedTuple):
+    """Which of loralab.cpu's pieces a run uses (loralab.decisions decides)."""
+
+    fused: bool
+    """Fused LoRA layers and norms, the tuned allocator."""
+    per_example: bool
+    """Per-example attention."""
+    fused_head: bool
+    """The frozen-head loss."""
+
+
+def speed_path(profile: DeviceProfile, attn_implementation: str, model_config: dict[str, Any]) -> SpeedPath:
+    fused = decisions.cpu_speed_path(profile.name)
+    return SpeedPath(fused, decisions.per_example_attention(profile.name, attn_implementation),
+                 fused and model_config.get("model_type") in PLAIN_HEAD_MODELS)
+
+
+def saved_activation_bytes(shape: ModelShape, train: TrainConfig, rows: Rows, per_token: float, b: int, path: SpeedPath,
+                           attn_implementation: str) -> tuple[float, str]:
+    """Bytes autograd keeps for the fullest row's backward, and what they are."""
+    n_layers, peak_tokens = shape.num_layers, rows.peak_tokens
+    # A checkpointed layer keeps about two hidden-size tensors per token (its input and the residual it
+    # returns, measured on CPU); the backward pass recomputes one layer at a time.
+    kept_per_layer = 2 * shape.hidden_size * b
+    if train.gradient_checkpointing:
+        saved = peak_tokens * (n_layers * kept_per_layer + per_token)
+        note = f"{n_layers} checkpointed layer inputs + 1 recomputed layer, {peak_tokens:,} tokens"
+    else:
+        saved = peak_tokens * n_layers * per_token
+        note = f"{n_layers} layers x {peak_tokens:,} tokens x {per_token / 1e3:.0f} kB"
+    saved += peak_tokens * shape.hidden_size * (b + 4)  # embeddings out, final norm's fp32 input
+    if rows.packed and attn_implementation != "flash_attention_2" and not path.per_example:
+        saved += peak_tokens**2  # the packed row's block-causal mask (bool, tokens x tokens)
+    layers_kept = 1 if train.gradient_checkpointing else n_layers
+    if path.per_example:
+        # per-example attention keeps each example's (heads x L x L) probabilities in the compute dtype
+        short = sum(n * n for n in rows.peak_examples if n <= PER_EXAMPLE_MAX_TOKENS)
+        saved += layers_kept * shape.num_heads * short * b
+    if attn_implementation == "eager":
+        # eager attention materialises (heads, tokens, tokens) probabilities and keeps them per layer
+        saved += layers_kept * shape.num_heads * peak_tokens**2 * (b + 4)
+    return saved, note
+
+
+def memory_model(shape: ModelShape, lora: LoraSection, train: TrainConfig, profile: DeviceProfile, precision: str,
+                 rows: Rows, path: SpeedPath, attn_implementation: str) -> tuple[list[MemoryItem], float]:
+    """The peak's parts for the fullest row, and the activation bytes per token of one layer (the time model's too)."""
+    b = DTYPE_BYTES[precision]
+    trainable = lora_trainable_params(shape, lora)
+    per_token = activation_bytes_per_token(shape, lora, b, profile.dropout_mask_bytes, fused=path.fused)
+    saved, act_note = saved_activation_bytes(shape, train, rows, per_token, b, path, attn_implementation)
+    peak_tokens, peak_trained = rows.peak_tokens, rows.peak_trained
+    if path.fused_head:  # loralab.cpu.head_loss: one chunk of fp32 logits, and the hidden states' gradient
+        logits = CHUNK_ROWS * shape.vocab_size * (4 + b) + peak_trained * shape.hidden_size * b
+        logits_note = (f"{CHUNK_ROWS} positions x {shape.vocab_size:,} vocab at a time (of the {peak_trained:,} "
+                       f"trained), fp32 for the loss")
+    else:
+        logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
+        logits_note = f"only the {peak_trained:,} trained positions x {shape.vocab_size:,} vocab, fp32 for the loss"
+    # loralab.cpu.allocator.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
+    # more than the live activations (HEAP_HELD_FACTOR, from bench/plan_validation.py); longer rows give freed
+    # memory back at once.
+    if path.fused:
+        held = HEAP_HELD_FACTOR if peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS else 1.0
+    else:
+        held = profile.allocator_factor
+    transient = peak_tokens * backward_transient_per_token(shape, b) * held
+    if train.gradient_checkpointing:
+        buffers_note = "gradients inside one layer's backward, on top of its recomputed activations"
+    elif path.fused_head:
+        buffers_note = "gradients inside one layer's backward"
+    else:
+        # Each layer's backward reuses the memory its freed activations leave, so only the part larger
+        # than the logits (freed just before) adds to the peak. Both rules match CPU measurements.
+        transient = max(0.0, transient - logits)
+        buffers_note = "gradients inside one layer's backward, beyond the memory the logits freed"
+    if held != 1.0:
+        act_note += f", x{held:g} held by the allocator"
+    memory = [
+        base_weights_item(shape, precision, train.load_in_4bit),
+        trainable_state_item(trainable, lora, train.optim),
+        MemoryItem("activations", saved * held, act_note),
+        MemoryItem("logits (fp32)", logits, logits_note),
+        MemoryItem("backward buffers", transient, buffers_note),
+        MemoryItem("framework", profile.framework_bytes, "runtime before any weight: CUDA context on GPUs, Python + libraries on CPU"),
+    ]
+    if lora.use_dora:
+        # PEFT's DoRA builds each adapted weight (W + scale B A) in fp32 to take its norm, one module at a time
+        largest = max(a * o for a, o in lora_modules(shape, lora))
+        memory.append(MemoryItem("DoRA weight norm", largest * 4, "the largest adapted weight rebuilt in fp32 for its norm"))
+    if train.onednn_weights:
+        # loralab.cpu.onednn_weights: each frozen linear weight reordered both ways, its plain copy released
+        onednn_params = shape.num_layers * sum(a * o for a, o in shape.module_dims().values())
+        onednn_params += 0 if shape.tied_embeddings else shape.vocab_size * shape.hidden_size
+        memory.append(MemoryItem("oneDNN weights", onednn_params * b,
+                                 f"{onednn_params:,} linear weights in oneDNN's layout both ways, plain copy released"))
+    return memory, per_token
+
+
+class Times(NamedTuple):
+    flops: float
+    """Per micro-batch."""
+    microbatch_seconds: float
+
+
+def attention_seconds(shape: ModelShape, profile: DeviceProfile, peak: float, rows: Rows, lengths: list[int],
+                      recompute: float, path: SpeedPath, attn_implementation: str) -> tuple[float, float]:
+    """(FLOPs, seconds) of attention per micro-batch. QK^T and AV are 4 x q_dim FLOPs per (query, key) pair
+    forward, backward ~2.5x that. One example per row runs the causal kernel (about half the pairs, whole blocks on
+    the diagonal); a packed row with a block mask pays every pair of the row."""
+    n_layers, q_dim = shape.num_layers, shape.num_heads * shape.head_dim
+    if not rows.packed or attn_implementation == "flash_attention_2":
+        block = profile.attention_block
+        pairs = statistics.fmean(sum(min(n * n, n * n / 2 + n * block / 2) for n in r) for r in rows.rows)
+    else:
+        pairs = statistics.fmean(sum(r) ** 2 for r in rows.rows)
+    attention = n_layers * 4 * q_dim * pairs * (3.5 + recompute)
+    seconds = attention / (peak * attention_efficiency(profile, shape.head_dim))
+    if path.per_example:
+        # Per example, as batched matmuls over the full L x L scores (the causal half is masked, not skipped)
+        # at the matmul efficiency, plus the per-score work (mask, softmax, its backward).
+        short = [n for n in lengths if n <= PER_EXAMPLE_MAX_TOKENS]
+        long_share = 1 - sum(short) / sum(lengths)
+        full_pairs = statistics.fmean(sum(n * n for n in r if n <= PER_EXAMPLE_MAX_TOKENS) for r in rows.rows)
+        mat_s = n_layers * 4 * q_dim * full_pairs * 3 / (peak * profile.efficiency)
+        scores_s = n_layers * shape.num_heads * full_pairs * profile.score_s_per_element
+        seconds = seconds * long_share + mat_s + scores_s
+    return attention, seconds
+
+
+def time_model(shape: ModelShape, lora: LoraSection, train: TrainConfig, profile: DeviceProfile, precision: str,
+               rows: Rows, per_token: float, lengths: list[int], path: SpeedPath, attn_implementation: str) -> Times:
+    """FLOPs and seconds of one micro-batch (an average row of the first steps)."""
+    b, n_layers = DTYPE_BYTES[precision], shape.num_layers
+    total, trainable = shape.total_params, lora_trainable_params(shape, lora)
+    dense, head = n_layers * shape.layer_linear_params, shape.vocab_size * shape.hidden_size
+    mean_tokens, mean_trained = rows.mean_tokens, rows.mean_trained
+    # Frozen base: forward 2 x params per token, backward 2 x params (input gradient only). The head runs
+    # only at trained positions. LoRA: forward 2x, backward 4x (input and weight gradients) its params.
+    # Checkpointing runs the layers' forward once more.
+    layers_forward = 2 * (dense + trainable) * mean_tokens
+    recompute = 1.0 if train.gradient_checkpointing else 0.0
+    matmul = 2 * layers_forward + 4 * head * mean_trained + 2 * trainable * mean_tokens + recompute * layers_forward
+    peak = profile.peak_flops[precision]
+    attention, attention_s = attention_seconds(shape, profile, peak, rows, lengths, recompute, path, attn_implementation)
+    weight_reads_s = (2 + recompute) * total * b / profile.bandwidth  # small micro-batches only read weights
+    efficiency = profile.efficiency * (profile.onednn_speedup if train.onednn_weights else 1.0)
+    matmul_s = max(matmul / (peak * efficiency), weight_reads_s)
+    # Elementwise work (norms, casts, SiLU, RoPE, the loss) streams the activations: each saved byte is
+    # written, read back by the backward pass, and its gradient written and read; the loss ~30 bytes per logit.
+    elementwise_s = (4 * mean_tokens * n_layers * per_token + 30 * mean_trained * shape.vocab_size) / profile.bandwidth
+    dropout_inputs = sum(shape.module_dims()[m][0] for m in target_names(lora)) if lora.lora_dropout > 0 else 0
+    dropout_s = (1 + recompute) * mean_tokens * n_layers * dropout_inputs * profile.dropout_s_per_element  # a mask per forward
+    if path.fused:
+        # loralab.cpu.fused_lora.drop_positions draws p x N numbers, in forward and backward, instead of N masks
+        dropout_s *= 2 * lora.lora_dropout
+    device_s = matmul_s + attention_s + elementwise_s + dropout_s
+    host_s = n_layers * profile.op_overhead_s * (1 + recompute / 2) + profile.step_overhead_s
+    return Times(matmul + attention, max(device_s, host_s) if profile.async_dispatch else device_s + host_s)
+
+
+def switch_notes(requested: TrainConfig, resolved: TrainConfig) -> list[str]:
+    """What the plan says about the switches "auto" decided."""
+    notes = []
+    if requested.gradient_checkpointing == "auto":
+        notes.append("gradient_checkpointing auto: " + ("on, the run does not fit without it"
+                                                        if resolved.gradient_checkpointing else "off, the run fits without it"))
+    if requested.onednn_weights == "auto":
+        notes.append("onednn_weights auto: " + ("on, frozen weights in oneDNN's layout for the matmuls" if resolved.onednn_weights
+                                                else "off (needs bf16 on a CPU, rows of up to "
+                                                f"{LEAN_ALLOCATOR_ROW_TOKENS:,} tokens, no checkpointing, and the memory)"))
+    return notes
+
+
 def estimate(
     model_config: dict[str, Any],
     lora: LoraSection,
@@ -433,16 +668,16 @@ def estimate(
     attn_implementation: str = "sdpa",
     with_suggestions: bool = True,
 ) -> Plan:
-    """Predict peak memory and time for training on ``profile``.
+    """Predict peak memory and time for training on ``profile``: switches resolved, then the memory model, then
+    the time model.
 
     ``lengths`` are the training examples' token counts; ``trained_counts`` their trained (response)
     token counts (default: every token trained, the worst case for the logits).
     """
     if not lengths:
         raise LoralabError("plan needs at least one training example length")
-    auto_checkpointing = train.gradient_checkpointing == "auto"
-    auto_onednn = train.onednn_weights == "auto"
-    if auto_checkpointing or auto_onednn:
+    requested = train
+    if train.gradient_checkpointing == "auto" or train.onednn_weights == "auto":
         train = resolve_switches(model_config, lora, train, lengths, profile, precision,
                                  trained_counts=trained_counts, attn_implementation=attn_implementation)
     if precision not in profile.peak_flops:
@@ -451,169 +686,29 @@ def estimate(
         )
     trained_counts = list(lengths) if trained_counts is None else list(trained_counts)
     shape = model_shape(model_config)
-    b = DTYPE_BYTES[precision]
-    n_layers = shape.num_layers
-    notes: list[str] = []
-    if auto_checkpointing:
-        notes.append("gradient_checkpointing auto: " + ("on, the run does not fit without it" if train.gradient_checkpointing
-                                                        else "off, the run fits without it"))
-    if auto_onednn:
-        notes.append("onednn_weights auto: " + ("on, frozen weights in oneDNN's layout for the matmuls" if train.onednn_weights else
-                                                "off (needs bf16 on a CPU, rows of up to "
-                                                f"{LEAN_ALLOCATOR_ROW_TOKENS:,} tokens, no checkpointing, and the memory)"))
-
-    # The fullest row for memory; rows as the first steps lay them out for time.
+    notes = switch_notes(requested, train)
+    rows = row_layout(train, profile.name, lengths, trained_counts)
     per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    row_tokens = resolve_row_tokens(train, profile.name, lengths)
-    peak = peak_row(lengths, per_step, row_tokens)
-    peak_examples = [lengths[i] for i in peak]
-    peak_tokens = sum(peak_examples)
-    peak_trained = sum(sorted(trained_counts, reverse=True)[: len(peak)])
-    rows = typical_rows(lengths, per_step, row_tokens)
-    rows_per_step = len(rows) / math.ceil(sum(len(r) for r in rows) / per_step)
-    mean_tokens = statistics.fmean(sum(r) for r in rows)
-    mean_trained = mean_tokens * sum(trained_counts) / sum(lengths)
-    packed = max(len(r) for r in rows) > 1 or len(peak) > 1
-    notes.append(f"rows of up to {row_tokens:,} tokens (train.row_tokens): {rows_per_step:.1f} per optimizer step of "
-                 f"{per_step} examples on average")
-
-    total = shape.total_params
-    trainable = lora_trainable_params(shape, lora)
-    fast = cpu_fast_path(profile, attn_implementation)
-    per_token = activation_bytes_per_token(shape, lora, b, profile.dropout_mask_bytes, fused=fast)
-    # A checkpointed layer keeps about two hidden-size tensors per token (its input and the residual it
-    # returns, measured on CPU); the backward pass recomputes one layer at a time.
-    kept_per_layer = 2 * shape.hidden_size * b
-    if train.gradient_checkpointing:
-        saved = peak_tokens * (n_layers * kept_per_layer + per_token)
-        act_note = f"{n_layers} checkpointed layer inputs + 1 recomputed layer, {peak_tokens:,} tokens"
-    else:
-        saved = peak_tokens * n_layers * per_token
-        act_note = f"{n_layers} layers x {peak_tokens:,} tokens x {per_token / 1e3:.0f} kB"
-    saved += peak_tokens * shape.hidden_size * (b + 4)  # embeddings out, final norm's fp32 input
-    if packed and attn_implementation != "flash_attention_2" and not fast:
-        saved += peak_tokens**2  # the packed row's block-causal mask (bool, tokens x tokens)
-    if fast:
-        # per-example attention keeps each example's (heads x L x L) probabilities in the compute dtype
-        layers_kept = 1 if train.gradient_checkpointing else n_layers
-        saved += layers_kept * shape.num_heads * sum(n * n for n in peak_examples if n <= PER_EXAMPLE_MAX_TOKENS) * b
-    if attn_implementation == "eager":
-        # eager attention materialises (heads, tokens, tokens) probabilities and keeps them per layer
-        layers_kept = 1 if train.gradient_checkpointing else n_layers
-        saved += layers_kept * shape.num_heads * peak_tokens**2 * (b + 4)
-        notes.append("attn_implementation eager keeps heads x tokens^2 attention probabilities per layer; sdpa does not")
-    fused_head = fast and model_config.get("model_type") in PLAIN_HEAD_MODELS
-    if fused_head:  # loralab.cpu.head_loss.FrozenHeadCrossEntropy: one chunk of fp32 logits, and the hidden states' gradient
-        logits = CHUNK_ROWS * shape.vocab_size * (4 + b) + peak_trained * shape.hidden_size * b
-    else:
-        logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
-    # loralab.cpu.allocator.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
-    # about 1.3x the live activations (bench/plan_validation.py at 256 and 1,024 tokens); longer rows give
-    # freed memory back at once.
-    if fast:
-        held = HEAP_HELD_FACTOR if peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS else 1.0
-    else:
-        held = profile.allocator_factor
-    transient = peak_tokens * backward_transient_per_token(shape, b) * held
-    if train.gradient_checkpointing:
-        buffers_note = "gradients inside one layer's backward, on top of its recomputed activations"
-    elif fused_head:
-        buffers_note = "gradients inside one layer's backward"
-    else:
-        # Each layer's backward reuses the memory its freed activations leave, so only the part larger
-        # than the logits (freed just before) adds to the peak. Both rules match CPU measurements.
-        transient = max(0.0, transient - logits)
-        buffers_note = "gradients inside one layer's backward, beyond the memory the logits freed"
-    if held != 1.0:
-        act_note += f", x{held:g} held by the allocator"
-
-    memory = [
-        base_weights_item(shape, precision, train.load_in_4bit),
-        trainable_state_item(trainable, lora, train.optim),
-        MemoryItem("activations", saved * held, act_note),
-        MemoryItem("logits (fp32)", logits,
-                   f"{CHUNK_ROWS} positions x {shape.vocab_size:,} vocab at a time (of the {peak_trained:,} trained), fp32 for the loss"
-                   if fused_head else f"only the {peak_trained:,} trained positions x {shape.vocab_size:,} vocab, fp32 for the loss"),
-        MemoryItem("backward buffers", transient, buffers_note),
-        MemoryItem("framework", profile.framework_bytes, "runtime before any weight: CUDA context on GPUs, Python + libraries on CPU"),
-    ]
+    notes.append(f"rows of up to {rows.row_tokens:,} tokens (train.row_tokens): {rows.rows_per_step:.1f} per optimizer "
+                 f"step of {per_step} examples on average")
     if lora.use_dora:
-        # PEFT's DoRA builds each adapted weight (W + scale B A) in fp32 to take its norm, one module at a time
-        largest = max(a * o for a, o in lora_modules(shape, lora))
-        memory.append(MemoryItem("DoRA weight norm", largest * 4, "the largest adapted weight rebuilt in fp32 for its norm"))
         notes.append("DoRA runs PEFT's own forward (not loralab's fused CPU LoRA layers), rebuilding each adapted weight")
-    if train.onednn_weights:
-        # loralab.cpu.onednn_weights: each frozen linear weight reordered both ways, its plain copy released
-        onednn_params = n_layers * sum(a * o for a, o in shape.module_dims().values())
-        onednn_params += 0 if shape.tied_embeddings else shape.vocab_size * shape.hidden_size
-        memory.append(MemoryItem("oneDNN weights", onednn_params * b,
-                                 f"{onednn_params:,} linear weights in oneDNN's layout both ways, plain copy released"))
-
-    # Time ------------------------------------------------------------------------------------------
-    dense = n_layers * shape.layer_linear_params
-    head = shape.vocab_size * shape.hidden_size
-    # Frozen base: forward 2 x params per token, backward 2 x params (input gradient only). The head runs
-    # only at trained positions. LoRA: forward 2x, backward 4x (input and weight gradients) its params.
-    # Checkpointing runs the layers' forward once more.
-    layers_forward = 2 * (dense + trainable) * mean_tokens
-    base_matmul = 2 * layers_forward + 4 * head * mean_trained + 2 * trainable * mean_tokens
-    recompute = 1.0 if train.gradient_checkpointing else 0.0
-    matmul = base_matmul + recompute * layers_forward
-    # Attention: QK^T and AV are 4 x q_dim FLOPs per (query, key) pair forward, backward ~2.5x that.
-    # One example per row runs the causal kernel (about half the pairs, whole blocks on the diagonal);
-    # a packed row with a block mask pays every pair of the row.
-    q_dim = shape.num_heads * shape.head_dim
-    if not packed or attn_implementation == "flash_attention_2":
-        block = profile.attention_block
-        pairs = statistics.fmean(sum(min(n * n, n * n / 2 + n * block / 2) for n in r) for r in rows)
-    else:
-        pairs = statistics.fmean(sum(r) ** 2 for r in rows)
-    attention_fwd = n_layers * 4 * q_dim * pairs
-    attention = attention_fwd * (3.5 + recompute)
-    flops = matmul + attention
-    peak = profile.peak_flops[precision]
-    weight_reads_s = (2 + recompute) * total * b / profile.bandwidth  # small micro-batches only read weights
-    efficiency = profile.efficiency * (profile.onednn_speedup if train.onednn_weights else 1.0)
-    matmul_s = max(matmul / (peak * efficiency), weight_reads_s)
-    attention_s = attention / (peak * attention_efficiency(profile, shape.head_dim))
-    if fast:
-        # Per example, as batched matmuls over the full L x L scores (the causal half is masked, not skipped)
-        # at the matmul efficiency, plus the per-score work (mask, softmax, its backward).
-        short = [n for n in lengths if n <= PER_EXAMPLE_MAX_TOKENS]
-        long_share = 1 - sum(short) / sum(lengths)
-        full_pairs = statistics.fmean(sum(n * n for n in r if n <= PER_EXAMPLE_MAX_TOKENS) for r in rows)
-        mat_s = n_layers * 4 * q_dim * full_pairs * 3 / (peak * profile.efficiency)
-        scores_s = n_layers * shape.num_heads * full_pairs * profile.score_s_per_element
-        attention_s = attention_s * long_share + mat_s + scores_s
-    # Elementwise work (norms, casts, SiLU, RoPE, the loss) streams the activations: each saved byte is
-    # written, read back by the backward pass, and its gradient written and read; the loss ~30 bytes per logit.
-    elementwise_s = (4 * mean_tokens * n_layers * per_token + 30 * mean_trained * shape.vocab_size) / profile.bandwidth
-    dropout_inputs = sum(shape.module_dims()[m][0] for m in target_names(lora)) if lora.lora_dropout > 0 else 0
-    dropout_s = (1 + recompute) * mean_tokens * n_layers * dropout_inputs * profile.dropout_s_per_element  # a mask per forward
-    if fast:
-        # loralab.cpu.fused_lora.drop_positions draws p x N numbers, in forward and backward, instead of N masks
-        dropout_s *= 2 * lora.lora_dropout
-    device_s = matmul_s + attention_s + elementwise_s + dropout_s
-    host_s = n_layers * profile.op_overhead_s * (1 + recompute / 2) + profile.step_overhead_s
-    micro_s = max(device_s, host_s) if profile.async_dispatch else device_s + host_s
-    step_s = rows_per_step * micro_s
+    if attn_implementation == "eager":
+        notes.append("attn_implementation eager keeps heads x tokens^2 attention probabilities per layer; sdpa does not")
+    path = speed_path(profile, attn_implementation, model_config)
+    memory, per_token = memory_model(shape, lora, train, profile, precision, rows, path, attn_implementation)
+    times = time_model(shape, lora, train, profile, precision, rows, per_token, lengths, path, attn_implementation)
+    step_s = rows.rows_per_step * times.microbatch_seconds
     plan = Plan(
-        device=profile, precision=precision, total_params=total, trainable_params=trainable,
-        peak_tokens=peak_tokens, mean_tokens=mean_tokens, memory=memory, flops_per_microbatch=flops,
-        microbatch_seconds=micro_s, step_seconds=step_s, run_seconds=train.max_steps * step_s,
-        tokens_per_second=mean_tokens / micro_s, max_steps=train.max_steps, notes=notes,
-        onednn_weights=bool(train.onednn_weights),
+        device=profile, precision=precision, total_params=shape.total_params,
+        trainable_params=lora_trainable_params(shape, lora), peak_tokens=rows.peak_tokens, mean_tokens=rows.mean_tokens,
+        memory=memory, flops_per_microbatch=times.flops, microbatch_seconds=times.microbatch_seconds,
+        step_seconds=step_s, run_seconds=train.max_steps * step_s, tokens_per_second=rows.mean_tokens / times.microbatch_seconds,
+        max_steps=train.max_steps, notes=notes, onednn_weights=bool(train.onednn_weights),
     )
     if with_suggestions and not plan.fits:
         plan.suggestions = suggest(model_config, lora, train, lengths, trained_counts, profile, precision, attn_implementation)
     return plan
-
-
-def can_use_onednn_weights(device: str, precision: str, peak_tokens: int, checkpointing: bool) -> bool:
-    """Whether train.onednn_weights "auto" may turn on (loralab.cpu.onednn_weights): bf16 on "cpu" (a device, or the cpu
-    profile's name), rows of up to LEAN_ALLOCATOR_ROW_TOKENS (the rows that trade memory for speed, as the
-    allocator does) and no checkpointing (which says memory is short)."""
-    return device == "cpu" and precision == "bf16" and peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS and not checkpointing
 
 
 def resolve_switches(
@@ -734,28 +829,68 @@ def measure_matmul_peak(precision: str, size: int = 2048, seconds: float = 1.0, 
     return 2 * size**3 * runs / (clock() - start)
 
 
-def cpu_profile(calibrate: bool = False) -> DeviceProfile:
-    """The cpu profile with this machine's available RAM, and native bf16 only where the CPU has it."""
+def cpu_profile(calibrate: bool = False, facts: DeviceFacts | None = None) -> DeviceProfile:
+    """The cpu profile with this machine's available RAM, and the precisions loralab.decisions allows on this CPU."""
     import psutil
 
-    from loralab.modeling import cpu_has_native_bf16
+    from loralab import devices
 
+    facts = facts or devices.probe("cpu")
     base = PROFILES["cpu"]
-    peaks = dict(base.peak_flops)
-    if not cpu_has_native_bf16():
-        peaks.pop("bf16", None)
+    peaks = {p: base.peak_flops[p] for p in decisions.supported_precisions(facts)}
     if calibrate:
         peaks = {p: measure_matmul_peak(p) for p in peaks}
     ram = psutil.virtual_memory()
+    basis = base.basis
+    if not calibrate and not is_reference_cpu(facts):
+        basis = (f"NOT this CPU: the time constants were measured on the reference CPU ({REFERENCE_CPU_NAME} with "
+                 f"native bf16) and this one ({facts.name}, {'with' if facts.native_bf16 else 'without'} native bf16"
+                 f"{', ISA limited by ' + _isa_limits() if _isa_limits() else ''}) may be much slower or faster; "
+                 f"`loralab plan CONFIG --calibrate` measures its matmul peaks first")
     return replace(
-        base, memory_bytes=ram.available, peak_flops=peaks, default_precision="bf16" if "bf16" in peaks else "fp32",
-        description=f"this CPU ({ram.total / GB:.1f} GB RAM, {ram.available / GB:.1f} GB available now"
-        + (", matmul peaks measured just now)" if calibrate else ", matmul peaks of the reference CPU)"),
+        base, memory_bytes=facts.memory_bytes, peak_flops=peaks, default_precision=decisions.choose_precision(facts),
+        description=f"this CPU ({ram.total / GB:.1f} GB RAM, {facts.memory_bytes / GB:.1f} GB available now"
+        + (", matmul peaks measured just now)" if calibrate else ", matmul peaks of the reference CPU)"), basis=basis,
     )
+
+
+REFERENCE_CPU_NAME = "AMD EPYC"  # /proc/cpuinfo's model name of the CPU PROFILES["cpu"] was measured on
+
+
+def _isa_limits() -> str:
+    """The environment settings that hold oneDNN/MKL below the CPU's own instruction set (how an AVX2 CPU is
+    approximated on an AVX-512 one), as text; empty when there are none."""
+    import os
+
+    return ", ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k))
+
+
+def is_reference_cpu(facts: DeviceFacts) -> bool:
+    """Whether the plan's CPU constants were measured on a CPU like this one (same model, native bf16, full ISA)."""
+    return facts.name == REFERENCE_CPU_NAME and facts.native_bf16 and not _isa_limits()
+
+
+def mps_profile(facts: DeviceFacts) -> DeviceProfile:
+    """A Mac's profile: the M2's speed, this Mac's memory, the precisions loralab.decisions allows on it."""
+    base = PROFILES["m2-16gb"]
+    peaks = {p: base.peak_flops["fp32" if p == "fp32" else "bf16"] for p in decisions.supported_precisions(facts)}
+    return replace(base, name="mps", description="this Mac (MPS; speed assumed M2-like)", memory_bytes=facts.memory_bytes,
+                   peak_flops=peaks, default_precision=decisions.choose_precision(facts))
+
+
+def profile_for(facts: DeviceFacts, calibrate: bool = False) -> DeviceProfile:
+    """The profile of the device ``facts`` describe (loralab.devices.probe)."""
+    if facts.kind == "cuda":
+        return gpu_profile(facts)
+    if facts.kind == "mps":
+        return mps_profile(facts)
+    return cpu_profile(calibrate, facts)
 
 
 def resolve_profile(device: str, calibrate: bool = False) -> DeviceProfile:
     """A named profile, or ``auto``: the GPU/Mac/CPU this process sees."""
+    from loralab import devices
+
     device = device.lower()
     if device == "cpu":
         return cpu_profile(calibrate)
@@ -763,21 +898,7 @@ def resolve_profile(device: str, calibrate: bool = False) -> DeviceProfile:
         return PROFILES[device]
     if device != "auto":
         raise LoralabError(f"unknown device '{device}' for plan; choose one of {', '.join(PROFILES)} or auto")
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-        memory = torch.cuda.get_device_properties(0).total_memory
-        for key in ("t4", "a100", "h100"):
-            if key in name.lower():
-                return replace(PROFILES[key], description=name, memory_bytes=memory)
-        return replace(PROFILES["t4"], name="cuda", description=f"{name} (speed assumed T4-like)", memory_bytes=memory)
-    if torch.backends.mps.is_available():
-        import psutil
-
-        return replace(PROFILES["m2-16gb"], name="mps", description="this Mac (MPS)",
-                       memory_bytes=int(0.67 * psutil.virtual_memory().total))
-    return cpu_profile(calibrate)
+    return profile_for(devices.probe(devices.detect_device("auto")), calibrate)
 
 
 # I/O edge -----------------------------------------------------------------------------------------
@@ -801,15 +922,6 @@ def read_model_config(model: ModelConfig) -> dict[str, Any]:
         ) from None
 
 
-def example_lengths(examples: list[dict]) -> tuple[list[int], list[int]]:
-    """(token counts, trained-target counts) of encoded examples; a label at position 0 predicts nothing."""
-    from loralab import IGNORE_INDEX
-
-    lengths = [len(e["input_ids"]) for e in examples]
-    trained = [sum(1 for x in e["labels"][1:] if x != IGNORE_INDEX) for e in examples]
-    return lengths, trained
-
-
 def read_lengths(cfg: ExperimentConfig) -> tuple[list[int], list[int], str]:
     """(lengths, trained counts, where from): the prepared train split, or max_length for every example."""
     from loralab.rundir import RunDir, read_jsonl
@@ -818,7 +930,7 @@ def read_lengths(cfg: ExperimentConfig) -> tuple[list[int], list[int], str]:
     if train_file.exists():
         rows = read_jsonl(train_file)
         if rows:
-            lengths, trained = example_lengths(rows)
+            lengths, trained = decisions.example_lengths(rows)
             return lengths, trained, f"{len(rows)} prepared examples in {train_file}"
     n = cfg.data.max_length
     count = max(cfg.train.per_device_train_batch_size, (cfg.data.num_examples or 0) - cfg.data.eval_size)
@@ -887,7 +999,7 @@ def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False, pr
     lengths, trained, source = read_lengths(cfg)
     # Under DDP each device holds the whole model and trains its share of every step's examples.
     train = replace(cfg.train, per_device_train_batch_size=1,
-                    gradient_accumulation_steps=per_process_examples(cfg.train, processes))
+                    gradient_accumulation_steps=decisions.per_process_examples(cfg.train, processes))
     plan = estimate(model_config, cfg.lora, train, lengths, profile, precision, trained_counts=trained,
                     attn_implementation=cfg.model.attn_implementation)
     if processes > 1:

@@ -11,29 +11,19 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from loralab import cpu, plan, prepare
+from loralab import cpu, decisions, devices, prepare
 from loralab.config import ExperimentConfig
-from loralab.cpu.onednn_weights import onednn_weights_available
+from loralab.decisions import Switches
 from loralab.errors import LoralabError
 from loralab.generation import model_fingerprint
 from loralab.gguf_models import model_source
 from loralab.loss import heldout_loss, response_loss_sum
-from loralab.modeling import (
-    add_lora,
-    check_bitsandbytes,
-    choose_precision,
-    count_parameters,
-    detect_device,
-    device_name,
-    load_model,
-    resolve_model_source,
-)
+from loralab.modeling import add_lora, count_parameters, load_model, resolve_model_source
 from loralab.packing import RowCollator
 from loralab.rundir import (
     launched_processes,
@@ -59,14 +49,9 @@ class ResponseOnlyTrainer(Trainer):
     how the examples are split into rows does not change the gradients. On a CPU, train runs on loralab's
     CPU speed path (loralab.cpu.speed_path), with the frozen weights in oneDNN's layout when ``onednn_weights``."""
 
-    def __init__(self, *args, row_tokens: int, precision: str, cpu_speed_path: bool = False,
-                 longest_row_tokens: int | None = None, onednn_weights: bool = False, **kwargs):
+    def __init__(self, *args, switches: Switches, **kwargs):
         super().__init__(*args, **kwargs)
-        self.row_tokens = row_tokens
-        self.precision = precision
-        self.cpu_speed_path = cpu_speed_path
-        self.longest_row_tokens = longest_row_tokens
-        self.onednn_weights = onednn_weights
+        self.switches = switches
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows = inputs["rows"]
@@ -81,14 +66,15 @@ class ResponseOnlyTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """The Trainer's train, after the held-out loss of the untrained adapters (a fresh run), on the CPU speed path
-        when self.cpu_speed_path is set (however the run ends, the model is back to PEFT's and transformers' own
+        when the switches say so (however the run ends, the model is back to PEFT's and transformers' own
         forwards, with plain weights, when this returns)."""
         if resume_from_checkpoint is None:
             self.evaluate()
-        if not self.cpu_speed_path:
+        s = self.switches
+        if not s.cpu_speed_path:
             return super().train(resume_from_checkpoint, **kwargs)
         start = time.perf_counter()
-        with cpu.speed_path(self.model, self.row_tokens, self.longest_row_tokens, self.onednn_weights) as switched:
+        with cpu.speed_path(self.model, s.row_tokens, s.longest_row_tokens, s.onednn_weights) as switched:
             if switched.onednn_weights:
                 print(f"train: {switched.onednn_weights} frozen weights put in oneDNN's layout for this CPU's matmuls in "
                       f"{time.perf_counter() - start:.0f} s (train.onednn_weights; `loralab plan CONFIG` shows the memory)")
@@ -108,7 +94,7 @@ class ResponseOnlyTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss_sum, count = response_loss_sum(model, inputs)
         if not torch.isfinite(loss_sum):
-            raise NonFiniteLoss(self.state.global_step + 1, "loss", self.precision)
+            raise NonFiniteLoss(self.state.global_step + 1, "loss", self.switches.precision)
         if num_items_in_batch is None:  # evaluation, or a caller that does not count: a plain mean
             self.loss_is_scaled_for_ga = False
             loss = loss_sum / max(count, 1)
@@ -317,16 +303,21 @@ class CheckpointGuard(TrainerCallback):
                 shutil.rmtree(older, ignore_errors=True)
 
 
-def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, device: str,
-                       gradient_checkpointing: bool = False) -> TrainingArguments:
-    """The Trainer's arguments; ``gradient_checkpointing`` is cfg.train's, with "auto" already decided."""
+def training_arguments(cfg: ExperimentConfig, out_dir: Path, switches: Switches) -> TrainingArguments:
+    """The Trainer's arguments for ``cfg`` with its switches decided (loralab.decisions.decide_switches)."""
+    return TrainingArguments(**training_argument_values(cfg, out_dir, switches))
+
+
+def training_argument_values(cfg: ExperimentConfig, out_dir: Path, switches: Switches) -> dict:
+    """training_arguments' keyword arguments (a dict, so a test can read them on a device it only simulates)."""
     t = cfg.train
-    return TrainingArguments(
+    checkpointing, processes = switches.gradient_checkpointing, launched_processes()[1]
+    return dict(
         output_dir=str(out_dir),
         # One batch = this process's share of an optimizer step's examples, which ResponseOnlyTrainer splits into
         # rows itself; all processes together train per_device_train_batch_size x gradient_accumulation_steps.
-        per_device_train_batch_size=plan.per_process_examples(t, launched_processes()[1]),
-        ddp_backend="gloo" if device == "cpu" and launched_processes()[1] > 1 else None,
+        per_device_train_batch_size=decisions.per_process_examples(t, processes),
+        ddp_backend="gloo" if switches.device == "cpu" and processes > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable parameter gets a gradient every step
         gradient_accumulation_steps=1,
         max_steps=t.max_steps,
@@ -343,13 +334,13 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
         data_seed=t.seed,
         # Weights are already stored in bf16/fp16 (see load_model); fp16 adds autocast and the loss scaler
         # it needs on GPUs without bf16. bf16 autocast over bf16 weights would only add casts.
-        fp16=precision == "fp16",
+        fp16=decisions.loss_scaling(switches.precision),
         bf16=False,
-        use_cpu=device == "cpu",
-        use_liger_kernel=t.liger_kernels,
-        torch_compile=t.torch_compile,
-        gradient_checkpointing=gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
+        use_cpu=switches.device == "cpu",
+        use_liger_kernel=switches.liger_kernels,
+        torch_compile=switches.torch_compile,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         remove_unused_columns=False,
         dataloader_num_workers=0,
         optim=t.optim,
@@ -359,53 +350,19 @@ def training_arguments(cfg: ExperimentConfig, out_dir: Path, precision: str, dev
     )
 
 
-def build_model(cfg: ExperimentConfig, precision: str, device: str, onednn_weights: bool = False):
+def decide(cfg: ExperimentConfig, train_examples: list[dict]) -> Switches:
+    """How this run trains on the device it finds (loralab.decisions), before any weight is loaded."""
+    facts = devices.probe(devices.detect_device(cfg.train.device))
+    return decisions.decide_switches(cfg, facts, *decisions.example_lengths(train_examples))
+
+
+def build_model(cfg: ExperimentConfig, switches: Switches):
     """The base model in the compute dtype with fresh LoRA adapters; read into memory rather than mapped when its
     weights will take oneDNN's layout (see load_model)."""
     torch.manual_seed(cfg.train.seed)
-    base = load_model(cfg.model, precision, device, in_memory=onednn_weights, load_in_4bit=cfg.train.load_in_4bit)
+    base = load_model(cfg.model, switches.precision, switches.device, in_memory=switches.onednn_weights,
+                      load_in_4bit=cfg.train.load_in_4bit)
     return add_lora(base, cfg.lora)
-
-
-def decide_switches(cfg: ExperimentConfig, device: str, precision: str, lengths: list[int], trained: list[int]) -> tuple[bool, bool]:
-    """(gradient checkpointing, oneDNN weights): train.gradient_checkpointing and train.onednn_weights, with
-    "auto" decided by loralab.plan's memory estimate for this device from the training examples' lengths and
-    trained counts (plan.example_lengths). oneDNN weights need oneDNN's ops in this PyTorch too."""
-    train = cfg.train
-    if train.onednn_weights == "auto" and not onednn_weights_available(torch.bfloat16):
-        train = replace(train, onednn_weights=False)
-    if train.gradient_checkpointing != "auto" and train.onednn_weights != "auto":
-        return bool(train.gradient_checkpointing), bool(train.onednn_weights)
-    profile = plan.resolve_profile("cpu" if device == "cpu" else "auto")
-    resolved = plan.resolve_switches(
-        plan.read_model_config(cfg.model), cfg.lora, train, lengths, profile, precision,
-        trained_counts=trained, attn_implementation=cfg.model.attn_implementation,
-    )
-    if resolved.gradient_checkpointing and train.gradient_checkpointing == "auto":
-        print(f"train: the estimate says this run would not fit {profile.description} without gradient checkpointing; "
-              f"turning it on (about 1/3 more compute; `loralab plan CONFIG` shows the figures)")
-    return bool(resolved.gradient_checkpointing), bool(resolved.onednn_weights)
-
-
-def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = None) -> None:
-    """train.liger_kernels and train.torch_compile are for CUDA GPUs (Liger needs its package);
-    train.onednn_weights: true for bf16 on a CPU whose PyTorch has oneDNN (checked once ``precision`` is known);
-    QLoRA and the 8-bit optimizer need bitsandbytes (QLoRA a CUDA GPU)."""
-    check_bitsandbytes(cfg.train.load_in_4bit, cfg.train.optim, device)
-    for key, on in (("liger_kernels", cfg.train.liger_kernels), ("torch_compile", cfg.train.torch_compile)):
-        if on and device != "cuda":
-            raise LoralabError(f"train.{key} is for CUDA GPUs and this run trains on {device}; set train.{key}: false")
-    if cfg.train.liger_kernels:
-        import importlib.util
-
-        if importlib.util.find_spec("liger_kernel") is None:
-            raise LoralabError("train.liger_kernels needs the liger-kernel package: pip install liger-kernel "
-                               "(or set train.liger_kernels: false)")
-    if cfg.train.onednn_weights is True and precision is not None and (
-        device != "cpu" or precision != "bf16" or not onednn_weights_available(torch.bfloat16)
-    ):
-        raise LoralabError(f"train.onednn_weights is for bf16 training on a CPU with oneDNN, and this run trains on {device} "
-                           f"in {precision}; set train.onednn_weights: auto")
 
 
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}
@@ -446,29 +403,18 @@ def tracker_callbacks(cfg: ExperimentConfig, run_root: Path, resume_step: int = 
     return callbacks
 
 
-def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, precision: str, device: str,
-                  callbacks: list, switches: tuple[bool, bool] | None = None,
-                  eval_examples: list[dict] | None = None) -> ResponseOnlyTrainer:
-    """The ResponseOnlyTrainer `loralab train` runs: each optimizer step's examples in rows of train.row_tokens
-    (resolved for this device), checkpointing and oneDNN weights as decide_switches decides them for this
-    device (``switches``, where the caller already has them), on a CPU the CPU speed path (loralab.cpu) with the
-    allocator tuned for the fullest row; both are switched on in ResponseOnlyTrainer.train."""
-    check_switches(cfg, device, precision)
-    lengths, trained = plan.example_lengths(train_examples)
-    checkpointing, onednn = switches or decide_switches(cfg, device, precision, lengths, trained)
-    row_tokens = plan.resolve_row_tokens(cfg.train, device, lengths)
+def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_dir: Path, callbacks: list,
+                  switches: Switches, eval_examples: list[dict] | None = None) -> ResponseOnlyTrainer:
+    """The ResponseOnlyTrainer `loralab train` runs: each optimizer step's examples in rows of switches.row_tokens,
+    checkpointing, oneDNN weights and (on a CPU) the CPU speed path as ``switches`` say (see decide)."""
     return ResponseOnlyTrainer(
         model=model,
-        args=training_arguments(cfg, out_dir, precision, device, checkpointing),
+        args=training_arguments(cfg, out_dir, switches),
         train_dataset=train_examples,
         eval_dataset=eval_examples or None,
-        data_collator=RowCollator(row_tokens),
+        data_collator=RowCollator(switches.row_tokens),
         callbacks=callbacks,
-        row_tokens=row_tokens,
-        precision=precision,
-        cpu_speed_path=device == "cpu",
-        longest_row_tokens=plan.fullest_row_tokens(cfg.train, device, lengths),
-        onednn_weights=onednn,
+        switches=switches,
     )
 
 
@@ -538,7 +484,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
         return expected
     if not resume:
         resume_from = None
-    per_process = plan.per_process_examples(cfg.train, processes)  # before anything is loaded or written
+    per_process = decisions.per_process_examples(cfg.train, processes)  # before anything is loaded or written
 
     start = time.perf_counter()
     trainer, log, stop, model, info = _prepare_training(cfg, rundir, expected, processes, per_process)
@@ -546,7 +492,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     with rundir.attempt("train", expected) if main else contextlib.nullcontext():
         if main:
             rundir.update_manifest(**info, gradient_checkpointing=trainer.args.gradient_checkpointing,
-                                   row_tokens=trainer.row_tokens, onednn_weights=trainer.onednn_weights)
+                                   row_tokens=trainer.switches.row_tokens, onednn_weights=trainer.switches.onednn_weights)
         if resume_from is not None:
             _say(f"train: resuming from step {_step(resume_from)} ({resume_from})")
         _start_logs(rundir, expected, resume_from)
@@ -616,29 +562,28 @@ def _finish_from_checkpoint(rundir: RunDir, checkpoint: Path, expected: str, inp
 def _prepare_training(cfg: ExperimentConfig, rundir: RunDir, expected: str, processes: int, per_process: int):
     """Everything that can fail on the config, the data or the model, before any file is touched:
     (trainer, metrics log, Ctrl-C handler, model, manifest fields)."""
-    device = detect_device(cfg.train.device)
-    precision = choose_precision(device, cfg.train.precision)
-    check_switches(cfg, device, precision)  # before loading any weight
     check_trackers(cfg)
     train_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.train_file)]
     eval_examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(rundir.eval_file)]
 
     # Decided before loading: weights that will take oneDNN's layout are read into memory (load_model).
-    switches = decide_switches(cfg, device, precision, *plan.example_lengths(train_examples))
-    model = build_model(cfg, precision, device, onednn_weights=switches[1])
+    switches = decide(cfg, train_examples)  # checks every switch before any weight is loaded
+    device, precision = switches.device, switches.precision
+    model = build_model(cfg, switches)
     counts = count_parameters(model)
-    _say(f"train: {counts} on {device} ({device_name(device)}), precision {precision}")
+    name = devices.device_name(device)
+    _say(f"train: {counts} on {device} ({name}), precision {precision}")
     if processes > 1:
         _say(f"train: {processes} processes x {per_process} examples = {processes * per_process} examples per optimizer "
              f"step (train.per_device_train_batch_size x gradient_accumulation_steps, split over the processes)")
     info = {**environment_info(), "model_source": model_source(resolve_model_source(cfg.model)), "device": device,
-            "device_name": device_name(device), "precision": precision, "parameters": counts.as_dict(),
+            "device_name": name, "precision": precision, "parameters": counts.as_dict(),
             "processes": processes}
     log = MetricsLog(rundir.metrics_file, precision, cfg.train.eval_loss_steps)
     stop = StopOnInterrupt()
     guard = CheckpointGuard(rundir.checkpoints_dir, expected, cfg.train.save_total_limit)
-    trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, precision, device, [log, stop, guard],
-                            switches, eval_examples)
+    trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, [log, stop, guard], switches,
+                            eval_examples)
     return trainer, log, stop, model, info
 
 

@@ -156,10 +156,3 @@ def fuse_lora_layers(model) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             switched += 1
     return switched
-
-
-def unfuse_lora_layers(model) -> None:
-    """Give every layer fuse_lora_layers switched its PEFT forward back."""
-    for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward:
-            del module.forward

@@ -55,10 +55,3 @@ def fuse_rms_norms(model) -> int:
             module.forward = types.MethodType(_fused_forward, module)
             switched += 1
     return switched
-
-
-def unfuse_rms_norms(model) -> None:
-    """Give every norm fuse_rms_norms switched its transformers forward back."""
-    for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is _fused_forward:
-            del module.forward

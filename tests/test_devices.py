@@ -1,0 +1,150 @@
+"""Every device users have, simulated by monkeypatching what torch.cuda / torch.backends.mps report and the CPU's
+bf16 probe: one precision rule (loralab.decisions), a plan for each, the auto switches and the Trainer's arguments,
+and `loralab train` with the default config past its decision stage."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from loralab import decisions, devices, plan, prepare, train
+from loralab.cli import main
+from loralab.config import config_from_dict
+from loralab.errors import LoralabError
+
+GiB = 2**30
+# name as torch.cuda reports it, compute capability, memory (GiB), SMs, the precision "auto" must pick
+GPUS = {
+    "T4": ("Tesla T4", (7, 5), 15, 40, "fp16"),
+    "V100": ("Tesla V100-SXM2-16GB", (7, 0), 16, 80, "fp16"),
+    "RTX 3090": ("NVIDIA GeForce RTX 3090", (8, 6), 24, 82, "bf16"),
+    "RTX 4090": ("NVIDIA GeForce RTX 4090", (8, 9), 24, 128, "bf16"),
+    "L4": ("NVIDIA L4", (8, 9), 22, 58, "bf16"),
+    "A10G": ("NVIDIA A10G", (8, 6), 22, 80, "bf16"),
+    "A100": ("NVIDIA A100-SXM4-80GB", (8, 0), 80, 108, "bf16"),
+    "H100": ("NVIDIA H100 80GB HBM3", (9, 0), 80, 132, "bf16"),
+    "H200": ("NVIDIA H200", (9, 0), 141, 132, "bf16"),
+    "unknown GPU": ("NVIDIA RTX PRO 6000 Blackwell", (12, 0), 96, 188, "bf16"),
+}
+OTHERS = {  # kind, native bf16, the precision "auto" must pick
+    "M2 Mac": ("mps", True, "bf16"),
+    "old Mac": ("mps", False, "fp32"),
+    "AVX2 CPU": ("cpu", False, "fp32"),
+    "AVX-512-BF16 CPU": ("cpu", True, "bf16"),
+}
+DEVICES = list(GPUS) + list(OTHERS)
+CARD_KEYS = {"T4": "t4", "V100": "v100", "RTX 3090": "rtx3090", "RTX 4090": "rtx4090", "L4": "l4", "A10G": "a10g",
+             "A100": "a100-80gb", "H100": "h100", "H200": "h200", "unknown GPU": None}
+
+
+def simulate(monkeypatch, device: str) -> str:
+    """Make this process see ``device``; return the precision "auto" must pick there."""
+    kind, bf16, expected = ("cuda", None, GPUS[device][4]) if device in GPUS else OTHERS[device]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: kind == "cuda")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: kind == "mps")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: bool(bf16) if kind == "cpu" else True)
+    monkeypatch.setattr(devices, "mps_supports_bf16", lambda: bool(bf16))
+    if kind == "cuda":
+        name, cc, memory, sms, _ = GPUS[device]
+        props = SimpleNamespace(name=name, major=cc[0], minor=cc[1], total_memory=memory * GiB, multi_processor_count=sms)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: props)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: name)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: cc)
+    return expected
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_model_dir, alpaca_path):
+    """A default config (only the model and the data named) with its data prepared."""
+    root = tmp_path_factory.mktemp("devices")
+    raw = {"name": "default", "output_dir": str(root / "runs"), "model": {"name_or_path": str(tiny_model_dir)},
+           "data": {"path": str(alpaca_path), "num_examples": 64, "eval_size": 8}}
+    cfg = config_from_dict(raw)
+    prepare.run(cfg)
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return cfg, path
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_precision_rule_for_every_device(monkeypatch, device):
+    expected = simulate(monkeypatch, device)
+    facts = devices.probe(devices.detect_device("auto"))
+    assert decisions.choose_precision(facts) == expected
+    assert decisions.loss_scaling(expected) is (expected == "fp16")  # T4 and V100: fp16 with the loss scaler
+    profile = plan.profile_for(facts)
+    assert profile.default_precision == expected and set(profile.peak_flops) == set(decisions.supported_precisions(facts))
+    if facts.kind == "cuda":
+        assert plan.gpu_card(facts) == CARD_KEYS[device]
+        assert ("not in loralab's table" in profile.description) is (CARD_KEYS[device] is None)
+        assert profile.memory_bytes == GPUS[device][2] * GiB
+    if not facts.native_bf16:
+        with pytest.raises(LoralabError, match="no native bf16|cannot compute in bf16"):
+            decisions.choose_precision(facts, "bf16")
+    if facts.kind == "cpu":
+        with pytest.raises(LoralabError, match="fp16 training needs a GPU"):
+            decisions.choose_precision(facts, "fp16")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plan_switches_and_trainer_arguments_on_every_device(monkeypatch, device, prepared, tmp_path, capsys):
+    expected = simulate(monkeypatch, device)
+    cfg, path = prepared
+    assert main(["plan", str(path), "--device", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert f"precision {expected}" in out and "fits" in out
+    if device == "unknown GPU":
+        assert "not in loralab's table" in out
+    if device == "AVX2 CPU":  # the plan's CPU constants come from an AVX-512-BF16 CPU: it says so
+        assert "NOT this CPU" in out and "--calibrate" in out
+    if device == "AVX-512-BF16 CPU" and plan.is_reference_cpu(devices.probe("cpu")):
+        assert "NOT this CPU" not in out
+
+    facts = devices.probe(devices.detect_device("auto"))
+    examples = prepare_examples(cfg)
+    switches = decisions.decide_switches(cfg, facts, *decisions.example_lengths(examples))
+    lengths = [len(e["input_ids"]) for e in examples]
+    on_cpu = facts.kind == "cpu"
+    assert switches.precision == expected and switches.device == facts.kind
+    assert switches.cpu_speed_path is on_cpu  # no CPU-only kernels on a GPU or a Mac
+    assert switches.row_tokens == (decisions.CPU_ROW_TOKENS if on_cpu else max(lengths))
+    assert switches.gradient_checkpointing is False  # a tiny model fits everywhere
+    assert switches.onednn_weights is (on_cpu and expected == "bf16" and devices_have_onednn())
+    assert switches.liger_kernels is False and switches.torch_compile is False
+    args = train.training_argument_values(cfg, tmp_path, switches)
+    assert args["fp16"] is (expected == "fp16") and args["bf16"] is False and args["use_cpu"] is on_cpu
+    if on_cpu:  # TrainingArguments itself asks torch which devices exist: only a CPU is real here
+        assert train.training_arguments(cfg, tmp_path, switches).fp16 is False
+
+
+class PastDecisions(Exception):
+    pass
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_with_the_default_config_gets_past_the_decisions_on_every_device(monkeypatch, device, prepared):
+    expected = simulate(monkeypatch, device)
+    cfg, _ = prepared
+    seen = []
+
+    def stop(cfg_, switches):
+        seen.append(switches)
+        raise PastDecisions
+
+    monkeypatch.setattr(train, "build_model", stop)
+    with pytest.raises(PastDecisions):
+        train.run(cfg, force=True)
+    assert seen[0].precision == expected
+
+
+def prepare_examples(cfg):
+    from loralab.rundir import RunDir, read_jsonl
+
+    return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(RunDir(cfg).train_file)]
+
+
+def devices_have_onednn() -> bool:
+    from loralab.cpu.onednn_weights import onednn_weights_available
+
+    return onednn_weights_available(torch.bfloat16)
