@@ -136,7 +136,7 @@ def prepare_run(root: Path, model_dir: Path, data: Path, args: argparse.Namespac
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loralab import prepare, train
+    from loralab import prepare, sources
     from loralab.config import dump_config
     from loralab.rundir import RunDir
 
@@ -150,7 +150,7 @@ def prepare_run(root: Path, model_dir: Path, data: Path, args: argparse.Namespac
     rundir = RunDir(cfg)
     model.save_pretrained(rundir.adapter_dir)
     rundir.metrics_file.write_text("")  # no held-out loss rows: eval computes both losses itself
-    rundir.mark_done("train", train.current_hash(cfg), 0.0, steps=0)
+    rundir.mark_done("train", sources.train_hash(cfg), 0.0, steps=0)
     path = root / "eval-bench.yaml"
     path.write_text(dump_config(cfg))
     return path

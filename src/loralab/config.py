@@ -134,7 +134,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision; "auto" picks per device (see loralab.decisions.choose_precision)."""
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
-    """Recompute activations in the backward pass: less memory, about 50% more compute for LoRA.
+    """Recompute activations in the backward pass: less memory, more compute (the README's
+    "Training details" gives the cost).
     "auto": on only when `loralab plan`'s estimate says the run would not fit this device's memory without it."""
     onednn_weights: Union[bool, Literal["auto"]] = "auto"
     """CPU bf16 only: keep the frozen linear weights in oneDNN's blocked layouts for the run (more tokens per
@@ -213,6 +214,8 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(tp, str(tp))
 
 
+# Hand-written over the dataclasses (no pydantic): each field's docstring stays where it is declared, and every
+# error names the dotted config key and what to set, in one line (tests/test_config.py).
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it (ints are accepted for floats)."""
     origin = typing.get_origin(tp)

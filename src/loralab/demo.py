@@ -1,6 +1,6 @@
 """`loralab demo`: the whole pipeline, offline, on a CPU, in a few minutes.
 
-A smoke run of every stage on a tiny Llama built from a config (random weights, about 1M parameters)
+A smoke run of every stage on a tiny Llama built from a config (random weights, under a million parameters)
 with a tokenizer trained locally, on a generated instruction dataset in Alpaca format. The data is
 made so that learning is visible in a few hundred steps: answers follow fixed phrasings around facts
 drawn from small tables, so the adapter can learn both the phrasing and the facts. It says nothing

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from loralab import train
+from loralab import decisions
 from loralab.config import ExperimentConfig
 from loralab.cpu.attention import undo_per_example_attention, use_per_example_attention
 from loralab.data import make_template, prompt_ids, reference_answer
@@ -31,12 +31,9 @@ from loralab.rundir import (
     stage_inputs,
     write_jsonl,
 )
+from loralab.sources import train_fingerprints, train_hash
 
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
-
-
-def current_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
-    return stage_hash(cfg, "eval", train.current_hash(cfg, prints))
 
 
 def eval_results_csv(base: dict[str, float], lora: dict[str, float]) -> str:
@@ -105,7 +102,7 @@ def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured:
     if measured is not None:
         print(f"{desc}: {measured:.4f}, as loralab train measured it (metrics.jsonl)")
         return measured
-    if device == "cpu":
+    if decisions.cpu_speed_path(device):
         use_per_example_attention(model)
     try:
         return heldout_loss(model, examples, device, progress=True, desc=desc)
@@ -145,8 +142,8 @@ def _answers_and_losses(cfg, rundir, prompts, loss_examples, trained, gen, preci
 
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
     rundir = RunDir(cfg)
-    prints = train.fingerprints(cfg)
-    upstream = train.current_hash(cfg, prints)
+    prints = train_fingerprints(cfg)
+    upstream = train_hash(cfg, prints)
     rundir.require_current("train", upstream, "eval", stage_inputs(cfg, "train", prints))
     expected = stage_hash(cfg, "eval", upstream)
     if not force and rundir.is_current("eval", expected):

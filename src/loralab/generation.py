@@ -121,6 +121,7 @@ def greedy_generation_config(max_new_tokens: int, eos_token_ids: list[int], pad_
     )
 
 
+# Over token ids, where tokenizer.pad(padding_side="left") would need the tokenizer and python lists back.
 def left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad ``prompts`` into (batch, longest) input ids and the matching 0/1 attention mask.
 

@@ -204,7 +204,7 @@ def run(cfg: ExperimentConfig, num_examples: int = 3) -> list[Finding]:
     Raises LoralabError after printing when a check finds an error.
     """
     from loralab.modeling import load_tokenizer
-    from loralab.prepare import read_records
+    from loralab.sources import read_records
     from loralab.rundir import RunDir
 
     data_format, records = read_format(read_records(cfg), cfg.data.format, cfg.data.columns, cfg.data.path)

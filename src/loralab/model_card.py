@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from loralab.config import ExperimentConfig
-from loralab.rundir import RunDir, atomic_write_text
+from loralab.rundir import RunDir, atomic_write_text, read_jsonl
 
 METRIC_NAMES = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
                 "eval_loss": "held-out loss", "perplexity": "perplexity"}
@@ -37,7 +37,7 @@ def read_eval_table(path: Path) -> list[tuple[str, str, str]]:
 def final_train_loss(path: Path) -> float | None:
     if not path.is_file():
         return None
-    losses = [json.loads(line).get("loss") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    losses = [row.get("loss") for row in read_jsonl(path)]
     losses = [x for x in losses if x is not None]
     return losses[-1] if losses else None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,6 @@ def choose_precision(device: str, requested: str = "auto") -> str:
     return decisions.choose_precision(devices.probe(device), requested)
 
 
-def _looks_like_local_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
 def resolve_model_source(model: ModelConfig) -> str:
     """A local directory (checked), a GGUF file's de-quantised folder, or a hub id (left for from_pretrained)."""
     path = Path(model.name_or_path).expanduser()
@@ -38,7 +33,9 @@ def resolve_model_source(model: ModelConfig) -> str:
         if not path.is_dir() or not (path / "config.json").exists():
             raise LoralabError(f"model path {path} is not a model folder (no config.json); point model.name_or_path at one")
         return str(path)
-    if _looks_like_local_path(model.name_or_path):
+    from loralab.sources import looks_local
+
+    if looks_local(model.name_or_path):
         raise LoralabError(f"model path {model.name_or_path} does not exist; set model.name_or_path to a model folder or a hub id")
     prepare_hub_access()
     return model.name_or_path

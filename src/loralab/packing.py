@@ -8,25 +8,21 @@ the examples would compute one by one, without a single padding token.
 from __future__ import annotations
 
 import torch
+from transformers import DataCollatorWithFlattening
 
 from loralab import IGNORE_INDEX
 from loralab.decisions import plan_rows
 
 
 def pack_examples(examples: list[dict]) -> dict[str, torch.Tensor]:
-    """Concatenate examples into one row: input_ids, labels and position_ids, each of shape (1, total)."""
-    ids, labels, positions = [], [], []
-    for ex in examples:
-        n = len(ex["input_ids"])
-        ids.extend(ex["input_ids"])
-        # The first token of each example is never a target: it would be predicted from the previous example.
-        labels.extend([IGNORE_INDEX] + list(ex["labels"][1:]))
-        positions.extend(range(n))
-    return {
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([positions], dtype=torch.long),
-    }
+    """Concatenate examples into one row: input_ids, labels and position_ids, each of shape (1, total). The first
+    token of each example is never a target (it would be predicted from the previous example)."""
+    return _FLATTEN([{"input_ids": ex["input_ids"], "labels": ex["labels"]} for ex in examples])
+
+
+# transformers' own flattening collator lays out one row; loralab only adds the row planning (pack_rows), which
+# the collator does not do (it puts a whole batch in one row, whatever its length).
+_FLATTEN = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
 
 def pack_rows(examples: list[dict], max_tokens: int) -> dict:

@@ -785,7 +785,7 @@ def suggest(
         out.append(trial(["train.onednn_weights=false"], "one copy of the linear weights less, somewhat slower",
                          replace(train, onednn_weights=False)))
     if not train.gradient_checkpointing:
-        out.append(trial(["train.gradient_checkpointing=true"], "about 1/3 more compute", replace(train, gradient_checkpointing=True)))
+        out.append(trial(["train.gradient_checkpointing=true"], "more compute: each layer's forward runs twice", replace(train, gradient_checkpointing=True)))
     lower = next((p for p in ("bf16", "fp16") if p in profile.peak_flops), None)
     if DTYPE_BYTES[precision] > 2 and lower:
         out.append(trial([f"train.precision={lower}"], "16-bit base weights and activations", train, precision_=lower))

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from pathlib import Path
 
 from loralab.config import ExperimentConfig
 from loralab.data import (
@@ -19,117 +16,13 @@ from loralab.data import (
     split_sizes,
 )
 from loralab.modeling import load_tokenizer
+from loralab.sources import prepare_fingerprints, prepare_hash, read_records
 from loralab.rundir import (
     RunDir,
-    file_sha256,
-    stage_hash,
     stage_inputs,
     write_json,
     write_jsonl,
 )
-
-TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "*.jinja")
-
-
-def _looks_local(path: str) -> bool:
-    return path.endswith((".json", ".jsonl")) or path.startswith((".", "/", "~"))
-
-
-def read_local_records(path: Path) -> list:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"data file not found: {path}; set data.path to a .json/.jsonl file or a hub dataset id") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"cannot read data file {path} ({getattr(err, 'strerror', None) or err}); "
-                        f"check its permissions and that it is UTF-8 JSON") from None
-    try:
-        return _parse_records(path, text)
-    except RecursionError:
-        raise DataError(f"{path} nests JSON too deeply to be Alpaca records; each record is a flat object "
-                        f"with 'instruction', 'input' and 'output'") from None
-
-
-def _parse_records(path: Path, text: str) -> list:
-    if path.suffix == ".jsonl":
-        records = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {n}: not valid JSON ({err.msg})") from None
-        return records
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path} must hold a JSON list of records")
-    return records
-
-
-def read_hub_records(dataset_id: str, split: str) -> list:
-    from loralab.hub import prepare_hub_access, why_not_loaded
-
-    prepare_hub_access()
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(dataset_id, split=split)
-    except Exception as err:  # datasets raises many types (connection, offline mode, missing id)
-        raise DataError(
-            f"cannot load dataset '{dataset_id}' from the Hugging Face Hub ({why_not_loaded(err)}); download it where the hub "
-            f"is reachable, save it as .json/.jsonl and set data.path to that file"
-        ) from None
-    return [dict(r) for r in ds]
-
-
-def source_fingerprint(cfg: ExperimentConfig) -> str:
-    """sha256 of a local data file, or the hub id and split (a hub dataset is not downloaded to check it)."""
-    path = Path(cfg.data.path).expanduser()
-    if path.is_file():
-        try:
-            return file_sha256(path)
-        except OSError as err:
-            raise DataError(f"cannot read data file {path} ({err.strerror or err}); check its permissions") from None
-    if path.exists() or _looks_local(cfg.data.path):
-        raise DataError(f"data file not found: {path}; set data.path to a .json/.jsonl file or a hub dataset id")
-    return f"hub:{cfg.data.path}:{cfg.data.split}"
-
-
-def read_records(cfg: ExperimentConfig) -> list:
-    path = Path(cfg.data.path).expanduser()
-    if path.is_file():
-        return read_local_records(path)
-    return read_hub_records(cfg.data.path, cfg.data.split)
-
-
-def tokenizer_fingerprint(cfg: ExperimentConfig) -> str:
-    """sha256 over a local model folder's tokenizer files (so one replaced in place is noticed), or the hub id."""
-    path = Path(cfg.model.name_or_path).expanduser()
-    if not path.is_dir():
-        return f"hub:{cfg.model.name_or_path}@{cfg.model.revision}"
-    digest = hashlib.sha256()
-    for file in sorted({f for pattern in TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()}):
-        try:
-            digest.update(file.name.encode() + b"\0" + file.read_bytes())
-        except OSError as err:
-            raise DataError(f"cannot read {file} ({err.strerror or err}); "
-                            f"check the model folder's permissions") from None
-    return digest.hexdigest()[:16]
-
-
-def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
-    """Content fingerprints of prepare's inputs beyond the config: the data file and the tokenizer files."""
-    return {"data file (sha256)": source_fingerprint(cfg), "tokenizer files": tokenizer_fingerprint(cfg)}
-
-
-def current_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
-    """The hash of what prepare's outputs depend on: data config, tokenizer source and files, data file."""
-    return stage_hash(cfg, "prepare", None, prints or fingerprints(cfg))
-
 
 def usable_records(cfg: ExperimentConfig, specials: list[str]) -> tuple[str, list[dict], dict]:
     """(format, the source's records normalised, counts): records whose answer is empty dropped, special-token
@@ -151,8 +44,8 @@ def usable_records(cfg: ExperimentConfig, specials: list[str]) -> tuple[str, lis
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
     """Write data/train.jsonl, data/eval.jsonl and data/stats.json; return the stage hash."""
     rundir = RunDir(cfg)
-    prints = fingerprints(cfg)
-    expected = current_hash(cfg, prints)
+    prints = prepare_fingerprints(cfg)
+    expected = prepare_hash(cfg, prints)
     if not force and rundir.is_current("prepare", expected):
         print(f"prepare: up to date ({rundir.data_dir})")
         return expected

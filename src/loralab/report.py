@@ -33,7 +33,7 @@ from matplotlib.ticker import MaxNLocator
 from loralab.config import ExperimentConfig
 from loralab import report_html as web
 from loralab.errors import LoralabError
-from loralab.rundir import RunDir, atomic_write_bytes, atomic_write_text, stage_hash
+from loralab.rundir import JsonlError, RunDir, atomic_write_bytes, atomic_write_text, parse_jsonl, stage_hash
 
 # Files read from the run directory.
 CONFIG_FILE = "config.yaml"
@@ -67,18 +67,14 @@ STAGE_ORDER = ("prepare", "train", "eval")
 
 def read_metrics(path: Path) -> list[dict]:
     """All rows of a ``metrics.jsonl`` file, in file order (blank lines skipped)."""
-    rows = []
     with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
+        try:
+            rows = parse_jsonl(f)
+        except JsonlError as err:
+            raise ValueError(f"{path}, {err}") from None
+    for lineno, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
     return rows
 
 

@@ -62,17 +62,34 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
+class JsonlError(ValueError):
+    """A JSON-lines line that is not JSON: ``line`` is its number (from 1), ``why`` the parser's reason."""
+
+    def __init__(self, line: int, why: str):
+        super().__init__(f"line {line}: not valid JSON ({why})")
+        self.line, self.why = line, why
+
+
+def parse_jsonl(lines: Iterable[str]) -> list:
+    """The values of JSON-lines text (blank lines skipped); the first bad line raises JsonlError."""
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise JsonlError(n, err.msg) from None
+    return rows
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a JSON-lines file the run directory holds; a damaged one is a LoralabError naming the line."""
-    rows = []
     try:
         with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    rows.append(json.loads(line))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        where = f" line {n}" if isinstance(err, json.JSONDecodeError) else ""
-        raise LoralabError(f"{path}{where} is damaged ({type(err).__name__}); run the stage that writes it again "
+            rows = parse_jsonl(f)
+    except (JsonlError, UnicodeDecodeError, RecursionError) as err:
+        where, why = (f" line {err.line}", "not valid JSON") if isinstance(err, JsonlError) else ("", type(err).__name__)
+        raise LoralabError(f"{path}{where} is damaged ({why}); run the stage that writes it again "
                            f"with --force (or delete the run directory)") from None
     except OSError as err:
         raise LoralabError(f"cannot read {path} ({err.strerror or err}); check the file's permissions") from None

@@ -16,11 +16,10 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from loralab import cpu, decisions, devices, prepare
+from loralab import cpu, decisions, devices
 from loralab.config import ExperimentConfig
 from loralab.decisions import Switches
 from loralab.errors import LoralabError
-from loralab.generation import model_fingerprint
 from loralab.gguf_models import model_source
 from loralab.loss import heldout_loss, response_loss_sum
 from loralab.modeling import add_lora, count_parameters, load_model, resolve_model_source
@@ -34,11 +33,11 @@ from loralab.rundir import (
     environment_info,
     mark_complete,
     read_jsonl,
-    stage_hash,
     stage_inputs,
     swap_in_adapter,
     write_jsonl,
 )
+from loralab.sources import prepare_hash, train_fingerprints, train_hash
 
 
 class ResponseOnlyTrainer(Trainer):
@@ -80,6 +79,8 @@ class ResponseOnlyTrainer(Trainer):
                       f"{time.perf_counter() - start:.0f} s (train.onednn_weights; `loralab plan CONFIG` shows the memory)")
             return super().train(resume_from_checkpoint, **kwargs)
 
+    # Not the Trainer's evaluation loop: it pads batches and builds full-vocabulary logits; heldout_loss packs
+    # rows and computes logits only at trained positions (the same loss: tests/test_heldout_loss.py).
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """The held-out loss (loralab.loss.heldout_loss, token-weighted like training), logged through the
         Trainer's log so every tracker in train.report_to and metrics.jsonl get it. Main process only."""
@@ -243,7 +244,9 @@ def _training_rows(path: Path) -> list[dict]:
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
-    """On resume, drop rows logged after the checkpoint so the log has no duplicated or orphaned steps."""
+    """On resume, drop rows logged after the checkpoint so the log has no duplicated or orphaned steps. The file
+    is written row by row as the Trainer logs (a kill loses nothing logged), so it is cut here rather than rebuilt
+    from the checkpoint's state.log_history."""
     if path.exists():
         write_jsonl(path, [r for r in read_jsonl(path) if r.get("step", 0) <= after_step and "train_runtime" not in r])
 
@@ -418,19 +421,6 @@ def build_trainer(cfg: ExperimentConfig, model, train_examples: list[dict], out_
     )
 
 
-def fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
-    """Content fingerprints of train's inputs beyond the config: prepare's, and the model files (config.json,
-    each weight file's size and mtime), so a model replaced in place is noticed."""
-    return {**prepare.fingerprints(cfg), "model files": model_fingerprint(cfg.model.name_or_path)}
-
-
-def current_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
-    prints = prints or fingerprints(cfg)
-    model_print = {"model files": prints["model files"]}
-    upstream = prepare.current_hash(cfg, {k: v for k, v in prints.items() if k not in model_print})
-    return stage_hash(cfg, "train", upstream, model_print)
-
-
 def _say(text: str) -> None:
     """Print on the main process only (under torchrun/accelerate each process would repeat it)."""
     if launched_processes()[0] == 0:
@@ -463,11 +453,11 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     accelerate launch every process runs this with the same config (DDP): each trains its share of every step's
     examples, and only the main process (rank 0) writes to the run directory."""
     rundir = RunDir(cfg)
-    prints = fingerprints(cfg)
+    prints = train_fingerprints(cfg)
     prepare_prints = {k: v for k, v in prints.items() if k != "model files"}
-    rundir.require_current("prepare", prepare.current_hash(cfg, prepare_prints), "train",
+    rundir.require_current("prepare", prepare_hash(cfg, prepare_prints), "train",
                            stage_inputs(cfg, "prepare", prepare_prints))
-    expected = current_hash(cfg, prints)
+    expected = train_hash(cfg, prints)
     inputs = stage_inputs(cfg, "train", prints)
     rank, processes = launched_processes()
     main = rank == 0

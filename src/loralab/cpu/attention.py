@@ -16,8 +16,8 @@ class CausalAttention(torch.autograd.Function):
     """Causal softmax attention of one example with grouped-query heads, as three batched matmuls each way.
 
     On CPUs SDPA's flash kernel runs at a tenth of the matmul peak for head_dim 64: this materialised form
-    (the query heads of a group stacked as rows, so K and V are never repeated) is ~2x faster fore and aft
-    at Alpaca lengths, at the cost of keeping the (heads x L x L) probabilities for the backward.
+    (the query heads of a group stacked as rows, so K and V are never repeated) is faster fore and aft
+    at Alpaca lengths (README, CPU speed), at the cost of keeping the (heads x L x L) probabilities for the backward.
     """
 
     @staticmethod

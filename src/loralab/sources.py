@@ -1,0 +1,135 @@
+"""Where a run's inputs come from and what they hash to: the one rule for local paths, reading the data source
+(a local file or a hub dataset), and the fingerprints and hash chain prepare -> train -> eval that say whether a
+stage's outputs are current. Stages ask here rather than each other."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from loralab.config import ExperimentConfig
+from loralab.data import DataError
+from loralab.generation import model_fingerprint
+from loralab.rundir import JsonlError, file_sha256, parse_jsonl, stage_hash
+
+TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "*.jinja")
+
+
+def looks_local(name: str) -> bool:
+    """Whether data.path or model.name_or_path names a local file or folder rather than a hub id ("owner/name"):
+    a path that starts with . / ~, has more than one /, uses this OS's separator, or ends in .json, .jsonl or
+    .gguf. One that does not exist is then an error, not a hub lookup."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or (os.sep != "/" and os.sep in name)
+            or name.endswith((".json", ".jsonl", ".gguf")))
+
+
+def read_local_records(path: Path) -> list:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"data file not found: {path}; set data.path to a .json/.jsonl file or a hub dataset id") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"cannot read data file {path} ({getattr(err, 'strerror', None) or err}); "
+                        f"check its permissions and that it is UTF-8 JSON") from None
+    try:
+        return _parse_records(path, text)
+    except RecursionError:
+        raise DataError(f"{path} nests JSON too deeply to be Alpaca records; each record is a flat object "
+                        f"with 'instruction', 'input' and 'output'") from None
+
+
+def _parse_records(path: Path, text: str) -> list:
+    if path.suffix == ".jsonl":
+        try:
+            return parse_jsonl(text.splitlines())
+        except JsonlError as err:
+            raise DataError(f"{path} {err}") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path} must hold a JSON list of records")
+    return records
+
+
+def read_hub_records(dataset_id: str, split: str) -> list:
+    from loralab.hub import prepare_hub_access, why_not_loaded
+
+    prepare_hub_access()
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(dataset_id, split=split)
+    except Exception as err:  # datasets raises many types (connection, offline mode, missing id)
+        raise DataError(
+            f"cannot load dataset '{dataset_id}' from the Hugging Face Hub ({why_not_loaded(err)}); download it where the hub "
+            f"is reachable, save it as .json/.jsonl and set data.path to that file"
+        ) from None
+    return [dict(r) for r in ds]
+
+
+def source_fingerprint(cfg: ExperimentConfig) -> str:
+    """sha256 of a local data file, or the hub id and split (a hub dataset is not downloaded to check it)."""
+    path = Path(cfg.data.path).expanduser()
+    if path.is_file():
+        try:
+            return file_sha256(path)
+        except OSError as err:
+            raise DataError(f"cannot read data file {path} ({err.strerror or err}); check its permissions") from None
+    if path.exists() or looks_local(cfg.data.path):
+        raise DataError(f"data file not found: {path}; set data.path to a .json/.jsonl file or a hub dataset id")
+    return f"hub:{cfg.data.path}:{cfg.data.split}"
+
+
+def read_records(cfg: ExperimentConfig) -> list:
+    path = Path(cfg.data.path).expanduser()
+    if path.is_file():
+        return read_local_records(path)
+    return read_hub_records(cfg.data.path, cfg.data.split)
+
+
+def tokenizer_fingerprint(cfg: ExperimentConfig) -> str:
+    """sha256 over a local model folder's tokenizer files (so one replaced in place is noticed), or the hub id."""
+    path = Path(cfg.model.name_or_path).expanduser()
+    if not path.is_dir():
+        return f"hub:{cfg.model.name_or_path}@{cfg.model.revision}"
+    digest = hashlib.sha256()
+    for file in sorted({f for pattern in TOKENIZER_FILES for f in path.glob(pattern) if f.is_file()}):
+        try:
+            digest.update(file.name.encode() + b"\0" + file.read_bytes())
+        except OSError as err:
+            raise DataError(f"cannot read {file} ({err.strerror or err}); "
+                            f"check the model folder's permissions") from None
+    return digest.hexdigest()[:16]
+
+
+def prepare_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
+    """Content fingerprints of prepare's inputs beyond the config: the data file and the tokenizer files."""
+    return {"data file (sha256)": source_fingerprint(cfg), "tokenizer files": tokenizer_fingerprint(cfg)}
+
+
+def prepare_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
+    """The hash of what prepare's outputs depend on: data config, tokenizer source and files, data file."""
+    return stage_hash(cfg, "prepare", None, prints or prepare_fingerprints(cfg))
+
+
+def train_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
+    """Content fingerprints of train's inputs beyond the config: prepare's, and the model files (config.json,
+    each weight file's size and mtime), so a model replaced in place is noticed."""
+    return {**prepare_fingerprints(cfg), "model files": model_fingerprint(cfg.model.name_or_path)}
+
+
+def train_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
+    """The hash of what train's outputs depend on: prepare's hash and the model files (``prints``: train_fingerprints)."""
+    prints = prints or train_fingerprints(cfg)
+    model_print = {"model files": prints["model files"]}
+    upstream = prepare_hash(cfg, {k: v for k, v in prints.items() if k not in model_print})
+    return stage_hash(cfg, "train", upstream, model_print)
+
+
+def eval_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
+    """The hash of what eval's outputs depend on: train's (``prints``: train_fingerprints)."""
+    return stage_hash(cfg, "eval", train_hash(cfg, prints))
