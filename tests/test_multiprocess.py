@@ -4,6 +4,7 @@ the same losses within 1e-4 (LoRA dropout off: each process draws its own), one 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,8 +29,29 @@ def _loralab(prefix: list[str], *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def _torchrun(n: int) -> list[str]:
+def _torchrun(n: int, folder: Path | None = None) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+
+
+def _accelerate(n: int, folder: Path | None = None) -> list[str]:
+    # accelerate's --multi_gpu is its torchrun launcher and starts n processes on CPUs too; --cpu starts one.
+    return [*_accelerate_launch(), "--multi_gpu", f"--num_processes={n}", "--main_process_port=0"]
+
+
+def _accelerate_mpirun(n: int, folder: Path) -> list[str]:
+    """accelerate's multi-CPU launcher: --cpu with an MPI hostfile (OpenMPI, which must be told it may run as root)."""
+    (folder / "hostfile").write_text(f"localhost slots={n}\n")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    return ["env", "OMPI_ALLOW_RUN_AS_ROOT=1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1", *_accelerate_launch(), "--cpu",
+            f"--num_processes={n}", f"--mpirun_hostfile={folder / 'hostfile'}", f"--main_process_port={port}"]
+
+
+def _accelerate_launch() -> list[str]:
+    """`accelerate launch` of this Python, given the defaults it would otherwise warn about or read from a config."""
+    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_machines=1", "--mixed_precision=no",
+            "--dynamo_backend=no"]
 
 
 def test_examples_per_process_keep_the_effective_batch():
@@ -60,21 +82,19 @@ def _config(folder: Path, tiny_model_dir: Path, alpaca_path: Path) -> Path:
                         lora={"lora_dropout": 0.0}, train=TRAIN)
 
 
-def _accelerate(n: int) -> list[str]:
-    # accelerate's --multi_gpu is its torchrun launcher and starts n processes on CPUs too; --cpu starts one.
-    return [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu", f"--num_processes={n}",
-            "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "--main_process_port=0"]
-
-
-@pytest.mark.parametrize("launcher", [_torchrun, _accelerate], ids=["torchrun", "accelerate"])
+@pytest.mark.parametrize("launcher", [
+    pytest.param(_torchrun, id="torchrun"), pytest.param(_accelerate, id="accelerate"),
+    pytest.param(_accelerate_mpirun, id="accelerate-mpirun",
+                 marks=pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (apt install openmpi-bin)"))])
 def test_two_processes_match_one(launcher, one_process_run, tiny_model_dir, alpaca_path):
     folder = one_process_run / launcher.__name__.strip("_")
     folder.mkdir()
     cfg = _config(folder, tiny_model_dir, alpaca_path)
     shutil.copytree(one_process_run / "prepared", folder / "runs")  # prepared data: hashes match the config
-    double = _loralab(launcher(2), "train", str(cfg))
+    double = _loralab(launcher(2, folder), "train", str(cfg))
     assert "2 processes x 4 examples = 8 examples per optimizer step" in double.stdout
     assert double.stdout.count("adapter saved") == 1  # only rank 0 speaks and writes
+    assert "started one process" not in double.stdout
     runs = {1: one_process_run / "p1/runs/t", 2: folder / "runs/t"}
     rows = {n: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] for n, run in runs.items()}
     losses = {n: [r["loss"] for r in rows[n] if "loss" in r] for n in (1, 2)}
@@ -108,8 +128,7 @@ def test_more_processes_than_examples_per_step_is_one_line(tmp_path, tiny_model_
 
 def _accelerate_cpu_env(n: int) -> dict[str, str]:
     """The environment `accelerate launch --cpu --num_processes n` gives the process it starts."""
-    proc = subprocess.run([*_accelerate(n)[:2], "--cpu", f"--num_processes={n}", "--num_machines=1",
-                           "--mixed_precision=no", "--dynamo_backend=no", "--no_python", "env", "-0"],
+    proc = subprocess.run([*_accelerate_launch(), "--cpu", f"--num_processes={n}", "--no_python", "env", "-0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(line.split("=", 1) for line in proc.stdout.split("\0") if "=" in line)
