@@ -88,6 +88,25 @@ def test_batched_greedy_equals_unpadded_argmax_loop(model, prompts, references, 
     assert all(len(output) == MAX_NEW_TOKENS for output in outputs)
 
 
+def test_prompts_prefilled_in_several_packed_rows_give_the_same_answers(model, prompts, references, monkeypatch):
+    import loralab.generation
+
+    monkeypatch.setattr(loralab.generation, "PREFILL_ROW_TOKENS", 20)  # the 7 prompts (66 tokens) take 5 rows
+    assert loralab.generation._prefill_rows(PROMPT_LENGTHS, 20) == [[0, 1, 2], [3], [4, 5], [6]]
+    assert greedy(model, prompts) == references
+
+
+def test_a_model_without_per_example_attention_prefills_each_prompt_alone(model_dir, prompts, references):
+    eager = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+    assert greedy(eager, prompts, batch_size=4) == references
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_the_model_is_back_on_sdpa_after_generating(model, prompts):
+    greedy(model, prompts[:2])
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_each_sequence_stops_at_its_own_eos(model, prompts, references):
     # Stop token: what prompt A greedily produces at step k, absent from A's earlier steps and from
     # B's whole continuation, so only A stops (at k) and B, in the same batch, runs to the end.

@@ -18,11 +18,16 @@ from pathlib import Path
 import psutil
 import torch
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
+from transformers import DynamicCache, GenerationConfig
+from transformers.cache_utils import DynamicLayer
+
+from loralab.cpu.attention import undo_per_example_attention, use_per_example_attention
 
 # Share of the currently available memory the KV cache and logits may take; the rest covers prefill
 # activations (attention scores, MLP intermediates) and whatever else runs on the machine.
 MEMORY_FRACTION = 0.4
+# Prompts prefilled together in one packed row, at most this many tokens.
+PREFILL_ROW_TOKENS = 2048
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")
 
@@ -41,8 +46,9 @@ def generate_greedy(
     """Greedy-decode token-id ``prompts`` in length-sorted batches; return new ids per prompt, input order.
 
     Each output stops before its first EOS (the EOS itself is dropped); with no ``eos_token_ids`` every
-    output is ``max_new_tokens`` long. Works for a plain Hugging Face causal LM and for a PEFT model. With ``batch_size=None`` each batch is sized by `choose_batch_size`
-    from its own longest prompt and the memory free when the call starts.
+    output is ``max_new_tokens`` long. Works for a plain Hugging Face causal LM and for a PEFT model. With
+    ``batch_size=None`` each batch is sized by `choose_batch_size` from its own longest prompt and the memory
+    free when the call starts. ``pad_token_id`` is kept for callers; no row is padded.
     """
     if not prompts:
         return []
@@ -52,7 +58,6 @@ def generate_greedy(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     embedding = model.get_input_embeddings().weight
     device, dtype = embedding.device, embedding.dtype
-    config = greedy_generation_config(max_new_tokens, eos_token_ids, pad_token_id)
     # Memory is measured once: later readings would count the allocator's cached blocks as taken.
     available = available_memory_bytes(device) if batch_size is None else 0
 
@@ -62,12 +67,7 @@ def generate_greedy(
     eos = set(eos_token_ids)
     was_training = model.training
     model.eval()
-    # At prefill transformers feeds the head hidden_states[:, -1:, :], a strided view; torch.matmul cannot
-    # fold a strided 3-D input into one matrix product, so it broadcasts the (vocab x hidden) head weight to
-    # every row of the batch and runs bmm: on a CPU, copying a 32k-vocab head 64 times took longer than the
-    # whole rest of the prefill. A contiguous input makes it one mm (bench/eval_throughput.py).
-    head = model.get_output_embeddings()
-    hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
+    per_example = use_per_example_attention(_base_model(model))
     try:
         with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
             start = 0
@@ -76,24 +76,153 @@ def generate_greedy(
                     model.config, len(prompts[order[start]]) + max_new_tokens, dtype, available
                 )
                 indices = order[start : start + size]
-                input_ids, attention_mask = left_pad([prompts[i] for i in indices], pad_token_id, device)
-                # (batch, prompt_len + generated), generated part right-filled with pad once a row has stopped
-                sequences = model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, generation_config=config
-                )
-                for i, row in zip(indices, sequences[:, input_ids.shape[1] :].tolist()):
-                    outputs[i] = cut_at_eos(row, eos)
+                batch = greedy_batch(model, [prompts[i] for i in indices], max_new_tokens, eos, packed_prefill=per_example)
+                for i, row in zip(indices, batch):
+                    outputs[i] = row
                 bar.update(len(indices))
                 start += size
     finally:
         model.train(was_training)
-        if hook is not None:
-            hook.remove()
+        if per_example:
+            undo_per_example_attention(_base_model(model))
     return outputs
 
 
-def _contiguous_input(module, args):
-    return (args[0].contiguous(), *args[1:])
+def _base_model(model):
+    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+# transformers' generate is not used for the batch: it prefills the left-padded batch (a batch of Alpaca
+# prompts is mostly padding: 2.8x the real tokens at 64 prompts) and grows its KV cache by concatenation,
+# copying the whole cache at every step; here the prompts are prefilled packed, without padding, and
+# the cache is written in place into buffers sized for the whole answer.
+def greedy_batch(
+    model, prompts: list[list[int]], max_new_tokens: int, eos: set[int], packed_prefill: bool
+) -> list[list[int]]:
+    """Greedy answers (cut before the first EOS) to one batch of ``prompts``; rows that stopped are dropped.
+
+    ``packed_prefill``: the model attends each example of a packed row alone (use_per_example_attention),
+    so the prompts are prefilled end to end in rows; otherwise one prompt at a time.
+    """
+    device = model.get_input_embeddings().weight.device
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    longest = max(len(p) for p in prompts)
+    cache, first = prefill(model, prompts, longest + max_new_tokens, packed_prefill)
+    tokens = first.unsqueeze(1)  # (batch, 1) the last token chosen for each live row
+    columns = torch.arange(longest + max_new_tokens, device=device)
+    # (batch, longest + max_new_tokens): 1 on each row's prompt (right-aligned at `longest`) and answer so far
+    mask = ((columns >= longest - lengths[:, None]) & (columns < longest)).long()
+    rows = torch.arange(len(prompts), device=device)  # the prompt each live row answers
+    answers: list[list[int]] = [[] for _ in prompts]
+    for step in range(max_new_tokens):
+        chosen = tokens[:, 0].tolist()
+        stopped = [j for j, token in enumerate(chosen) if token in eos]
+        for j, token in enumerate(chosen):
+            if token not in eos:
+                answers[int(rows[j])].append(token)
+        if stopped:
+            keep = torch.tensor([j for j in range(len(chosen)) if chosen[j] not in eos], device=device)
+            if keep.numel() == 0:
+                break
+            rows, tokens, mask, lengths = rows[keep], tokens[keep], mask[keep], lengths[keep]
+            cache.keep_rows(keep)
+        if step == max_new_tokens - 1:
+            break
+        mask[:, longest + step] = 1
+        out = model(input_ids=tokens, attention_mask=mask[:, : longest + step + 1],
+                    position_ids=(lengths + step)[:, None], cache=cache, use_cache=True)
+        tokens = out.logits[:, -1].argmax(-1, keepdim=True)  # (live rows, 1)
+    return answers
+
+
+def prefill(model, prompts: list[list[int]], capacity: int, packed: bool):
+    """The KV cache of ``prompts`` (a PreallocatedCache, each prompt right-aligned at the longest) and the
+    first greedy token of each, (batch,)."""
+    longest = max(len(p) for p in prompts)
+    device = model.get_input_embeddings().weight.device
+    rows = _prefill_rows([len(p) for p in prompts], PREFILL_ROW_TOKENS if packed else 1)
+    cache, first = None, []
+    for row in rows:
+        ids = torch.tensor([[t for i in row for t in prompts[i]]], device=device)  # (1, tokens)
+        positions = torch.cat([torch.arange(len(prompts[i]), device=device) for i in row])[None]
+        ends = torch.tensor([len(prompts[i]) for i in row], device=device).cumsum(0)
+        row_cache = DynamicCache(config=model.config)
+        out = model(input_ids=ids, position_ids=positions, cache=row_cache, use_cache=True,
+                    logits_to_keep=ends - 1)
+        first.append(out.logits[0].argmax(-1))  # (len(row),) each prompt's next token
+        if cache is None:
+            cache = PreallocatedCache.like(row_cache, len(prompts), capacity, longest)
+        for i, end in zip(row, ends.tolist()):
+            cache.put(i, row_cache, end - len(prompts[i]), end)
+    order = torch.tensor([i for row in rows for i in row], device=device)
+    tokens = torch.empty(len(prompts), dtype=torch.long, device=device)
+    tokens[order] = torch.cat(first)
+    return cache, tokens
+
+
+def _prefill_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
+    """Consecutive prompts grouped into rows of at most ``row_tokens`` tokens (a longer prompt gets a row alone)."""
+    rows: list[list[int]] = []
+    used = row_tokens
+    for i, length in enumerate(lengths):
+        if used + length > row_tokens:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += length
+    return rows
+
+
+class _BufferLayer(DynamicLayer):
+    """A DynamicLayer whose keys and values are views of buffers sized for the whole answer, written in place."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.key_buffer, self.value_buffer, self.length = keys, values, length
+        self.device, self.is_initialized = keys.device, True
+        self._views()
+
+    def _views(self) -> None:
+        self.keys = self.key_buffer[:, :, : self.length]
+        self.values = self.value_buffer[:, :, : self.length]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        new = key_states.shape[-2]
+        self.key_buffer[:, :, self.length : self.length + new] = key_states
+        self.value_buffer[:, :, self.length : self.length + new] = value_states
+        self.length += new
+        self._views()
+        return self.keys, self.values
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        self.key_buffer, self.value_buffer = self.key_buffer[keep], self.value_buffer[keep]
+        self._views()
+
+
+class PreallocatedCache(DynamicCache):
+    """A KV cache for batched decoding: per layer, (batch, kv_heads, capacity, head_dim) buffers written in place."""
+
+    @classmethod
+    def like(cls, row_cache: DynamicCache, batch: int, capacity: int, length: int) -> "PreallocatedCache":
+        cache = cls()
+        cache.layers = [
+            _BufferLayer(layer.keys.new_zeros(batch, layer.keys.shape[1], capacity, layer.keys.shape[3]),
+                         layer.values.new_zeros(batch, layer.values.shape[1], capacity, layer.values.shape[3]), length)
+            for layer in row_cache.layers
+        ]
+        return cache
+
+    def put(self, row: int, row_cache: DynamicCache, start: int, end: int) -> None:
+        """Copy positions start..end of a (1-row) prefill cache into ``row``, right-aligned at the prefill length."""
+        for layer, source in zip(self.layers, row_cache.layers):
+            width = end - start
+            layer.key_buffer[row, :, layer.length - width : layer.length] = source.keys[0, :, start:end]
+            layer.value_buffer[row, :, layer.length - width : layer.length] = source.values[0, :, start:end]
+
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.keep_rows(keep)
 
 
 def greedy_generation_config(max_new_tokens: int, eos_token_ids: list[int], pad_token_id: int) -> GenerationConfig:
