@@ -7,13 +7,16 @@ q/k/v/o) whose B matrices are perturbed (they start at zero, which would make th
 Every prompt gets the same max_new_tokens. Three measurements, in one run:
 
 * generation alone, loralab: the adapter merged into the base weights, then `generate_greedy`
-  (length-sorted batches, left padding, KV cache, per-sequence EOS) on the held-out prompts;
+  (length-sorted batches, prompts prefilled packed without padding, a KV cache written in place,
+  finished rows dropped) on the held-out prompts;
 * generation alone, the notebook way: `model.generate(do_sample=False)` one prompt at a time on the
   unmerged PeftModel, on the first --baseline-prompts prompts only (its tokens/s hardly depends on how
   many it runs; the output says so), and how many of those answers are identical to loralab's;
 * the whole `loralab eval` process (a subprocess, timed from start to exit: imports, loading, base
-  answers, base held-out loss, merge, LoRA held-out loss, LoRA answers, scoring, writing), cold: no
-  cached base answers or loss. Its tokens/s counts the base and LoRA answers' tokens.
+  answers, merge, LoRA answers, scoring, writing), cold: no cached base answers. Its tokens/s counts the
+  base and LoRA answers' tokens. By default the run's metrics.jsonl holds the two held-out losses as
+  `loralab train` logs them (step 0 and the last step) and eval reuses them, as after `loralab run`;
+  ``--heldout-loss eval`` makes eval measure both itself (two forward passes over the held-out examples).
 
 It also measures this CPU's matmul peak in the run's dtype (before and after the generation sides) and
 prints the share of it each side reaches: "answer-token" counts 2 x non-embedding parameters FLOPs per
@@ -56,6 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-prompts", type=int, default=16,
                         help="time the per-example loop on the first N prompts")
     parser.add_argument("--no-whole-process", action="store_true", help="skip the `loralab eval` subprocess")
+    parser.add_argument("--heldout-loss", choices=["from-train", "eval"], default="from-train",
+                        help="from-train: the run's metrics.jsonl holds the step-0 and last-step held-out losses, as "
+                             "`loralab train` leaves them, and eval reuses them; eval: eval measures both itself")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Alpaca-format JSON records")
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the random model is kept")
     return parser.parse_args(argv)
@@ -149,8 +155,13 @@ def prepare_run(root: Path, model_dir: Path, data: Path, args: argparse.Namespac
     perturb(model)
     rundir = RunDir(cfg)
     model.save_pretrained(rundir.adapter_dir)
-    rundir.metrics_file.write_text("")  # no held-out loss rows: eval computes both losses itself
-    rundir.mark_done("train", sources.train_hash(cfg), 0.0, steps=0)
+    if args.heldout_loss == "eval":
+        rundir.metrics_file.write_text("")  # no held-out loss rows: eval computes both losses itself
+        rundir.mark_done("train", sources.train_hash(cfg), 0.0, steps=0)
+    else:  # the rows `loralab train` logs at step 0 and at its last step (the values are not checked here)
+        rundir.metrics_file.write_text("".join(json.dumps({"step": s, "eval_loss": 10.0}) + "\n" for s in (0, 1)))
+        rundir.mark_done("train", sources.train_hash(cfg), 0.0, steps=1)
+        rundir.update_manifest(precision=args.dtype, device="cpu")
     path = root / "eval-bench.yaml"
     path.write_text(dump_config(cfg))
     return path
@@ -294,7 +305,9 @@ def report(args, gen: dict, whole: dict | None) -> None:
         return
     rate = whole["tokens"] / whole["wall_s"]
     target = TARGETS[args.dtype]
-    print("\n== the whole `loralab eval` process (cold: no cached base answers or loss)")
+    losses = ("held-out losses reused from metrics.jsonl, as after `loralab train`" if args.heldout_loss == "from-train"
+              else "both held-out losses measured by eval")
+    print(f"\n== the whole `loralab eval` process (cold: no cached base answers; {losses})")
     print(f"   {whole['prompts']} held-out prompts + the fixed ones, base and LoRA: {whole['tokens']} answer tokens in "
           f"{whole['wall_s']:.1f} s = {rate:.2f} tokens/s; {rate / theirs_rate:.1f}x the per-example loop "
           f"(target >= {target:.0f}x: {'met' if rate / theirs_rate >= target else 'MISSED'})")

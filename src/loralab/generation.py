@@ -22,6 +22,7 @@ from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 
 from loralab.cpu.attention import undo_per_example_attention, use_per_example_attention
+from loralab.cpu.onednn_weights import onednn_weights
 
 # Share of the currently available memory the KV cache and logits may take; the rest covers prefill
 # activations (attention scores, MLP intermediates) and whatever else runs on the machine.
@@ -68,8 +69,12 @@ def generate_greedy(
     was_training = model.training
     model.eval()
     per_example = use_per_example_attention(_base_model(model))
+    # On a CPU the linear weights are prepacked for oneDNN once (put back bit for bit at the end): MKL's fp32
+    # matmul re-packs the whole weight at every call, which a decode step's few rows do not pay for.
     try:
-        with torch.inference_mode(), tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
+        # (outside inference_mode, so the weights put back are plain tensors that can be merged into or trained)
+        with onednn_weights(model, rows_hint=batch_size or 64, inference=True), torch.inference_mode(), \
+                tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
             start = 0
             while start < len(order):
                 size = batch_size or choose_batch_size(
@@ -275,7 +280,7 @@ def cut_at_eos(ids: list[int], eos_token_ids: set[int]) -> list[int]:
 
 
 def choose_batch_size(
-    model_config, max_total_length: int, dtype: torch.dtype, available_bytes: int, cap: int = 64
+    model_config, max_total_length: int, dtype: torch.dtype, available_bytes: int, cap: int = 128
 ) -> int:
     """The largest batch (1..cap) whose KV cache and last-step logits fit in MEMORY_FRACTION of memory.
 

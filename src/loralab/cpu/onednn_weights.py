@@ -27,27 +27,30 @@ ATTRIBUTE = "_loralab_onednn"  # the OnednnLinear of a module whose plain weight
 
 class OnednnLinear(NamedTuple):
     forward: torch.Tensor  # W (out, in) as oneDNN's weight of x @ W^T
-    backward: torch.Tensor  # W^T (in, out) as the weight of dy @ W
+    backward: torch.Tensor | None  # W^T (in, out) as the weight of dy @ W; None for inference
     out_features: int
     in_features: int
 
 
-def onednn_weights_available(dtype: torch.dtype) -> bool:
-    """Whether this PyTorch has the oneDNN ops for ``dtype`` weights (bf16 only: fp32 CPU matmuls run in MKL)."""
+def onednn_weights_available(dtype: torch.dtype, inference: bool = False) -> bool:
+    """Whether this PyTorch has the oneDNN ops for ``dtype`` weights: bf16 (fp32 training matmuls run in MKL);
+    for ``inference`` fp32 too, where MKL's skinny decode-step matmuls (a row per sequence) re-pack the weight on
+    every call and oneDNN's prepacked ones do not (bench/eval_throughput.py)."""
     return (
-        dtype == torch.bfloat16
+        (dtype == torch.bfloat16 or (inference and dtype == torch.float32))
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     )
 
 
-def to_onednn(weight: torch.Tensor, rows_hint: int) -> OnednnLinear:
-    """Both layouts of a (out, in) weight; ``rows_hint``: the usual rows of the inputs (any count works)."""
+def to_onednn(weight: torch.Tensor, rows_hint: int, backward: bool = True) -> OnednnLinear:
+    """Both layouts of a (out, in) weight (the forward's alone without ``backward``); ``rows_hint``: the usual
+    rows of the inputs (any count works)."""
     w = weight.detach()
     return OnednnLinear(
         torch.ops.mkldnn._reorder_linear_weight(w, rows_hint),
-        torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows_hint),
+        torch.ops.mkldnn._reorder_linear_weight(w.t().contiguous(), rows_hint) if backward else None,
         w.shape[0],
         w.shape[1],
     )
@@ -88,9 +91,10 @@ def _onednn_forward(self, x):
     return FrozenLinearFunction.apply(x, self.bias, getattr(self, ATTRIBUTE))
 
 
-def convertible_linears(model) -> list[torch.nn.Module]:
+def convertible_linears(model, inference: bool = False) -> list[torch.nn.Module]:
     """The frozen CPU nn.Linear modules of ``model`` whose weights can take oneDNN's layout: all but those sharing
-    their weight with another module (a head tied to the input embeddings, say)."""
+    their weight with another module (a head tied to the input embeddings, say). For ``inference`` (no gradient
+    will be taken) every such module counts as frozen, and fp32 weights qualify too."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     users: dict[int, int] = {}  # weight storage -> modules holding it
     for module in base.modules():
@@ -101,22 +105,23 @@ def convertible_linears(model) -> list[torch.nn.Module]:
         if type(module) is not torch.nn.Linear:
             continue
         w = module.weight
-        if w.requires_grad or w.device.type != "cpu" or not onednn_weights_available(w.dtype) or users[w.data_ptr()] > 1:
+        if ((w.requires_grad and not inference) or w.device.type != "cpu" or not onednn_weights_available(w.dtype, inference)
+                or users[w.data_ptr()] > 1):
             continue
         found.append(module)
     return found
 
 
 @contextlib.contextmanager
-def onednn_weights(model, rows_hint: int):
+def onednn_weights(model, rows_hint: int, inference: bool = False):
     """Run the body with ``model``'s convertible linears (convertible_linears) in oneDNN's layouts and their plain
-    weights released; yields how many. Each module's forward, and loralab.cpu.fused_lora for LoRA base layers, use
+    weights released; yields how many. ``inference``: the forward layout only, for a body that takes no gradients. Each module's forward, and loralab.cpu.fused_lora for LoRA base layers, use
     those meanwhile. On the way out, however the body ends, the plain weights are put back bit-identical."""
     done = []  # (module, the forward it had as an instance attribute, if any)
     try:
-        for module in convertible_linears(model):
+        for module in convertible_linears(model, inference):
             w = module.weight
-            onednn = to_onednn(w, rows_hint)
+            onednn = to_onednn(w, rows_hint, backward=not inference)
             done.append((module, module.__dict__.get("forward")))
             setattr(module, ATTRIBUTE, onednn)
             module.forward = types.MethodType(_onednn_forward, module)
