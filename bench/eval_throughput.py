@@ -271,7 +271,8 @@ def whole_process(cfg_path: Path) -> dict:
     finished = [line.strip() for line in proc.stderr.replace("\r", "\n").splitlines() if "100%" in line]
     bars = list({line.split("100%")[0]: line for line in finished}.values())  # the last line of each bar
     return {"wall_s": wall, "tokens": stage["answer_tokens"], "prompts": stage["prompts"], "bars": bars[-4:],
-            "summary": proc.stdout.strip().splitlines()[-1]}
+            "summary": proc.stdout.strip().splitlines()[-1],
+            "losses_reused": proc.stdout.count("as loralab train measured it")}
 
 
 def report(args, gen: dict, whole: dict | None) -> None:
@@ -307,7 +308,8 @@ def report(args, gen: dict, whole: dict | None) -> None:
     target = TARGETS[args.dtype]
     losses = ("held-out losses reused from metrics.jsonl, as after `loralab train`" if args.heldout_loss == "from-train"
               else "both held-out losses measured by eval")
-    print(f"\n== the whole `loralab eval` process (cold: no cached base answers; {losses})")
+    print(f"\n== the whole `loralab eval` process (cold: no cached base answers; {losses}: "
+          f"{whole['losses_reused']} of 2 reused)")
     print(f"   {whole['prompts']} held-out prompts + the fixed ones, base and LoRA: {whole['tokens']} answer tokens in "
           f"{whole['wall_s']:.1f} s = {rate:.2f} tokens/s; {rate / theirs_rate:.1f}x the per-example loop "
           f"(target >= {target:.0f}x: {'met' if rate / theirs_rate >= target else 'MISSED'})")
