@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def loralab_side(root: Path, data: Path, precision: str, steps: int) -> dict:
     import torch
 
-    from loralab import decisions, plan
+    from loralab import decisions, estimate, sources
 
     examples = tt.load_examples(root, data, steps * tt.EXAMPLES_PER_STEP)
     cfg = tt.experiment_config(root, data, max_steps=steps)
@@ -63,7 +63,7 @@ def loralab_side(root: Path, data: Path, precision: str, steps: int) -> dict:
     from loralab.devices import probe
 
     lengths, trained = decisions.example_lengths(examples)
-    predicted = plan.estimate(plan.read_model_config(cfg.model), cfg.lora, cfg.train, lengths, plan.profile_for(probe("cuda")),
+    predicted = estimate.estimate(sources.read_model_config(cfg.model), cfg.lora, cfg.train, lengths, estimate.profile_for(probe("cuda")),
                               switches.precision, trained_counts=trained, with_suggestions=False)
     step_s = sorted(result["step_seconds"])[len(result["step_seconds"]) // 2]
     result["plan"] = {"peak_bytes": predicted.peak_bytes, "step_seconds": predicted.step_seconds,

@@ -29,7 +29,7 @@ checkpointing. Targets: memory within 15%, time within 30%.
 head_dim, memory bandwidth, dropout-mask cost) and fits its matmul efficiency, per-layer/per-step host
 overheads and framework memory on shapes that are not validated: a TinyLlama-width model with 4
 layers at 512 tokens (efficiency) and 1- and 4-layer hidden-32 models at 64 tokens (overheads,
-framework memory). The fitted numbers are copied by hand into PROFILES["cpu"] in loralab/plan.py.
+framework memory). The fitted numbers are copied by hand into PROFILES["cpu"] in loralab/estimate.py.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from dataclasses import replace
 
 from loralab import IGNORE_INDEX
 from loralab.config import LoraSection, TrainConfig
-from loralab.plan import PROFILES, cpu_profile, estimate
+from loralab.estimate import PROFILES, cpu_profile, estimate
 from loralab.tiny import TINYLLAMA_CONFIG
 
 LORA = LoraSection(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if threads or args.measure_peaks:
         import torch
 
-        from loralab.plan import measure_matmul_peak
+        from loralab.estimate import measure_matmul_peak
 
         if threads:
             torch.set_num_threads(threads)

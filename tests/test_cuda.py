@@ -14,12 +14,12 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 
 
 def test_the_real_card_gets_a_profile_and_the_rule_s_precision():
-    from loralab import plan
+    from loralab import estimate
 
     facts = devices.probe("cuda")
     expected = "bf16" if torch.cuda.get_device_capability(0) >= (8, 0) else "fp16"
     assert decisions.choose_precision(facts) == expected
-    assert plan.profile_for(facts).default_precision == expected
+    assert estimate.profile_for(facts).default_precision == expected
 
 
 @pytest.mark.parametrize("precision", ["auto", "fp16"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from loralab import decisions, devices, plan, prepare, train
+from loralab import decisions, devices, estimate, prepare, train
 from loralab.cli import main
 from loralab.config import config_from_dict
 from loralab.errors import LoralabError
@@ -73,10 +73,10 @@ def test_one_precision_rule_for_every_device(monkeypatch, device):
     facts = devices.probe(devices.detect_device("auto"))
     assert decisions.choose_precision(facts) == expected
     assert decisions.loss_scaling(expected) is (expected == "fp16")  # T4 and V100: fp16 with the loss scaler
-    profile = plan.profile_for(facts)
+    profile = estimate.profile_for(facts)
     assert profile.default_precision == expected and set(profile.peak_flops) == set(decisions.supported_precisions(facts))
     if facts.kind == "cuda":
-        assert plan.gpu_card(facts) == CARD_KEYS[device]
+        assert estimate.gpu_card(facts) == CARD_KEYS[device]
         assert ("not in loralab's table" in profile.description) is (CARD_KEYS[device] is None)
         assert profile.memory_bytes == GPUS[device][2] * GiB
     if not facts.native_bf16:
@@ -98,7 +98,7 @@ def test_plan_switches_and_trainer_arguments_on_every_device(monkeypatch, device
         assert "not in loralab's table" in out
     if device == "AVX2 CPU":  # the plan's CPU constants come from an AVX-512-BF16 CPU: it says so
         assert "NOT this CPU" in out and "--calibrate" in out
-    if device == "AVX-512-BF16 CPU" and plan.is_reference_cpu(devices.probe("cpu")):
+    if device == "AVX-512-BF16 CPU" and estimate.is_reference_cpu(devices.probe("cpu")):
         assert "NOT this CPU" not in out
 
     facts = devices.probe(devices.detect_device("auto"))

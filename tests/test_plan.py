@@ -9,7 +9,8 @@ from conftest import write_config
 from loralab import IGNORE_INDEX, cli
 from loralab.config import LoraSection, TrainConfig, apply_overrides, config_from_dict
 from loralab.errors import LoralabError
-from loralab.plan import PROFILES, estimate, format_plan, lora_trainable_params, model_shape, resolve_profile, truncate_lengths
+from loralab.estimate import PROFILES, estimate, lora_trainable_params, model_shape, resolve_profile, truncate_lengths
+from loralab.plan import format_plan
 from loralab.tiny import TINYLLAMA_CONFIG, build_tiny_llama
 
 LORA = LoraSection()  # r=8 on q/k/v/o, as the reference recipe
@@ -190,7 +191,7 @@ def test_cli_plan_unreachable_hub_names_the_local_path_fix(tmp_path, capsys):
 
 
 def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit():
-    from loralab.plan import resolve_switches as resolve
+    from loralab.estimate import resolve_switches as resolve
 
     auto = replace(TrainConfig(), gradient_checkpointing="auto")
     assert TrainConfig().gradient_checkpointing == "auto"
@@ -210,7 +211,7 @@ def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit():
 
 def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monkeypatch, capsys):
     from loralab import decisions
-    from loralab import plan as plan_module
+    from loralab import estimate as estimate_module
     from loralab.devices import DeviceFacts
 
     def decide_checkpointing(cfg, device, precision, *counts):
@@ -228,7 +229,7 @@ def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monk
     off, on = (estimate(model_config, LORA, replace(cfg.train, gradient_checkpointing=ck), lengths, PROFILES["cpu"], "fp32",
                               trained_counts=[299] * 4).peak_bytes for ck in (False, True))
     assert on < off
-    monkeypatch.setattr(plan_module, "profile_for", lambda facts, calibrate=False: replace(
+    monkeypatch.setattr(estimate_module, "profile_for", lambda facts, calibrate=False: replace(
         PROFILES["cpu"], memory_bytes=(on + off) // 2))  # fits only with checkpointing
     assert decide_checkpointing(cfg, "cpu", "fp32", *counts) is True
     assert "turning it on" in capsys.readouterr().out
@@ -237,7 +238,7 @@ def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monk
 
 
 def test_auto_onednn_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits():
-    from loralab.plan import resolve_switches
+    from loralab.estimate import resolve_switches
 
     cpu = replace(PROFILES["cpu"], memory_bytes=64 * 2**30)
     train = replace(TrainConfig(), onednn_weights="auto")

@@ -14,7 +14,8 @@ from loralab.errors import LoralabError
 from loralab.loss import response_loss_sum
 from loralab.modeling import add_lora, check_bitsandbytes, count_parameters
 from loralab.packing import pack_examples
-from loralab.plan import PROFILES, estimate, format_plan, lora_trainable_params, model_shape
+from loralab.estimate import PROFILES, estimate, lora_trainable_params, model_shape
+from loralab.plan import format_plan
 from loralab.tiny import TINYLLAMA_CONFIG
 
 ALL = "all-linear"

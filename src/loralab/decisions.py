@@ -1,7 +1,7 @@
 """Every rule that decides how a run trains, in one place: precision per device, row tokens, checkpointing,
 the CPU speed path and the oneDNN weight layout. Train, plan, eval, inspect and the benches ask here.
 
-No torch import at module level: loralab.plan must stay cheap to import.
+No torch import at module level: loralab.estimate and `loralab plan` must stay cheap to import.
 """
 
 from __future__ import annotations
@@ -214,9 +214,9 @@ def _onednn_available() -> bool:
 def decide_switches(cfg: ExperimentConfig, facts: DeviceFacts, lengths: list[int], trained: list[int],
                     model_config: dict | None = None, announce: bool = True) -> Switches:
     """Every switch of a run of ``cfg`` on the device ``facts`` describe, for training examples of these lengths
-    and trained counts: "auto" checkpointing and oneDNN weights by loralab.plan's memory estimate for the device
+    and trained counts: "auto" checkpointing and oneDNN weights by loralab.estimate's memory estimate for the device
     (``model_config``: config.json, read from cfg.model when not given)."""
-    from loralab import plan
+    from loralab import estimate, sources
 
     device = facts.kind
     precision = choose_precision(facts, cfg.train.precision)
@@ -225,9 +225,9 @@ def decide_switches(cfg: ExperimentConfig, facts: DeviceFacts, lengths: list[int
     if train.onednn_weights == "auto" and not (device == "cpu" and _onednn_available()):
         train = replace(train, onednn_weights=False)
     if train.gradient_checkpointing == "auto" or train.onednn_weights == "auto":
-        profile = plan.profile_for(facts)
-        train = plan.resolve_switches(
-            model_config if model_config is not None else plan.read_model_config(cfg.model), cfg.lora, train, lengths,
+        profile = estimate.profile_for(facts)
+        train = estimate.resolve_switches(
+            model_config if model_config is not None else sources.read_model_config(cfg.model), cfg.lora, train, lengths,
             profile, precision, trained_counts=trained, attn_implementation=cfg.model.attn_implementation,
         )
         if announce and train.gradient_checkpointing and cfg.train.gradient_checkpointing == "auto":

@@ -1,6 +1,6 @@
 """What this process's device is: its kind, name, memory, compute capability and native bf16 (torch imported lazily).
 
-loralab.decisions turns these facts into choices; loralab.plan turns them into a speed profile. Tests
+loralab.decisions turns these facts into choices; loralab.estimate turns them into a speed profile. Tests
 simulate devices by monkeypatching what torch.cuda / torch.backends.mps report and cpu_has_native_bf16.
 """
 

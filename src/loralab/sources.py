@@ -8,10 +8,11 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
-from loralab.config import ExperimentConfig
+from loralab.config import ExperimentConfig, ModelConfig
 from loralab.data import DataError
-from loralab.generation import model_fingerprint
+from loralab.errors import LoralabError
 from loralab.rundir import JsonlError, file_sha256, parse_jsonl, stage_hash
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "*.jinja")
@@ -119,6 +120,8 @@ def prepare_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) ->
 def train_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
     """Content fingerprints of train's inputs beyond the config: prepare's, and the model files (config.json,
     each weight file's size and mtime), so a model replaced in place is noticed."""
+    from loralab.generation import model_fingerprint
+
     return {**prepare_fingerprints(cfg), "model files": model_fingerprint(cfg.model.name_or_path)}
 
 
@@ -133,3 +136,22 @@ def train_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> s
 def eval_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) -> str:
     """The hash of what eval's outputs depend on: train's (``prints``: train_fingerprints)."""
     return stage_hash(cfg, "eval", train_hash(cfg, prints))
+
+
+def read_model_config(model: ModelConfig) -> dict[str, Any]:
+    """config.json of a local model folder, or the hub's through AutoConfig (no weights are read)."""
+    from loralab.hub import why_not_loaded
+    from loralab.modeling import resolve_model_source
+
+    source = resolve_model_source(model)
+    if Path(source).is_dir():
+        return json.loads((Path(source) / "config.json").read_text(encoding="utf-8"))
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(source, revision=model.revision).to_dict()
+    except (OSError, ValueError) as err:
+        raise LoralabError(
+            f"cannot read the config of '{source}' from the Hugging Face Hub ({why_not_loaded(err)}); download the "
+            f"model where the hub is reachable (`hf download {source} --local-dir DIR`) and set model.name_or_path: DIR"
+        ) from None
