@@ -18,7 +18,7 @@ from matplotlib.image import imread
 from report_runs import EXAMPLES, make_run
 
 from loralab.compare import compare_page
-from loralab.report import format_metric, read_run
+from loralab.runfiles import format_metric, read_run
 from loralab.rundir import atomic_write_text
 
 PACKAGES = ("chromium", "chromium-driver")

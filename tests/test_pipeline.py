@@ -8,7 +8,7 @@ import torch
 
 from conftest import write_config
 from loralab import cli
-from loralab.report import format_metric, read_eval_results, read_metrics
+from loralab.runfiles import format_metric, read_eval_results, read_metrics
 
 
 @pytest.fixture(scope="module")

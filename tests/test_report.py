@@ -9,18 +9,8 @@ from matplotlib.image import imread
 
 from loralab.config import ExperimentConfig
 from loralab.errors import LoralabError
-from loralab.report import (
-    build_report,
-    eval_loss_rows,
-    format_lr,
-    format_metric,
-    plot_loss_curve,
-    plot_lora_flow,
-    read_eval_results,
-    read_metrics,
-    run,
-    training_rows,
-)
+from loralab.report import build_report, plot_loss_curve, plot_lora_flow, run
+from loralab.runfiles import eval_loss_rows, format_lr, format_metric, read_eval_results, read_metrics, training_rows
 
 CONFIG = {
     "name": "tiny-alpaca",

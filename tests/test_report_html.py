@@ -17,15 +17,8 @@ from loralab.compare import (
     flatten,
     run_labels,
 )
-from loralab.report import (
-    build_report,
-    format_lr,
-    format_metric,
-    read_metrics,
-    read_run,
-    report_page,
-    training_rows,
-)
+from loralab.report import build_report, report_page
+from loralab.runfiles import format_lr, format_metric, read_metrics, read_run, training_rows
 from loralab.report_html import change_cell, nice_ticks, tick_labels
 
 

@@ -17,6 +17,7 @@ import torch
 from loralab.config import ExperimentConfig, ModelConfig, load_config
 from loralab.errors import LoralabError
 from loralab.modeling import resolve_model_source
+from loralab.rundir import CONFIG_FILE
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -48,8 +49,8 @@ def resolve_target(target: str | Path, overrides: list[str] | None = None) -> Ta
     path = Path(target).expanduser()
     if path.is_file():
         return Target(model=(cfg := load_config(path, overrides)).model, cfg=cfg)
-    if (path / "config.yaml").is_file():
-        cfg = load_config(path / "config.yaml", overrides)
+    if (path / CONFIG_FILE).is_file():
+        cfg = load_config(path / CONFIG_FILE, overrides)
         # The run directory is where it is now, whatever output_dir said when it was trained.
         cfg = dataclasses.replace(cfg, output_dir=str(path.resolve().parent), name=path.resolve().name)
         return Target(model=cfg.model, cfg=cfg)

@@ -2,7 +2,7 @@
 
 The page shows the config fields that differ between the runs, the metrics with a column per run, the
 training curves overlaid, and each held-out prompt's answers from every run side by side. Like the
-report, it reads only the run directories' files (through :func:`loralab.report.read_run`).
+report, it reads only the run directories' files (through :func:`loralab.runfiles.read_run`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 from loralab import report_html as web
 from loralab.errors import LoralabError
-from loralab.report import (
+from loralab.runfiles import (
     LOWER_IS_BETTER,
     METRIC_LABELS,
     RunFiles,

@@ -1,9 +1,8 @@
 """The report stage: turn a run directory into ``report.md`` with a loss curve and a flow diagram.
 
-It reads only the files the other stages wrote into the run directory, so every number in the report
-can be found in those files (and :func:`read_metrics` / :func:`read_eval_results` let tests check that
-it is). Required: ``config.yaml`` and ``metrics.jsonl``. Optional, each section saying so when absent:
-``manifest.json``, ``data/stats.json``, ``eval_results.csv``, ``predictions.jsonl``, ``examples.md``.
+It reads only the files the other stages wrote into the run directory (through loralab.runfiles, as compare
+and the tests do), so every number in the report can be found in those files. Required: ``config.yaml`` and
+``metrics.jsonl``. Optional, each section saying so when absent: ``manifest.json``, ``data/stats.json``, ``eval_results.csv``, ``predictions.jsonl``, ``examples.md``.
 
 :func:`run` is the stage as the CLI calls it; :func:`build_report` does the work from a path alone.
 
@@ -13,14 +12,11 @@ backend or global figure state of the process that calls it.
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import math
 import re
 import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,116 +29,41 @@ from matplotlib.ticker import MaxNLocator
 from loralab.config import ExperimentConfig
 from loralab import report_html as web
 from loralab.errors import LoralabError
-from loralab.rundir import JsonlError, RunDir, atomic_write_bytes, atomic_write_text, parse_jsonl, stage_hash
-
-# Files read from the run directory.
-CONFIG_FILE = "config.yaml"
-MANIFEST_FILE = "manifest.json"
-STATS_FILE = "data/stats.json"
-METRICS_FILE = "metrics.jsonl"
-EVAL_RESULTS_FILE = "eval_results.csv"
-PREDICTIONS_FILE = "predictions.jsonl"
-EXAMPLES_FILE = "examples.md"
-# Files written into it.
-LOSS_CURVE_FILE = "loss_curve.png"
-FLOW_FILE = "lora_flow.png"
-REPORT_FILE = "report.md"
-HTML_REPORT_FILE = "report.html"
-
-METRIC_LABELS = {
-    "bleu": "BLEU",
-    "rouge1": "ROUGE-1",
-    "rouge2": "ROUGE-2",
-    "rougeL": "ROUGE-L",
-    "perplexity": "Perplexity (lower is better)",
-    "eval_loss": "Held-out loss (lower is better)",
-}
-LOWER_IS_BETTER = frozenset({"perplexity", "eval_loss"})
-STAGE_ORDER = ("prepare", "train", "eval")
+from loralab.rundir import (
+    EVAL_RESULTS_FILE,
+    EXAMPLES_FILE,
+    FLOW_FILE,
+    HTML_REPORT_FILE,
+    LOSS_CURVE_FILE,
+    MANIFEST_FILE,
+    PREDICTIONS_FILE,
+    REPORT_FILE,
+    STATS_FILE,
+    RunDir,
+    atomic_write_bytes,
+    atomic_write_text,
+    stage_hash,
+)
+from loralab.runfiles import (
+    LOWER_IS_BETTER,
+    METRIC_LABELS,
+    STAGE_ORDER,
+    RunFiles,
+    summary_row,
+    curves,
+    eval_loss_rows,
+    example_rouge_l,
+    format_lr,
+    format_metric,
+    prompt_text,
+    read_run,
+    training_rows,
+)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Readers
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """All rows of a ``metrics.jsonl`` file, in file order (blank lines skipped)."""
-    with open(path, encoding="utf-8") as f:
-        try:
-            rows = parse_jsonl(f)
-        except JsonlError as err:
-            raise ValueError(f"{path}, {err}") from None
-    for lineno, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {lineno}: expected a JSON object, got {type(row).__name__}")
-    return rows
-
-
-def read_eval_results(path: Path) -> dict[str, dict[str, float]]:
-    """``eval_results.csv`` as ``{metric: {"base": value, "lora": value}}`` in file order; empty cells read as NaN."""
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = {"metric", "base", "lora"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: the header needs columns metric,base,lora; missing {', '.join(sorted(missing))}")
-        return {row["metric"]: {"base": _parse_cell(row["base"]), "lora": _parse_cell(row["lora"])} for row in reader}
-
-
-def _parse_cell(text: str | None) -> float:
-    return float(text) if text and text.strip() else math.nan
-
-
-def training_rows(rows: list[dict]) -> list[dict]:
-    """The training log rows (those with ``step`` and ``loss``), one per step, sorted by step.
-
-    A run resumed from a checkpoint logs the steps after that checkpoint a second time; the later row
-    is the one that belongs to the finished run, so it wins.
-    """
-    by_step = {row["step"]: row for row in rows if "step" in row and "loss" in row}
-    return [by_step[step] for step in sorted(by_step)]
-
-
-def eval_loss_rows(rows: list[dict]) -> list[dict]:
-    """The held-out loss rows (those with ``step`` and ``eval_loss``), one per step, sorted by step."""
-    by_step = {row["step"]: row for row in rows if "step" in row and "eval_loss" in row}
-    return [by_step[step] for step in sorted(by_step)]
-
-
-def _summary_row(rows: list[dict]) -> dict | None:
-    summaries = [row for row in rows if "train_runtime" in row or "train_loss" in row]
-    return summaries[-1] if summaries else None
-
-
-class MissingRunFile(LoralabError, FileNotFoundError):
-    """A file the report cannot do without is missing from the run directory; the message names the stage to run."""
-
-
-def _require(run_dir: Path, name: str, stage: str, why: str) -> Path:
-    path = run_dir / name
-    if not path.is_file():
-        raise MissingRunFile(
-            f"{name} not found in {run_dir} ({why}); run the {stage} stage first: "
-            f"`loralab {stage} CONFIG` (or `loralab run CONFIG`)"
-        )
-    return path
-
-
-def _read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
 # ---------------------------------------------------------------------------------------------------
 # Formatting: one place, so the report and the tests that check it agree.
-
-
-def format_metric(value: float | None) -> str:
-    """A metric value as the report prints it: 4 decimals, ``n/a`` when missing."""
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
-
-
-def format_lr(value: float | None) -> str:
-    """A learning rate as the report prints it: scientific notation, 3 significant digits."""
-    return "n/a" if value is None else f"{value:.2e}"
 
 
 def _format_change(base: float, lora: float) -> str:
@@ -368,57 +289,11 @@ def run(cfg: ExperimentConfig) -> Path:
     return path
 
 
-@dataclass
-class RunFiles:
-    """What the report reads from one run directory; ``None`` where an optional file is absent."""
-
-    root: Path
-    config: dict
-    rows: list[dict]  # metrics.jsonl, in file order
-    manifest: dict | None
-    stats: dict | None
-    eval_results: dict[str, dict[str, float]] | None
-    predictions: list[dict] | None
-    examples: str | None
-
-    @property
-    def name(self) -> str:
-        return self.config.get("name") or self.root.name
-
-    @property
-    def sources(self) -> list[str]:
-        """The run directory's files this report reads that exist, in a fixed order."""
-        names = (CONFIG_FILE, MANIFEST_FILE, STATS_FILE, METRICS_FILE, EVAL_RESULTS_FILE, PREDICTIONS_FILE, EXAMPLES_FILE)
-        return [name for name in names if (self.root / name).is_file()]
-
-
-def read_run(run_dir: Path) -> RunFiles:
-    """Read a run directory's files. Raises :class:`MissingRunFile` naming the stage to run when
-    ``config.yaml`` or ``metrics.jsonl`` is absent."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise MissingRunFile(f"{run_dir} is not a directory; give a run directory (<output_dir>/<name>/)")
-    config_path = _require(run_dir, CONFIG_FILE, "prepare", "it holds the resolved experiment config")
-    metrics_path = _require(run_dir, METRICS_FILE, "train", "it holds the training log")
-    eval_path, predictions_path = run_dir / EVAL_RESULTS_FILE, run_dir / PREDICTIONS_FILE
-    examples_path = run_dir / EXAMPLES_FILE
-    return RunFiles(
-        root=run_dir,
-        config=yaml.safe_load(config_path.read_text(encoding="utf-8")) or {},
-        rows=read_metrics(metrics_path),
-        manifest=_read_json(run_dir / MANIFEST_FILE),
-        stats=_read_json(run_dir / STATS_FILE),
-        eval_results=read_eval_results(eval_path) if eval_path.is_file() else None,
-        predictions=read_metrics(predictions_path) if predictions_path.is_file() else None,
-        examples=examples_path.read_text(encoding="utf-8") if examples_path.is_file() else None,
-    )
-
-
 def build_report(run_dir: Path) -> Path:
     """Write ``loss_curve.png``, ``lora_flow.png``, ``report.md`` and ``report.html`` into ``run_dir`` from
     its files; return report.md's path.
 
-    Raises :class:`MissingRunFile` (a ``FileNotFoundError``) naming the missing file and the stage that
+    Raises :class:`loralab.runfiles.MissingRunFile` (a ``FileNotFoundError``) naming the missing file and the stage that
     writes it when ``config.yaml`` or ``metrics.jsonl`` is absent.
     """
     run = read_run(run_dir)
@@ -588,7 +463,7 @@ def _training_section(rows: list[dict]) -> str:
         return "## Training\n\n_No training rows were logged (is `logging_steps` larger than the number of steps?)._"
     parts = ["## Training", f"![Training loss, gradient norm and learning rate]({LOSS_CURVE_FILE})"]
 
-    summary = _summary_row(rows)
+    summary = summary_row(rows)
     if summary:
         facts = []
         if "train_loss" in summary:
@@ -650,14 +525,6 @@ def _nest_headings(markdown: str, top_level: int) -> str:
 # report.html: the same run as one self-contained page, its numbers from the same files
 
 
-def curves(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """``(step, value)`` points of each logged curve: ``loss``, ``eval_loss``, ``grad_norm``, ``learning_rate``."""
-    train = training_rows(rows)
-    out = {key: [(r["step"], r[key]) for r in train if r.get(key) is not None] for key in ("loss", "grad_norm", "learning_rate")}
-    out["eval_loss"] = [(r["step"], r["eval_loss"]) for r in eval_loss_rows(rows)]
-    return out
-
-
 def metric_cells(name: str, values: dict[str, float]) -> list[web.Cell]:
     """A metrics-table row: label, base, LoRA, change (coloured by whether it is a gain for this metric)."""
     base, lora = values["base"], values["lora"]
@@ -667,20 +534,6 @@ def metric_cells(name: str, values: dict[str, float]) -> list[web.Cell]:
         web.Cell(format_metric(lora), lora, "num"),
         web.change_cell(base, lora, lower_is_better=name in LOWER_IS_BETTER),
     ]
-
-
-def prompt_text(prediction: dict) -> str:
-    """A held-out example's prompt as a person reads it: the instruction, then its input when present."""
-    if not prediction.get("instruction"):
-        # Chat, ShareGPT and prompt/completion records have no instruction: show the rendered prompt.
-        return prediction.get("prompt", "")
-    return prediction["instruction"] + (f"\n\n{prediction['input']}" if prediction.get("input") else "")
-
-
-def example_rouge_l(prediction: dict, side: str) -> float:
-    """Per-example ROUGE-L F1 of the ``base`` or ``lora`` answer, as the eval stage recorded it; NaN if absent."""
-    value = ((prediction.get("scores") or {}).get(side) or {}).get("rougeL")
-    return math.nan if value is None else float(value)
 
 
 def win_loss_line(predictions: list[dict]) -> str:
@@ -756,7 +609,7 @@ def _html_training(rows: list[dict]) -> str:
     ]
     parts = [web.paragraph("Hover over a chart to read the values at each logged step."),
              f'<div class="charts">{"".join(charts)}</div>']
-    summary = _summary_row(rows)
+    summary = summary_row(rows)
     if summary and "train_loss" in summary:
         parts.append(web.paragraph(f"Mean training loss over the run: {format_metric(summary['train_loss'])}."))
     return "\n".join(parts)

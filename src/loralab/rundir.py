@@ -161,6 +161,20 @@ def folder_hashes(root: Path, rels: Iterable[str]) -> dict[str, str]:
     return {rel: file_sha256(root / rel) for rel in rels}
 
 
+# The run directory's file names (RunDir's paths, the report and compare read them by these names).
+CONFIG_FILE = "config.yaml"
+MANIFEST_FILE = "manifest.json"
+STATS_FILE = "data/stats.json"
+METRICS_FILE = "metrics.jsonl"
+EVAL_RESULTS_FILE = "eval_results.csv"
+PREDICTIONS_FILE = "predictions.jsonl"
+EXAMPLES_FILE = "examples.md"
+LOSS_CURVE_FILE = "loss_curve.png"
+FLOW_FILE = "lora_flow.png"
+REPORT_FILE = "report.md"
+HTML_REPORT_FILE = "report.html"
+
+
 class RunDir:
     """Owns the layout of one experiment's run directory."""
 
@@ -183,7 +197,7 @@ class RunDir:
 
     @property
     def stats_file(self) -> Path:
-        return self.data_dir / "stats.json"
+        return self.root / STATS_FILE
 
     @property
     def adapter_dir(self) -> Path:
@@ -195,23 +209,23 @@ class RunDir:
 
     @property
     def metrics_file(self) -> Path:
-        return self.root / "metrics.jsonl"
+        return self.root / METRICS_FILE
 
     @property
     def manifest_file(self) -> Path:
-        return self.root / "manifest.json"
+        return self.root / MANIFEST_FILE
 
     @property
     def eval_results_file(self) -> Path:
-        return self.root / "eval_results.csv"
+        return self.root / EVAL_RESULTS_FILE
 
     @property
     def predictions_file(self) -> Path:
-        return self.root / "predictions.jsonl"
+        return self.root / PREDICTIONS_FILE
 
     @property
     def examples_file(self) -> Path:
-        return self.root / "examples.md"
+        return self.root / EXAMPLES_FILE
 
     @property
     def report_file(self) -> Path:
@@ -224,9 +238,9 @@ class RunDir:
 
     STAGE_OUTPUTS = {
         "prepare": ("data/train.jsonl", "data/eval.jsonl", "data/stats.json"),
-        "train": ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "metrics.jsonl"),
-        "eval": ("eval_results.csv", "predictions.jsonl", "examples.md"),
-        "report": ("report.md", "loss_curve.png", "lora_flow.png"),
+        "train": ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", METRICS_FILE),
+        "eval": (EVAL_RESULTS_FILE, PREDICTIONS_FILE, EXAMPLES_FILE),
+        "report": (REPORT_FILE, LOSS_CURVE_FILE, FLOW_FILE),
     }
 
     # Manifest ------------------------------------------------------------------------------------
@@ -255,7 +269,7 @@ class RunDir:
         return manifest
 
     def write_config(self) -> None:
-        atomic_write_text(self.root / "config.yaml", dump_config(self.cfg))
+        atomic_write_text(self.root / CONFIG_FILE, dump_config(self.cfg))
 
     # Stages --------------------------------------------------------------------------------------
     def stage_record(self, stage: str) -> dict:
