@@ -24,6 +24,8 @@ checkpointing. Targets: memory within 15%, time within 30%.
 
     python bench/plan_validation.py               # five cases, about 5 minutes
     python bench/plan_validation.py --calibrate   # fit the cpu profile's constants on other shapes
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/plan_validation.py --cases tiny,tinyllama-1.1b
+        # an AVX2 CPU approximated: fp32 (what train.precision auto picks there), the fp32 speed path's pieces
 
 --calibrate prints the micro-benchmarks behind the cpu profile (SDPA attention efficiency by
 head_dim, memory bandwidth, dropout-mask cost) and fits its matmul efficiency, per-layer/per-step host
@@ -125,20 +127,22 @@ def worker(spec: dict) -> dict:
     from loralab.loss import response_loss_sum
     from loralab.modeling import add_lora, load_model
     from loralab.packing import pack_examples
-    from loralab import cpu
+    from loralab import cpu, decisions, devices
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     # As `loralab train` loads it: mapped from the file, or read into memory when its weights will take oneDNN's
     # layout (so the plain copies released then go back to the system).
-    model = load_model(ModelConfig(name_or_path=spec["folder"]), "bf16", "cpu", in_memory=spec["onednn"])
+    precision = spec["precision"]
+    model = load_model(ModelConfig(name_or_path=spec["folder"]), precision, "cpu", in_memory=spec["onednn"])
     model = add_lora(model, LORA)
     # What `loralab train` runs on a CPU (loralab.cpu.speed_path), held until this function returns: fused LoRA
     # layers and norms, per-example attention, the allocator set for the row, oneDNN weights as the plan decided.
     speed_path = contextlib.ExitStack()
-    switched = speed_path.enter_context(cpu.speed_path(model, spec["tokens"], onednn_weights=spec["onednn"]))
-    assert switched.per_example_attention and switched.fused_lora_layers, switched
+    pieces = decisions.cpu_pieces(precision, devices.cpu_has_native_bf16())
+    switched = speed_path.enter_context(cpu.speed_path(model, spec["tokens"], onednn_weights=spec["onednn"], pieces=pieces))
+    assert switched.per_example_attention is pieces.per_example_attention, switched
     if spec["checkpointing"]:  # as the Trainer sets it up for train.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -153,7 +157,7 @@ def worker(spec: dict) -> dict:
     for _ in range(spec["steps"]):
         start = clock()
         batch = pack_examples([{"input_ids": ids, "labels": labels}])
-        loss_sum, count = response_loss_sum(model, batch)
+        loss_sum, count = response_loss_sum(model, batch, fused_head=pieces.head_loss)
         (loss_sum / count).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -172,7 +176,8 @@ def _run_worker(spec: dict) -> subprocess.CompletedProcess:
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
 
 
-def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads: int, onednn: bool = False) -> dict:
+def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads: int, onednn: bool = False,
+            precision: str = "bf16") -> dict:
     key = json.dumps(config, sort_keys=True)
     if key not in _BUILT:
         _BUILT[key] = tempfile.TemporaryDirectory(prefix="plan-validation-")
@@ -180,31 +185,38 @@ def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads:
         if proc.returncode != 0:
             raise SystemExit(f"building the {config['hidden_size']}x{config['num_hidden_layers']} model failed:\n{proc.stderr[-3000:]}")
     proc = _run_worker({"config": config, "folder": _BUILT[key].name, "tokens": tokens, "steps": steps,
-                        "checkpointing": checkpointing, "threads": threads, "onednn": onednn})
+                        "checkpointing": checkpointing, "threads": threads, "onednn": onednn, "precision": precision})
     if proc.returncode != 0:
         raise SystemExit(f"worker failed ({config['hidden_size']}x{config['num_hidden_layers']}, {tokens} tokens):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def predict(config: dict, tokens: int, checkpointing: bool, profile, onednn: bool | str = "auto"):
+def predict(config: dict, tokens: int, checkpointing: bool, profile, onednn: bool | str = "auto", precision: str = "bf16"):
     ids, labels = example(tokens, config["vocab_size"])
     trained = sum(1 for x in labels[1:] if x != IGNORE_INDEX)
     train = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=1, gradient_checkpointing=checkpointing,
                         onednn_weights=onednn)
-    return estimate(config, LORA, train, [tokens], profile, "bf16", trained_counts=[trained], with_suggestions=False)
+    return estimate(config, LORA, train, [tokens], profile, precision, trained_counts=[trained], with_suggestions=False)
 
 
-def validate(profile, threads: int | None) -> int:
-    print(f"plan vs measurement on {profile.description}; LoRA r=8 q/k/v/o, bf16 weights, 1 example per micro-batch")
-    print(f"bf16 matmul peak used: {profile.peak_flops['bf16'] / 1e9:.0f} GFLOP/s; step time = "
+def validate(profile, threads: int | None, precision: str, cases: list[str] | None = None) -> int:
+    from loralab import devices
+
+    limits = devices.isa_limits()
+    print(f"plan vs measurement on {profile.description}: {devices.cpu_model_name()}, "
+          f"{'native' if devices.cpu_has_native_bf16() else 'no native'} bf16" + (f", ISA limited by {limits}" if limits else ""))
+    print(f"LoRA r=8 q/k/v/o, {precision} weights, 1 example per micro-batch; {precision} matmul peak used: "
+          f"{profile.peak_flops[precision] / 1e9:.0f} GFLOP/s; step time = "
           + ("the process's CPU time" if threads == 1 else "wall clock"))
     header = f"{'model':<15} {'tokens':>6} {'oneDNN':>6} | {'peak RSS pred':>13} {'measured':>9} {'err':>6} | {'step pred':>9} {'measured':>9} {'err':>6}"
     print(header)
     print("-" * len(header))
     worst_mem, worst_time = 0.0, 0.0
     for name, config, tokens, steps, checkpointing in CASES:
-        plan = predict(config, tokens, checkpointing, profile)
-        got = measure(config, tokens, steps, checkpointing, threads, plan.onednn_weights)
+        if cases and name not in cases:
+            continue
+        plan = predict(config, tokens, checkpointing, profile, precision=precision)
+        got = measure(config, tokens, steps, checkpointing, threads, plan.onednn_weights, precision)
         mem_err = (plan.peak_bytes - got["peak_rss"]) / got["peak_rss"]
         time_err = (plan.microbatch_seconds - got["step_s"]) / got["step_s"]
         worst_mem, worst_time = max(worst_mem, abs(mem_err)), max(worst_time, abs(time_err))
@@ -296,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch threads per case; 1 (default) times steps by CPU time and measures the matmul "
                              "peaks the same way; 0 uses torch's default threads, wall-clock time and the profile's peaks")
     parser.add_argument("--measure-peaks", action="store_true", help="with --threads 0: measure the matmul peaks now")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), help="default: what train.precision auto picks on this CPU")
+    parser.add_argument("--cases", help=f"comma-separated case names to validate (default all: {', '.join(dict.fromkeys(c[0] for c in CASES))})")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -317,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     warning = _load_warning()
     if warning and threads != 1:
         print(warning)
-    return calibrate(profile, threads) if args.calibrate else validate(profile, threads)
+    precision = args.precision or profile.default_precision
+    cases = args.cases.split(",") if args.cases else None
+    return calibrate(profile, threads) if args.calibrate else validate(profile, threads, precision, cases)
 
 
 if __name__ == "__main__":

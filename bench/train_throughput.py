@@ -25,6 +25,15 @@ is against the better of its own two, and against the best of the run beside it.
     python bench/train_throughput.py                    # 1 warm-up + 3 measured steps per side (~12 min)
     python bench/train_throughput.py --steps 6 --sides loralab,bf16
     python bench/train_throughput.py --packed-memory    # also: peak RSS training 2,048-token packed rows
+
+--precision fp32 measures a CPU without native bf16 (an AVX2 CPU; on an AVX-512 one, approximate it with
+ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2): loralab trains with train.precision fp32, what
+`loralab train` picks there, beside the seed-style fp32 side, against the fp32 matmul peak:
+
+    ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/train_throughput.py --precision fp32 --steps 2 --threads 1
+
+--threads 1 runs every side on one thread and times it, and its matmul peaks, by the process's CPU time: on a
+machine other jobs share, wall-clock times stretch with their load, and one thread's CPU time does not.
 """
 
 from __future__ import annotations
@@ -52,7 +61,8 @@ SIDES = {
     "seed": "HF Trainer + PEFT, batch 1 x accum 8, fp32",
     "bf16": "same, base weights in bf16 (hand-configured)",
 }
-TARGETS = {"seed": 2.0, "bf16": 1.1}  # loralab's tokens/s over each side's
+FP32_SIDES = {"loralab": "loralab train (train.precision fp32, as on an AVX2 CPU)", "seed": SIDES["seed"]}
+TARGETS = {"bf16": {"seed": 2.0, "bf16": 1.1}, "fp32": {"seed": 1.15}}  # loralab's tokens/s over each side's, by --precision
 TARGET_MFU = 0.80
 TARGET_PACKED_GB = 8.0
 
@@ -61,7 +71,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per side")
     parser.add_argument("--warmup-steps", type=int, default=1, help="optimizer steps run first and not counted")
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"comma-separated, from {', '.join(SIDES)}")
+    parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
+                        help="bf16: a CPU with native bf16 (all sides); fp32: loralab in fp32 beside the seed-style side, "
+                        "as on a CPU without native bf16, against the fp32 matmul peak")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per side (0: torch's default); 1 times every side and peak by its process's "
+                        "CPU time, which other jobs on a shared machine do not stretch")
+    parser.add_argument("--sides", help=f"comma-separated, from {', '.join(SIDES)} (fp32: {', '.join(FP32_SIDES)}; default all)")
     parser.add_argument("--packed-memory", action="store_true", help="also measure peak RSS of loralab training on packed rows")
     parser.add_argument("--packed-tokens", type=int, default=2048, help="row length of the --packed-memory check")
     parser.add_argument("--packed-steps", type=int, default=2, help="optimizer steps (one packed row each) of that check")
@@ -69,9 +85,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the model, tokenizer and encoded data are kept")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     args = parser.parse_args(argv)
-    unknown = set(args.sides.split(",")) - set(SIDES)
+    known = FP32_SIDES if args.precision == "fp32" else SIDES
+    args.sides = args.sides or ",".join(known)
+    unknown = set(args.sides.split(",")) - set(known)
     if unknown:
-        parser.error(f"unknown side(s) {', '.join(sorted(unknown))}; choose from {', '.join(SIDES)}")
+        parser.error(f"unknown side(s) {', '.join(sorted(unknown))} with --precision {args.precision}; choose from {', '.join(known)}")
     return args
 
 
@@ -161,7 +179,7 @@ def make_clock():
                 self.tokens += int(mask.sum()) if mask is not None else ids.numel()
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.marks.append((state.global_step, time.perf_counter(), self.tokens))
+            self.marks.append((state.global_step, CLOCK(), self.tokens))
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "loss" in logs:
@@ -215,7 +233,9 @@ def plain_trainer(root: Path, examples: list[dict], max_steps: int, out_dir: Pat
     return Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks)
 
 
-def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict:
+def run_side(side: str, root: Path, data: Path, steps: int, warmup: int, precision: str = "bf16") -> dict:
+    """One side's training; ``precision`` "fp32": loralab with train.precision fp32 (what an AVX2 CPU gets), and
+    every side's matmul peak in fp32."""
     import torch
 
     examples = load_examples(root, data, (warmup + steps) * EXAMPLES_PER_STEP)
@@ -224,15 +244,17 @@ def run_side(side: str, root: Path, data: Path, steps: int, warmup: int) -> dict
         if side in ("loralab", "plain"):
             cfg = experiment_config(root, data, max_steps=warmup + steps)
             cfg.train.onednn_weights = "auto" if side == "loralab" else False
+            if precision == "fp32":
+                cfg.train.precision = "fp32"
             trainer, switches = loralab_trainer(cfg, examples, Path(tmp), [clock])
-            precision = switches.precision + (", oneDNN weights" if switches.onednn_weights else "")
+            used = switches.precision + (", oneDNN weights" if switches.onednn_weights else "")
         else:
-            trainer, precision = plain_trainer(root, examples, warmup + steps, Path(tmp), [clock], side == "bf16"), side
+            trainer, used = plain_trainer(root, examples, warmup + steps, Path(tmp), [clock], side == "bf16"), side
         decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
-        before = matmul_peak()["flops"]
+        before = matmul_peak(precision)["flops"]
         trainer.train()
-        after = matmul_peak()["flops"]
-    return clock.result(warmup) | {"precision": precision, "threads": torch.get_num_threads(), "matmul_peaks": [before, after]}
+        after = matmul_peak(precision)["flops"]
+    return clock.result(warmup) | {"precision": used, "threads": torch.get_num_threads(), "matmul_peaks": [before, after]}
 
 
 def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
@@ -272,30 +294,50 @@ def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
             "mmap_threshold": mmap_threshold_for(longest)}
 
 
-def matmul_peak(n: int = 4096, repeats: int = 6) -> dict:
-    """Best-of-``repeats`` bf16 (n x n) @ (n x n) throughput in FLOP/s."""
+def matmul_peak(precision: str = "bf16", n: int = 4096, repeats: int = 6) -> dict:
+    """Best-of-``repeats`` (n x n) @ (n x n) throughput in FLOP/s, in ``precision`` ("bf16" or "fp32")."""
     import torch
 
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, CLOCK() - start)
     return {"flops": 2 * n**3 / best, "n": n}
 
 
+def cpu_description() -> str:
+    """The CPU's model name, whether it multiplies bf16 natively, and any ISA limit (the AVX2 approximation)."""
+    from loralab import devices
+
+    limits = devices.isa_limits()
+    native = "native bf16" if devices.cpu_has_native_bf16() else "no native bf16"
+    return f"{devices.cpu_model_name()} ({os.cpu_count()} cores), {native}" + (f"; ISA limited by {limits}" if limits else "")
+
+
+CLOCK = time.perf_counter  # the worker's clock: its process's CPU time with --threads 1 (see worker)
+
+
 def worker(job: dict) -> dict:
+    global CLOCK
+    if job.get("threads"):
+        import torch
+
+        torch.set_num_threads(job["threads"])
+        if job["threads"] == 1:  # one thread's CPU time does not stretch when other jobs share the machine
+            CLOCK = time.process_time
     root, data = Path(job["root"]), Path(job["data"])
     if job["kind"] == "assets":
         build_assets(root, data)
         return {}
     if job["kind"] == "matmul":
-        return matmul_peak()
+        return matmul_peak(job["precision"])
     if job["kind"] == "packed":
         return run_packed_memory(root, data, job["tokens"], job["steps"])
-    return run_side(job["kind"], root, data, job["steps"], job["warmup"])
+    return run_side(job["kind"], root, data, job["steps"], job["warmup"], job["precision"])
 
 
 # ---------------------------------------------------------------- orchestration (parent process)
@@ -336,7 +378,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.data.exists():
         raise SystemExit(f"data file not found: {args.data} (pass --data)")
     root = asset_dir(args.cache_dir, args.data)
-    base = {"root": str(root), "data": str(args.data), "steps": args.steps, "warmup": args.warmup_steps}
+    base = {"root": str(root), "data": str(args.data), "steps": args.steps, "warmup": args.warmup_steps,
+            "precision": args.precision, "threads": args.threads}
+    print(f"CPU: {cpu_description()}", flush=True)
     started = time.perf_counter()
     in_subprocess(base | {"kind": "assets"})
     print(f"assets: {root} (model, tokenizer, encoded examples; built once)", flush=True)
@@ -360,30 +404,35 @@ def main(argv: list[str] | None = None) -> int:
     measured = sum(len(e["input_ids"]) for e in examples[args.warmup_steps * EXAMPLES_PER_STEP :])
     import torch
 
+    threads = args.threads or torch.get_num_threads()
     print(f"\n== TinyLlama-1.1B shape, random weights; {args.warmup_steps} warm-up + {args.steps} measured optimizer steps "
-          f"x {EXAMPLES_PER_STEP} real Alpaca examples ({measured} tokens measured); torch threads {torch.get_num_threads()}")
-    print(f"   bf16 matmul peak ({4096}^3, each the best of 6): {len(peaks)} measurements in this run, "
+          f"x {EXAMPLES_PER_STEP} real Alpaca examples ({measured} tokens measured); torch threads {threads}"
+          + (", tokens/s and peaks per second of each process's CPU time" if args.threads == 1 else ", wall clock"))
+    print(f"   CPU: {cpu_description()}")
+    print(f"   {args.precision} matmul peak ({4096}^3, each the best of 6): {len(peaks)} measurements in this run, "
           f"{min(peaks) / 1e9:.0f}-{best / 1e9:.0f} GFLOP/s; model FLOPs per token "
           f"{per_token / 1e9:.3f} GFLOP (4 x {non_embedding / 1e9:.3f} G non-embedding params + attention)")
     header = (f"   {'side':<50} {'tokens/s':>8} {'peak RSS':>9} {'vs seed':>8} {'vs bf16':>8} {'peak':>6} {'MFU':>6}"
               f" {'MFU vs best':>11}")
     print(header)
     print("   " + "-" * (len(header) - 3))
+    names = FP32_SIDES if args.precision == "fp32" else SIDES
     for side, r in results.items():
         ratio = {k: (f"{r['tokens_per_s'] / results[k]['tokens_per_s']:.2f}x" if k in results else "-") for k in ("seed", "bf16")}
         own = max(r["matmul_peaks"])
         achieved = r["tokens_per_s"] * per_token
-        print(f"   {SIDES[side]:<50} {r['tokens_per_s']:8.1f} {r['peak_rss'] / 1e9:6.2f} GB {ratio['seed']:>8} {ratio['bf16']:>8} "
+        print(f"   {names[side]:<50} {r['tokens_per_s']:8.1f} {r['peak_rss'] / 1e9:6.2f} GB {ratio['seed']:>8} {ratio['bf16']:>8} "
               f"{own / 1e9:6.0f} {100 * achieved / own:5.1f}% {100 * achieved / best:10.1f}%")
 
     ok = True
     if "loralab" in results:
         ours = results["loralab"]["tokens_per_s"]
-        for side, target in TARGETS.items():
+        for side, target in TARGETS[args.precision].items():
             if side in results:
                 got = ours / results[side]["tokens_per_s"]
                 ok &= got >= target
-                print(f"   target loralab >= {target:.1f}x {side}: {got:.2f}x {'met' if got >= target else 'MISSED'}")
+                print(f"   target loralab >= {target:.2f}x {side}: {got:.2f}x {'met' if got >= target else 'MISSED'}; last "
+                      f"measured loss {results['loralab']['losses'][-1]:.4f} vs {results[side]['losses'][-1]:.4f}")
         if "plain" in results:
             print(f"   loralab with oneDNN weights ({results['loralab']['precision']}) over train.onednn_weights=false: "
                   f"{ours / results['plain']['tokens_per_s']:.2f}x tokens/s, "

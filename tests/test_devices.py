@@ -108,7 +108,10 @@ def test_plan_switches_and_trainer_arguments_on_every_device(monkeypatch, device
     on_cpu = facts.kind == "cpu"
     assert switches.precision == expected and switches.device == facts.kind
     assert switches.cpu_speed_path is on_cpu  # no CPU-only kernels on a GPU or a Mac
-    assert switches.row_tokens == (decisions.CPU_ROW_TOKENS if on_cpu else max(lengths))
+    # On a CPU the measured pieces for its kind and precision (the fp32 row on an AVX2 CPU)
+    pieces = decisions.CPU_SPEED_PATH[(facts.native_bf16, expected)] if on_cpu else None
+    assert switches.cpu_pieces == pieces
+    assert switches.row_tokens == (pieces.row_tokens if on_cpu else max(lengths))
     assert switches.gradient_checkpointing is False  # a tiny model fits everywhere
     assert switches.onednn_weights is (on_cpu and expected == "bf16" and devices_have_onednn())
     assert switches.liger_kernels is False and switches.torch_compile is False

@@ -76,15 +76,14 @@ def example_lengths(examples: list[dict]) -> tuple[list[int], list[int]]:
     return lengths, trained
 
 
-CPU_ROW_TOKENS = 1024  # train.row_tokens "auto" on a CPU: the fastest row length measured (README, CPU speed)
-
-
-def resolve_row_tokens(train: TrainConfig, device: str, lengths: list[int]) -> int:
-    """train.row_tokens with "auto" decided: CPU_ROW_TOKENS on "cpu" (a device kind, or the cpu profile's name),
-    the longest example elsewhere (whose fastest row length was not measured here; data.max_length bounds it)."""
+def resolve_row_tokens(train: TrainConfig, device: str, lengths: list[int], precision: str = "bf16",
+                       native_bf16: bool = True) -> int:
+    """train.row_tokens with "auto" decided: on "cpu" (a device kind, or the cpu profile's name) the fastest row
+    length measured for this CPU kind and precision (CPU_SPEED_PATH), the longest example elsewhere (whose fastest
+    row length was not measured here; data.max_length bounds it)."""
     if train.row_tokens != "auto":
         return int(train.row_tokens)
-    return CPU_ROW_TOKENS if device == "cpu" else max(lengths)
+    return cpu_pieces(precision, native_bf16).row_tokens if device == "cpu" else max(lengths)
 
 
 def plan_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
@@ -121,10 +120,12 @@ def peak_row(lengths: list[int], per_step: int, row_tokens: int) -> list[int]:
     return row
 
 
-def fullest_row_tokens(train: TrainConfig, device: str, lengths: list[int]) -> int:
+def fullest_row_tokens(train: TrainConfig, device: str, lengths: list[int], precision: str = "bf16",
+                       native_bf16: bool = True) -> int:
     """Tokens in the fullest row (peak_row) ``train``'s steps can make on ``device`` (as in resolve_row_tokens)."""
     per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    return sum(lengths[i] for i in peak_row(lengths, per_step, resolve_row_tokens(train, device, lengths)))
+    row_tokens = resolve_row_tokens(train, device, lengths, precision, native_bf16)
+    return sum(lengths[i] for i in peak_row(lengths, per_step, row_tokens))
 
 
 def per_process_examples(train: TrainConfig, processes: int) -> int:
@@ -144,16 +145,53 @@ def per_process_examples(train: TrainConfig, processes: int) -> int:
 
 # The CPU speed path (loralab.cpu) ------------------------------------------------------------------
 
+class CpuPieces(NamedTuple):
+    """Which pieces of loralab.cpu a training run on a CPU switches on (loralab.cpu.speed_path), and its row length."""
+
+    fused_lora: bool
+    """loralab.cpu.fused_lora instead of PEFT's LoRA forward."""
+    fused_norm: bool
+    """loralab.cpu.fused_norm instead of transformers' RMSNorm."""
+    per_example_attention: bool
+    """loralab.cpu.attention over "sdpa" (an explicit "eager" or "flash_attention_2" is kept)."""
+    head_loss: bool
+    """loralab.cpu.head_loss: the frozen head's loss a chunk at a time, instead of the model's head at trained positions."""
+    tuned_allocator: bool
+    """loralab.cpu.allocator: glibc's mmap threshold set for the row length."""
+    row_tokens: int
+    """train.row_tokens "auto"."""
+
+
+# Per CPU kind (native bf16 or not) and precision, each row measured by the bench named beside it; a pair not
+# measured takes the measured one of the same precision.
+CPU_SPEED_PATH = {
+    # bench/train_throughput.py (README "Speed on a CPU"): AVX-512-BF16 EPYC, bf16
+    (True, "bf16"): CpuPieces(True, True, True, True, True, 1024),
+    # bench/cpu_switches.py --precision fp32 with ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 (AVX2 EPYC approximated)
+    (False, "fp32"): CpuPieces(True, True, True, True, True, 1024),
+}
+
+
+def cpu_pieces(precision: str, native_bf16: bool) -> CpuPieces:
+    """CPU_SPEED_PATH's pieces for a CPU with or without ``native_bf16`` training in ``precision`` (fp32 matmuls take
+    the same MKL path with or without native bf16, so an unmeasured pair takes its precision's measured row)."""
+    found = CPU_SPEED_PATH.get((native_bf16, precision))
+    if found is None:
+        found = next((v for (_, p), v in CPU_SPEED_PATH.items() if p == precision), CPU_SPEED_PATH[(True, "bf16")])
+    return found
+
+
 def cpu_speed_path(device: str) -> bool:
-    """Whether training runs loralab.cpu's fused LoRA layers and norms, frozen-head loss and tuned allocator:
-    on a CPU. GPUs keep PEFT's and transformers' kernels (fast there; these were not measured on one)."""
+    """Whether training runs loralab.cpu's speed path (the pieces cpu_pieces picks): on a CPU. GPUs keep PEFT's
+    and transformers' kernels (fast there; these were not measured on one)."""
     return device == "cpu"
 
 
-def per_example_attention(device: str, attn_implementation: str) -> bool:
-    """Whether the CPU speed path also swaps attention for loralab.cpu.attention: only over "sdpa" (an explicit
-    "eager" or "flash_attention_2" is kept)."""
-    return cpu_speed_path(device) and attn_implementation == "sdpa"
+def per_example_attention(device: str, attn_implementation: str, precision: str = "bf16", native_bf16: bool = True) -> bool:
+    """Whether the CPU speed path also swaps attention for loralab.cpu.attention: where cpu_pieces says so, and only
+    over "sdpa" (an explicit "eager" or "flash_attention_2" is kept)."""
+    return (cpu_speed_path(device) and attn_implementation == "sdpa"
+            and cpu_pieces(precision, native_bf16).per_example_attention)
 
 
 def can_use_onednn_weights(device: str, precision: str, peak_tokens: int, checkpointing: bool) -> bool:
@@ -178,6 +216,8 @@ class Switches(NamedTuple):
     cpu_speed_path: bool
     liger_kernels: bool
     torch_compile: bool
+    cpu_pieces: CpuPieces | None = None
+    """What the CPU speed path switches on (None off a CPU)."""
 
 
 def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = None) -> None:
@@ -233,9 +273,12 @@ def decide_switches(cfg: ExperimentConfig, facts: DeviceFacts, lengths: list[int
         if announce and train.gradient_checkpointing and cfg.train.gradient_checkpointing == "auto":
             print(f"train: the estimate says this run would not fit {profile.description} without gradient checkpointing; "
                   f"turning it on (more compute; `loralab plan CONFIG` shows the figures)")
+    native = facts.native_bf16
+    on_cpu = cpu_speed_path(device)
     return Switches(
-        device=device, precision=precision, row_tokens=resolve_row_tokens(train, device, lengths),
-        longest_row_tokens=fullest_row_tokens(train, device, lengths),
+        device=device, precision=precision, row_tokens=resolve_row_tokens(train, device, lengths, precision, native),
+        longest_row_tokens=fullest_row_tokens(train, device, lengths, precision, native),
         gradient_checkpointing=bool(train.gradient_checkpointing), onednn_weights=bool(train.onednn_weights),
-        cpu_speed_path=cpu_speed_path(device), liger_kernels=train.liger_kernels, torch_compile=train.torch_compile,
+        cpu_speed_path=on_cpu, cpu_pieces=cpu_pieces(precision, native) if on_cpu else None,
+        liger_kernels=train.liger_kernels, torch_compile=train.torch_compile,
     )

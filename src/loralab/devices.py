@@ -71,13 +71,24 @@ def device_name(device: str) -> str:
     return cpu_model_name()
 
 
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def isa_limits() -> str:
+    """The environment settings that hold oneDNN/MKL/ATen below the CPU's own instruction set (how an AVX2 CPU is
+    approximated on an AVX-512 one), as text; empty when there are none."""
+    import os
+
+    return ", ".join(f"{k}={os.environ[k]}" for k in ISA_LIMITS if os.environ.get(k))
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as oneDNN reports it."""
+    """True when the CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), as oneDNN reports it: oneDNN runs every
+    bf16 matmul, so when it says no (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX-512 CPU, say) bf16 is emulated, and slow."""
     import torch
 
     try:
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return True
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         pass
     try:

@@ -29,17 +29,19 @@ fits them (--calibrate) on shapes other than the ones it validates.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import statistics
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from loralab import LEAN_ALLOCATOR_ROW_TOKENS, PLAIN_HEAD_MODELS, decisions
 from loralab import LOSS_CHUNK_ROWS as CHUNK_ROWS
 from loralab.config import LoraSection, TrainConfig
 from loralab.decisions import can_use_onednn_weights, fullest_row_tokens, peak_row, resolve_row_tokens
-from loralab.devices import DeviceFacts
+from loralab.devices import DeviceFacts, isa_limits
 from loralab.errors import LoralabError
 
 GB = 1e9
@@ -467,9 +469,15 @@ class Rows(NamedTuple):
         return sum(self.peak_examples)
 
 
-def row_layout(train: TrainConfig, device: str, lengths: list[int], trained_counts: list[int]) -> Rows:
+def native_bf16(profile: DeviceProfile) -> bool:
+    """Whether the profile's device multiplies bf16 natively: a CPU profile lists bf16 only where it does (cpu_profile)."""
+    return "bf16" in profile.peak_flops
+
+
+def row_layout(train: TrainConfig, profile: DeviceProfile, precision: str, lengths: list[int],
+               trained_counts: list[int]) -> Rows:
     per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    row_tokens = resolve_row_tokens(train, device, lengths)
+    row_tokens = resolve_row_tokens(train, profile.name, lengths, precision, native_bf16(profile))
     peak = peak_row(lengths, per_step, row_tokens)
     rows = typical_rows(lengths, per_step, row_tokens)
     mean_tokens = statistics.fmean(sum(r) for r in rows)
@@ -485,17 +493,22 @@ class SpeedPath(NamedTuple):
     """Which of loralab.cpu's pieces a run uses (loralab.decisions decides)."""
 
     fused: bool
-    """Fused LoRA layers and norms, the tuned allocator."""
+    """Fused LoRA layers."""
     per_example: bool
     """Per-example attention."""
     fused_head: bool
     """The frozen-head loss."""
+    tuned_allocator: bool
+    """glibc's allocator set for the row length."""
 
 
-def speed_path(profile: DeviceProfile, attn_implementation: str, model_config: dict[str, Any]) -> SpeedPath:
-    fused = decisions.cpu_speed_path(profile.name)
-    return SpeedPath(fused, decisions.per_example_attention(profile.name, attn_implementation),
-                 fused and model_config.get("model_type") in PLAIN_HEAD_MODELS)
+def speed_path(profile: DeviceProfile, precision: str, attn_implementation: str, model_config: dict[str, Any]) -> SpeedPath:
+    if not decisions.cpu_speed_path(profile.name):
+        return SpeedPath(False, False, False, False)
+    on = decisions.cpu_pieces(precision, native_bf16(profile))
+    return SpeedPath(on.fused_lora, decisions.per_example_attention(profile.name, attn_implementation, precision,
+                                                                    native_bf16(profile)),
+                     on.head_loss and model_config.get("model_type") in PLAIN_HEAD_MODELS, on.tuned_allocator)
 
 
 def saved_activation_bytes(shape: ModelShape, train: TrainConfig, rows: Rows, per_token: float, b: int, path: SpeedPath,
@@ -543,7 +556,7 @@ def memory_model(shape: ModelShape, lora: LoraSection, train: TrainConfig, profi
     # loralab.cpu.allocator.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
     # more than the live activations (HEAP_HELD_FACTOR, from bench/plan_validation.py); longer rows give freed
     # memory back at once.
-    if path.fused:
+    if path.tuned_allocator:
         held = HEAP_HELD_FACTOR if peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS else 1.0
     else:
         held = profile.allocator_factor
@@ -587,7 +600,7 @@ class Times(NamedTuple):
 
 
 def attention_seconds(shape: ModelShape, profile: DeviceProfile, peak: float, rows: Rows, lengths: list[int],
-                      recompute: float, path: SpeedPath, attn_implementation: str) -> tuple[float, float]:
+                      recompute: float, path: SpeedPath, attn_implementation: str, act_bytes: int = 2) -> tuple[float, float]:
     """(FLOPs, seconds) of attention per micro-batch. QK^T and AV are 4 x q_dim FLOPs per (query, key) pair
     forward, backward ~2.5x that. One example per row runs the causal kernel (about half the pairs, whole blocks on
     the diagonal); a packed row with a block mask pays every pair of the row."""
@@ -606,7 +619,9 @@ def attention_seconds(shape: ModelShape, profile: DeviceProfile, peak: float, ro
         long_share = 1 - sum(short) / sum(lengths)
         full_pairs = statistics.fmean(sum(n * n for n in r if n <= PER_EXAMPLE_MAX_TOKENS) for r in rows.rows)
         mat_s = n_layers * 4 * q_dim * full_pairs * 3 / (peak * profile.efficiency)
-        scores_s = n_layers * shape.num_heads * full_pairs * profile.score_s_per_element
+        # memory-bound work on probabilities stored in the compute dtype: score_s_per_element was measured in bf16, and
+        # fp32 moves twice the bytes (bench/plan_validation.py, tiny model at 1,024 tokens, AVX2 approximated)
+        scores_s = n_layers * shape.num_heads * full_pairs * profile.score_s_per_element * act_bytes / 2
         seconds = seconds * long_share + mat_s + scores_s
     return attention, seconds
 
@@ -625,7 +640,7 @@ def time_model(shape: ModelShape, lora: LoraSection, train: TrainConfig, profile
     recompute = 1.0 if train.gradient_checkpointing else 0.0
     matmul = 2 * layers_forward + 4 * head * mean_trained + 2 * trainable * mean_tokens + recompute * layers_forward
     peak = profile.peak_flops[precision]
-    attention, attention_s = attention_seconds(shape, profile, peak, rows, lengths, recompute, path, attn_implementation)
+    attention, attention_s = attention_seconds(shape, profile, peak, rows, lengths, recompute, path, attn_implementation, b)
     weight_reads_s = (2 + recompute) * total * b / profile.bandwidth  # small micro-batches only read weights
     efficiency = profile.efficiency * (profile.onednn_speedup if train.onednn_weights else 1.0)
     matmul_s = max(matmul / (peak * efficiency), weight_reads_s)
@@ -686,7 +701,7 @@ def estimate(
     trained_counts = list(lengths) if trained_counts is None else list(trained_counts)
     shape = model_shape(model_config)
     notes = switch_notes(requested, train)
-    rows = row_layout(train, profile.name, lengths, trained_counts)
+    rows = row_layout(train, profile, precision, lengths, trained_counts)
     per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
     notes.append(f"rows of up to {rows.row_tokens:,} tokens (train.row_tokens): {rows.rows_per_step:.1f} per optimizer "
                  f"step of {per_step} examples on average")
@@ -694,7 +709,7 @@ def estimate(
         notes.append("DoRA runs PEFT's own forward (not loralab's fused CPU LoRA layers), rebuilding each adapted weight")
     if attn_implementation == "eager":
         notes.append("attn_implementation eager keeps heads x tokens^2 attention probabilities per layer; sdpa does not")
-    path = speed_path(profile, attn_implementation, model_config)
+    path = speed_path(profile, precision, attn_implementation, model_config)
     memory, per_token = memory_model(shape, lora, train, profile, precision, rows, path, attn_implementation)
     times = time_model(shape, lora, train, profile, precision, rows, per_token, lengths, path, attn_implementation)
     step_s = rows.rows_per_step * times.microbatch_seconds
@@ -724,7 +739,7 @@ def resolve_switches(
     """``train`` with gradient_checkpointing and onednn_weights decided where they are "auto": the fastest
     setting that fits, in this order: oneDNN weights without checkpointing (where can_use_onednn_weights), plain
     weights without checkpointing, checkpointing with plain weights; the last when none fits."""
-    peak_tokens = fullest_row_tokens(train, profile.name, lengths)
+    peak_tokens = fullest_row_tokens(train, profile.name, lengths, precision, native_bf16(profile))
     candidates = []
     for checkpointing in ([False, True] if train.gradient_checkpointing == "auto" else [train.gradient_checkpointing]):
         for onednn in ([True, False] if train.onednn_weights == "auto" else [train.onednn_weights]):
@@ -774,7 +789,7 @@ def suggest(
         return trials
 
     out: list[Suggestion | None] = []
-    row_tokens = resolve_row_tokens(train, profile.name, lengths)
+    row_tokens = resolve_row_tokens(train, profile.name, lengths, precision, native_bf16(profile))
     fewer = [2**k for k in range(14, 6, -1) if 2**k < row_tokens and 2**k >= min(lengths)]
     out.append(first_fit([
         trial([f"train.row_tokens={n}"], "same examples per optimizer step, in more, shorter rows", replace(train, row_tokens=n))
@@ -828,6 +843,27 @@ def measure_matmul_peak(precision: str, size: int = 2048, seconds: float = 1.0, 
     return 2 * size**3 * runs / (clock() - start)
 
 
+def idle_matmul_peak(precision: str, size: int = 2048, seconds: float = 1.0) -> float:
+    """measure_matmul_peak as this CPU reaches it alone: FLOP/s by the wall clock, or by CPU time per thread where
+    that is faster (on a busy machine the process gets only part of its threads' time, and the wall clock would
+    count the other jobs' share against the CPU)."""
+    import time
+
+    import torch
+
+    from loralab.modeling import DTYPES
+
+    a = torch.randn(size, size, dtype=DTYPES[precision])
+    bm = torch.randn(size, size, dtype=DTYPES[precision])
+    torch.matmul(a, bm)  # warm-up: thread pool, oneDNN kernel selection
+    runs, wall, cpu = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds or runs < 2:
+        torch.matmul(a, bm)
+        runs += 1
+    wall, cpu = time.perf_counter() - wall, (time.process_time() - cpu) / torch.get_num_threads()
+    return 2 * size**3 * runs / min(wall, cpu)
+
+
 def cpu_profile(calibrate: bool = False, facts: DeviceFacts | None = None) -> DeviceProfile:
     """The cpu profile with this machine's available RAM, and the precisions loralab.decisions allows on this CPU."""
     import psutil
@@ -837,36 +873,68 @@ def cpu_profile(calibrate: bool = False, facts: DeviceFacts | None = None) -> De
     facts = facts or devices.probe("cpu")
     base = PROFILES["cpu"]
     peaks = {p: base.peak_flops[p] for p in decisions.supported_precisions(facts)}
+    measured = ""
     if calibrate:
-        peaks = {p: measure_matmul_peak(p) for p in peaks}
+        peaks, measured = calibrated_peaks(facts, list(peaks))
     ram = psutil.virtual_memory()
     basis = base.basis
+    if calibrate and not is_reference_cpu(facts):
+        basis = (f"matmul peaks of this CPU ({facts.name}, {'with' if facts.native_bf16 else 'without'} native bf16"
+                 f"{', ISA limited by ' + isa_limits() if isa_limits() else ''}); efficiencies and overheads from the "
+                 f"reference CPU ({REFERENCE_CPU_NAME} with native bf16)")
     if not calibrate and not is_reference_cpu(facts):
         basis = (f"NOT this CPU: the time constants were measured on the reference CPU ({REFERENCE_CPU_NAME} with "
                  f"native bf16) and this one ({facts.name}, {'with' if facts.native_bf16 else 'without'} native bf16"
-                 f"{', ISA limited by ' + _isa_limits() if _isa_limits() else ''}) may be much slower or faster; "
+                 f"{', ISA limited by ' + isa_limits() if isa_limits() else ''}) may be much slower or faster; "
                  f"`loralab plan CONFIG --calibrate` measures its matmul peaks first")
     return replace(
         base, memory_bytes=facts.memory_bytes, peak_flops=peaks, default_precision=decisions.choose_precision(facts),
         description=f"this CPU ({ram.total / GB:.1f} GB RAM, {facts.memory_bytes / GB:.1f} GB available now"
-        + (", matmul peaks measured just now)" if calibrate else ", matmul peaks of the reference CPU)"), basis=basis,
+        + (f", matmul peaks {measured})" if calibrate else ", matmul peaks of the reference CPU)"), basis=basis,
     )
+
+
+def peaks_cache_file() -> Path:
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loralab" / "cpu_matmul_peaks.json"
+
+
+def calibrated_peaks(facts: DeviceFacts, precisions: list[str]) -> tuple[dict[str, float], str]:
+    """This CPU's matmul peaks for ``precisions`` and where they come from: measured once per CPU model, ISA limits
+    and thread count (a second or so each), then read from peaks_cache_file() (a second plan is instant)."""
+    import time
+
+    import torch
+
+    from loralab.rundir import atomic_write_text
+
+    key = f"{facts.name} | {isa_limits() or 'full ISA'} | {torch.get_num_threads()} threads"
+    path = peaks_cache_file()
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+        entry = dict(cache[key]) if isinstance(cache.get(key), dict) else {}
+    except (OSError, ValueError):
+        cache, entry = {}, {}
+    missing = [p for p in precisions if not isinstance(entry.get(p), (int, float))]
+    if not missing:
+        return {p: float(entry[p]) for p in precisions}, f"measured {entry.get('measured', 'earlier')}, cached in {path}"
+    entry.update({p: idle_matmul_peak(p) for p in missing}, measured=time.strftime("%Y-%m-%d"))
+    cache[key] = entry
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(cache, indent=1) + "\n")
+    except OSError:
+        pass  # an unwritable cache only means measuring again next time
+    return {p: float(entry[p]) for p in precisions}, "measured just now"
 
 
 REFERENCE_CPU_NAME = "AMD EPYC"  # /proc/cpuinfo's model name of the CPU PROFILES["cpu"] was measured on
 
 
-def _isa_limits() -> str:
-    """The environment settings that hold oneDNN/MKL below the CPU's own instruction set (how an AVX2 CPU is
-    approximated on an AVX-512 one), as text; empty when there are none."""
-    import os
-
-    return ", ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS") if os.environ.get(k))
-
-
 def is_reference_cpu(facts: DeviceFacts) -> bool:
     """Whether the plan's CPU constants were measured on a CPU like this one (same model, native bf16, full ISA)."""
-    return facts.name == REFERENCE_CPU_NAME and facts.native_bf16 and not _isa_limits()
+    return facts.name == REFERENCE_CPU_NAME and facts.native_bf16 and not isa_limits()
 
 
 def mps_profile(facts: DeviceFacts) -> DeviceProfile:

@@ -16,16 +16,17 @@ from loralab.cpu import head_loss, onednn_weights
 from loralab.packing import pack_examples, plan_rows
 
 
-def response_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def response_loss_sum(model, batch: dict[str, torch.Tensor], fused_head: bool = True) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over trained targets of a packed row, and their count.
 
-    ``batch`` holds input_ids, labels and position_ids of shape (1, T) as made by pack_examples.
+    ``batch`` holds input_ids, labels and position_ids of shape (1, T) as made by pack_examples. ``fused_head``:
+    through loralab.cpu.head_loss where it applies (loralab.decisions.cpu_pieces decides it for training).
     """
     labels = batch["labels"]
     targets = labels[0, 1:]  # (T-1,) the token each position predicts
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (K,) positions with a trained target
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    plain = head_loss.frozen_plain_head(model)
+    plain = head_loss.frozen_plain_head(model) if fused_head else None
     if plain is not None:
         decoder, head = plain
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[0, keep]  # (K, hidden)

@@ -74,7 +74,7 @@ class ResponseOnlyTrainer(Trainer):
         if not s.cpu_speed_path:
             return super().train(resume_from_checkpoint, **kwargs)
         start = time.perf_counter()
-        with cpu.speed_path(self.model, s.row_tokens, s.longest_row_tokens, s.onednn_weights) as switched:
+        with cpu.speed_path(self.model, s.row_tokens, s.longest_row_tokens, s.onednn_weights, s.cpu_pieces) as switched:
             if switched.onednn_weights:
                 print(f"train: {switched.onednn_weights} frozen weights put in oneDNN's layout for this CPU's matmuls in "
                       f"{time.perf_counter() - start:.0f} s (train.onednn_weights; `loralab plan CONFIG` shows the memory)")
@@ -94,7 +94,8 @@ class ResponseOnlyTrainer(Trainer):
         return metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss_sum, count = response_loss_sum(model, inputs)
+        pieces = self.switches.cpu_pieces
+        loss_sum, count = response_loss_sum(model, inputs, fused_head=pieces.head_loss if pieces else True)
         if not torch.isfinite(loss_sum):
             raise NonFiniteLoss(self.state.global_step + 1, "loss", self.switches.precision)
         if num_items_in_batch is None:  # evaluation, or a caller that does not count: a plain mean
