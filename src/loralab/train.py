@@ -95,7 +95,8 @@ class ResponseOnlyTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pieces = self.switches.cpu_pieces
-        loss_sum, count = response_loss_sum(model, inputs, fused_head=pieces.head_loss if pieces else True)
+        head = {} if pieces is None or pieces.head_loss else {"fused_head": False}  # the frozen-head loss where measured faster
+        loss_sum, count = response_loss_sum(model, inputs, **head)
         if not torch.isfinite(loss_sum):
             raise NonFiniteLoss(self.state.global_step + 1, "loss", self.switches.precision)
         if num_items_in_batch is None:  # evaluation, or a caller that does not count: a plain mean
