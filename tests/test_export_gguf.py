@@ -52,9 +52,11 @@ def test_gguf_metadata_says_llama_eos_bos_and_template(exported, tiny_model_dir)
         assert _field(reader, "tokenizer.ggml.add_bos_token") is True
         assert _field(reader, "tokenizer.chat_template") == tok.chat_template
         assert len(reader.fields["tokenizer.ggml.tokens"].data) == len(tok)
-        matrix_types = {t.tensor_type for t in reader.tensors if len(t.shape) == 2}
+        types = {t.name: t.tensor_type for t in reader.tensors}
+        assert {types[n] for n in ("token_embd.weight", "output.weight")} == {GGMLQuantizationType.F16}
         want = GGMLQuantizationType.F16 if quant == "f16" else GGMLQuantizationType.Q8_0
-        assert matrix_types == {want}
+        assert {types[t.name] for t in reader.tensors if len(t.shape) == 2 and t.name.startswith("blk.")} == {want}
+        assert {types[t.name] for t in reader.tensors if len(t.shape) == 1} == {GGMLQuantizationType.F32}  # norms
         # 2 layers x 9 tensors + embeddings, final norm and the untied head.
         assert len(reader.tensors) == 2 * 9 + 3
 

@@ -91,15 +91,31 @@ def gguf_tensors(state_dict: dict[str, torch.Tensor], config):
         yield new, data.numpy()
 
 
-def encode_tensor(data: np.ndarray, quant: str):
-    """(array, GGML type): norms stay float32; matrices f16, or q8_0 where rows split into 32-value blocks."""
+# Kept in f16 inside a q8_0 file: the token embedding and the output head (one tensor when they are tied, as
+# in SmolLM2). Every logit is a dot product with a row of the head, so rounding it to 8 bits moves every
+# logit; llama.cpp's own quantizer offers the same choice (--token-embedding-type, --output-tensor-type).
+Q8_0_KEPT_F16 = ("token_embd.weight", "output.weight")
+
+
+def encode_tensor(name: str, data: np.ndarray, quant: str):
+    """(array, GGML type): norms stay float32; matrices f16, or q8_0 where rows split into 32-value blocks
+    (except the embedding and output head, `Q8_0_KEPT_F16`)."""
     import gguf
 
     if data.ndim == 1:
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
-    if quant == "q8_0" and data.shape[-1] % 32 == 0:
+    if quant == "q8_0" and data.shape[-1] % 32 == 0 and name not in Q8_0_KEPT_F16:
         return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
     return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+def gguf_bytes(config, n_params: int, quant: str) -> int:
+    """About how large a GGUF of ``quant`` is: 2 bytes a weight in f16; q8_0 stores 32 int8 values and one f16
+    scale per block (34/32 bytes a weight), except the embedding and head, kept in f16."""
+    if quant == "f16":
+        return 2 * n_params
+    embeddings = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    return int((n_params - embeddings) * 34 / 32 + 2 * embeddings)
 
 
 def write_hparams(writer, config, quant: str) -> None:
@@ -200,7 +216,7 @@ def write_gguf(path: Path, model, tokenizer, quant: str, add_bos: bool, name: st
     write_hparams(writer, model.config, quant)
     write_vocab(writer, tokenizer, model.config.vocab_size, add_bos)
     for gguf_name, data in gguf_tensors(model.state_dict(), model.config):
-        array, qtype = encode_tensor(data, quant)
+        array, qtype = encode_tensor(gguf_name, data, quant)
         writer.add_tensor(gguf_name, array, raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -293,8 +309,8 @@ def run(target: str, out: str | None = None, quants: list[str] | tuple[str, ...]
     check_output_dir(dest, overwrite, "GGUF files")
     config = AutoConfig.from_pretrained(resolve_model_source(tgt.model), revision=tgt.model.revision)
     check_architecture(config)
-    bytes_per_param = {"f16": 2.0, "q8_0": 34 / 32}  # q8_0: 32 int8 values + one f16 scale per block
-    need = int(parameter_count(config) * sum(bytes_per_param[q] for q in quants) * 1.02)
+    n_params = parameter_count(config)
+    need = int(sum(gguf_bytes(config, n_params, q) for q in quants) * 1.02)
     check_free_space(dest.parent, need, "GGUF files")
 
     model, tokenizer = load_for_export(tgt)
