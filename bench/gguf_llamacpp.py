@@ -251,6 +251,7 @@ def speed_table(cpp: dict, merged, tok, template, threads: int) -> dict:
                            max_new_tokens=SPEED_TOKENS, min_new_tokens=SPEED_TOKENS, do_sample=False,
                            pad_token_id=tok.eos_token_id)
 
+    load_before = os.getloadavg()[0]
     bf16 = copy.deepcopy(merged).to(torch.bfloat16)
     engines = {"llama.cpp f16 GGUF": lambda ids: cpp_run(cpp["f16"], ids),
                "llama.cpp q8_0 GGUF": lambda ids: cpp_run(cpp["q8_0"], ids),
@@ -270,7 +271,8 @@ def speed_table(cpp: dict, merged, tok, template, threads: int) -> dict:
     print(f"\nGeneration speed: the {len(prompts)} prompts above ({min(map(len, prompts))}-{max(map(len, prompts))} "
           f"prompt tokens), greedy, {SPEED_TOKENS} new tokens each, batch 1, {threads} threads on each side, "
           f"prompt processing included; median of {SPEED_REPEATS} repeats (each repeat: all prompts, engines in "
-          "turn)\n\n| engine | tokens/s (median) | repeats | vs transformers fp32 |\n|---|---|---|---|")
+          f"turn); 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)"
+          "\n\n| engine | tokens/s (median) | repeats | vs transformers fp32 |\n|---|---|---|---|")
     for name, rate in medians.items():
         runs = ", ".join(f"{r:.1f}" for r in rates[name])
         print(f"| {name} | {rate:.1f} | {runs} | {rate / ref:.2f}x |")
