@@ -220,7 +220,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [compare_prompt(prompt, tok, template, merged, base, cpp) for prompt in PROMPTS]
     print_agreement(rows, args.steps)
 
-    sizes = {f"model-{name}.gguf": path.stat().st_size for name, path in files.items() if name != "base"}
+    sizes = {"model-f16.gguf": files["f16"].stat().st_size, "model-q8_0.gguf (f16 embedding/head)":
+             files["q8_0"].stat().st_size, "all-q8_0 baseline": files["q8_0 all"].stat().st_size}
     sizes["base model.safetensors (fp32, from the Q4_1 GGUF)"] = (Path(args.model) / "model.safetensors").stat().st_size
     print("\n| file | size |\n|---|---|")
     for name, size in sizes.items():
