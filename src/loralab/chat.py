@@ -121,21 +121,16 @@ def load_responder(target: str, settings: SamplingSettings, overrides: list[str]
     """The model behind ``target`` in the precision eval uses, with the run's adapter unless ``base_only``."""
     from loralab.adapters import attach_adapter, checked_adapter, resolve_target
     from loralab.data import make_template
-    from loralab.modeling import (
-        DTYPES,
-        choose_precision,
-        detect_device,
-        load_model,
-        load_tokenizer,
-    )
+    from loralab import decisions, devices
+    from loralab.modeling import DTYPES, load_model, load_tokenizer
 
     tgt = resolve_target(target, overrides)
     use_adapter = tgt.cfg is not None and not settings.base_only
     if settings.compare and tgt.cfg is None:
         raise LoralabError(f"--compare needs a run with a trained adapter; {tgt.label} is a model folder")
     adapter = checked_adapter(tgt, "generate/chat") if use_adapter else None
-    device = detect_device(tgt.cfg.train.device if tgt.cfg is not None else "auto")
-    precision = choose_precision(device, tgt.cfg.train.precision if tgt.cfg is not None else "auto")
+    device = devices.detect_device(tgt.cfg.train.device if tgt.cfg is not None else "auto")
+    precision = decisions.choose_precision(devices.probe(device), tgt.cfg.train.precision if tgt.cfg is not None else "auto")
     tokenizer = load_tokenizer(tgt.model)
     model = load_model(tgt.model, "fp32" if adapter is not None else precision, device)
     if adapter is not None:

@@ -278,7 +278,9 @@ def encode_example(tokenizer: Any, template: Template, record: dict, max_length:
 
 
 def trained_token_count(labels: Sequence[int]) -> int:
-    return sum(1 for x in labels if x != IGNORE_INDEX)
+    """Tokens the loss is taken on: labels other than IGNORE_INDEX after the first (position 0 is predicted from
+    nothing, so its label never counts)."""
+    return sum(1 for x in labels[1:] if x != IGNORE_INDEX)
 
 
 def encode_split(tokenizer: Any, template: Template, records: list[dict], max_length: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
-from loralab import IGNORE_INDEX, LEAN_ALLOCATOR_ROW_TOKENS
+from loralab import LEAN_ALLOCATOR_ROW_TOKENS
 from loralab.errors import LoralabError
 
 if TYPE_CHECKING:
@@ -70,9 +70,11 @@ def loss_scaling(precision: str) -> bool:
 # Rows ----------------------------------------------------------------------------------------------
 
 def example_lengths(examples: list[dict]) -> tuple[list[int], list[int]]:
-    """(token counts, trained-target counts) of encoded examples; a label at position 0 predicts nothing."""
+    """(token counts, trained-target counts: data.trained_token_count) of encoded examples."""
+    from loralab.data import trained_token_count
+
     lengths = [len(e["input_ids"]) for e in examples]
-    trained = [sum(1 for x in e["labels"][1:] if x != IGNORE_INDEX) for e in examples]
+    trained = [trained_token_count(e["labels"]) for e in examples]
     return lengths, trained
 
 
@@ -187,7 +189,7 @@ def cpu_speed_path(device: str) -> bool:
     return device == "cpu"
 
 
-def per_example_attention(device: str, attn_implementation: str, precision: str = "bf16", native_bf16: bool = True) -> bool:
+def per_example_attention_on(device: str, attn_implementation: str, precision: str = "bf16", native_bf16: bool = True) -> bool:
     """Whether the CPU speed path also swaps attention for loralab.cpu.attention: where cpu_pieces says so, and only
     over "sdpa" (an explicit "eager" or "flash_attention_2" is kept)."""
     return (cpu_speed_path(device) and attn_implementation == "sdpa"

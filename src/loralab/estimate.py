@@ -506,7 +506,7 @@ def speed_path(profile: DeviceProfile, precision: str, attn_implementation: str,
     if not decisions.cpu_speed_path(profile.name):
         return SpeedPath(False, False, False, False)
     on = decisions.cpu_pieces(precision, native_bf16(profile))
-    return SpeedPath(on.fused_lora, decisions.per_example_attention(profile.name, attn_implementation, precision,
+    return SpeedPath(on.fused_lora, decisions.per_example_attention_on(profile.name, attn_implementation, precision,
                                                                     native_bf16(profile)),
                      on.head_loss and model_config.get("model_type") in PLAIN_HEAD_MODELS, on.tuned_allocator)
 

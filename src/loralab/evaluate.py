@@ -22,7 +22,8 @@ from loralab.errors import LoralabError
 from loralab.generation import cache_key, generate_greedy, load_cached, model_fingerprint, save_cached
 from loralab.loss import heldout_loss
 from loralab.metrics import example_scores, score_corpus
-from loralab.modeling import choose_precision, detect_device, load_model, load_tokenizer
+from loralab.devices import detect_device, probe
+from loralab.modeling import load_model, load_tokenizer
 from loralab.rundir import (
     RunDir,
     atomic_write_text,
@@ -168,7 +169,7 @@ def _load_adapter(model, adapter_dir):
 def _evaluate(cfg: ExperimentConfig, rundir: RunDir, expected: str, inputs: dict) -> None:
     start = time.perf_counter()
     device = detect_device(cfg.train.device)
-    precision = choose_precision(device, cfg.train.precision)
+    precision = decisions.choose_precision(probe(device), cfg.train.precision)
     tokenizer = load_tokenizer(cfg.model)
     template = make_template(tokenizer, cfg.data.template, _data_format(rundir))
     held_out = read_jsonl(rundir.eval_file)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 from loralab import IGNORE_INDEX
 from loralab.config import ExperimentConfig
-from loralab.data import DataError, Encoded, Template, encode_example, make_template, read_format, select_and_split
+from loralab.data import DataError, Encoded, Template, encode_example, make_template, read_format, select_and_split, trained_token_count
 from loralab.errors import LoralabError
 
 ANSI_TRAINED = "\x1b[1;32m"  # bold green
@@ -66,10 +66,6 @@ def render_example(tokenizer: Any, input_ids: Sequence[int], labels: Sequence[in
 
 # Checks -------------------------------------------------------------------------------------------
 
-def _count_trained(labels: Sequence[int]) -> int:
-    return sum(1 for x in labels if x != IGNORE_INDEX)
-
-
 def _some(indices: list[int], limit: int = 5) -> str:
     shown = ", ".join(str(i) for i in indices[:limit])
     return shown + (", ..." if len(indices) > limit else "")
@@ -77,7 +73,7 @@ def _some(indices: list[int], limit: int = 5) -> str:
 
 def check_trained_tokens(examples: Sequence[Encoded]) -> Finding:
     """Examples whose labels are all masked teach nothing (prepare drops them)."""
-    empty = [i for i, ex in enumerate(examples) if _count_trained(ex.labels) == 0]
+    empty = [i for i, ex in enumerate(examples) if trained_token_count(ex.labels) == 0]
     if not empty:
         return Finding("trained tokens", "ok", f"every one of {len(examples)} examples has trained tokens")
     status = "error" if len(empty) == len(examples) else "warning"
@@ -98,7 +94,7 @@ def check_truncation(examples: Sequence[Encoded], max_length: int) -> Finding:
 
 def check_eos_trained(examples: Sequence[Encoded], eos_token_id: int) -> Finding:
     """Every complete example should end its trained tokens with EOS, or generation never learns to stop."""
-    complete = [i for i, ex in enumerate(examples) if not ex.truncated and _count_trained(ex.labels) > 0]
+    complete = [i for i, ex in enumerate(examples) if not ex.truncated and trained_token_count(ex.labels) > 0]
     missing = []
     for i in complete:
         trained = [x for x in examples[i].labels if x != IGNORE_INDEX]
@@ -225,7 +221,7 @@ def run(cfg: ExperimentConfig, num_examples: int = 3) -> list[Finding]:
     print(f"inspect: {len(selected)} {data_format} examples ({len(train_idx)} train, {len(eval_idx)} eval), {template.kind} template, "
           f"data.max_length={cfg.data.max_length}; {legend} tokens are the ones the loss sees")
     for k, ex in enumerate(examples[:num_examples]):
-        n_trained = _count_trained(ex.labels)
+        n_trained = trained_token_count(ex.labels)
         print(f"\n--- example {k}: {len(ex.input_ids)} tokens, {n_trained} trained, "
               f"{'truncated' if ex.truncated else 'complete'}")
         print(render_example(tokenizer, ex.input_ids, ex.labels, color))

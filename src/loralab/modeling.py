@@ -8,18 +8,12 @@ from typing import Any
 
 import torch
 
-from loralab import decisions, devices
 from loralab.config import LoraSection, ModelConfig
 from loralab.devices import cpu_has_native_bf16, detect_device, device_name  # noqa: F401  (where callers find them)
 from loralab.errors import LoralabError
 from loralab.hub import prepare_hub_access, why_not_loaded
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def choose_precision(device: str, requested: str = "auto") -> str:
-    """loralab.decisions.choose_precision for the device of kind ``device`` this process sees."""
-    return decisions.choose_precision(devices.probe(device), requested)
 
 
 def resolve_model_source(model: ModelConfig) -> str:
