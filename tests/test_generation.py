@@ -15,9 +15,9 @@ from loralab.generation import (
     generate_greedy,
     cache_key,
     load_cached,
-    model_fingerprint,
     save_cached,
 )
+from loralab.sources import model_fingerprint
 from loralab.tiny import TINYLLAMA_CONFIG, build_tiny_llama
 
 TEXTS = [

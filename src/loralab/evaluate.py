@@ -19,7 +19,7 @@ from loralab.config import ExperimentConfig
 from loralab.cpu.attention import undo_per_example_attention, use_per_example_attention
 from loralab.data import make_template, prompt_ids, reference_answer
 from loralab.errors import LoralabError
-from loralab.generation import cache_key, generate_greedy, load_cached, model_fingerprint, save_cached
+from loralab.generation import cache_key, generate_greedy, load_cached, save_cached
 from loralab.loss import heldout_loss
 from loralab.metrics import example_scores, score_corpus
 from loralab.devices import detect_device, probe
@@ -32,7 +32,7 @@ from loralab.rundir import (
     stage_inputs,
     write_jsonl,
 )
-from loralab.sources import train_fingerprints, train_hash
+from loralab.sources import model_fingerprint, train_fingerprints, train_hash
 
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
 

@@ -30,7 +30,6 @@ MEMORY_FRACTION = 0.4
 # Prompts prefilled together in one packed row, at most this many tokens.
 PREFILL_ROW_TOKENS = 2048
 
-WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")
 
 
 def generate_greedy(
@@ -323,43 +322,6 @@ def cache_key(model_fingerprint: str, inputs: list, settings: dict) -> str:
         separators=(",", ":"),
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def model_fingerprint(name_or_path: str) -> str:
-    """A string that changes when the model behind ``name_or_path`` changes.
-
-    For a local directory: a digest of config.json plus the name, size and mtime of each weight file
-    (cheap: weights are not read). For a hub id: the id and, when it is in the local HF cache, the
-    snapshot commit it resolves to.
-    """
-    path = Path(name_or_path)
-    if path.is_file():  # a GGUF file: its size and mtime (hashing it would cost seconds on every eval)
-        return f"file:{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
-    if path.is_dir():
-        config_file = path / "config.json"
-        weights = sorted({file for pattern in WEIGHT_FILE_PATTERNS for file in path.glob(pattern)})
-        parts = {
-            "config": config_file.read_text(encoding="utf-8") if config_file.exists() else None,
-            "weights": [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in weights],
-        }
-        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
-        return f"local:{digest}"
-    commit = cached_snapshot_commit(name_or_path)
-    return f"hub:{name_or_path}@{commit}" if commit else f"hub:{name_or_path}"
-
-
-def cached_snapshot_commit(repo_id: str) -> str | None:
-    """The commit of the locally cached snapshot that ``repo_id``'s config.json resolves to, if any."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        cached = try_to_load_from_cache(repo_id, "config.json")
-    except ValueError:  # not a valid repo id (e.g. a path that does not exist)
-        return None
-    # A real hit is a str path .../snapshots/<commit>/config.json; misses are None or a sentinel object.
-    if not isinstance(cached, str):
-        return None
-    return Path(cached).parent.name
 
 
 def cache_file(cache_dir: Path, key: str) -> Path:

@@ -117,11 +117,49 @@ def prepare_hash(cfg: ExperimentConfig, prints: dict[str, str] | None = None) ->
     return stage_hash(cfg, "prepare", None, prints or prepare_fingerprints(cfg))
 
 
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")
+
+
+def model_fingerprint(name_or_path: str) -> str:
+    """A string that changes when the model behind ``name_or_path`` changes.
+
+    For a local directory: a digest of config.json plus the name, size and mtime of each weight file
+    (cheap: weights are not read). For a hub id: the id and, when it is in the local HF cache, the
+    snapshot commit it resolves to.
+    """
+    path = Path(name_or_path)
+    if path.is_file():  # a GGUF file: its size and mtime (hashing it would cost seconds on every eval)
+        return f"file:{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+    if path.is_dir():
+        config_file = path / "config.json"
+        weights = sorted({file for pattern in WEIGHT_FILE_PATTERNS for file in path.glob(pattern)})
+        parts = {
+            "config": config_file.read_text(encoding="utf-8") if config_file.exists() else None,
+            "weights": [[file.name, file.stat().st_size, file.stat().st_mtime_ns] for file in weights],
+        }
+        digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode("utf-8")).hexdigest()
+        return f"local:{digest}"
+    commit = cached_snapshot_commit(name_or_path)
+    return f"hub:{name_or_path}@{commit}" if commit else f"hub:{name_or_path}"
+
+
+def cached_snapshot_commit(repo_id: str) -> str | None:
+    """The commit of the locally cached snapshot that ``repo_id``'s config.json resolves to, if any."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id (e.g. a path that does not exist)
+        return None
+    # A real hit is a str path .../snapshots/<commit>/config.json; misses are None or a sentinel object.
+    if not isinstance(cached, str):
+        return None
+    return Path(cached).parent.name
+
+
 def train_fingerprints(cfg: ExperimentConfig) -> dict[str, str]:
     """Content fingerprints of train's inputs beyond the config: prepare's, and the model files (config.json,
     each weight file's size and mtime), so a model replaced in place is noticed."""
-    from loralab.generation import model_fingerprint
-
     return {**prepare_fingerprints(cfg), "model files": model_fingerprint(cfg.model.name_or_path)}
 
 
