@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from loralab.config import LoraSection, ModelConfig
-from loralab.devices import cpu_has_native_bf16, detect_device, device_name  # noqa: F401  (where callers find them)
 from loralab.errors import LoralabError
 from loralab.hub import prepare_hub_access, why_not_loaded
 
