@@ -103,23 +103,14 @@ def matmul_peak(dtype, n: int = 3072, repeats: int = 4) -> float:
 
 def build_model(cache_dir: Path, data: Path) -> Path:
     """A TinyLlama-shaped random model (bf16 safetensors) and its tokenizer, built once per data file."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from loralab.data import user_message, validate_record
-    from loralab.tiny import TINYLLAMA_CONFIG, train_tokenizer
+    from loralab.tiny import TINYLLAMA_CONFIG, build_tinyllama_shape
 
     key = json.dumps([TINYLLAMA_CONFIG, VOCAB_SIZE, hashlib.sha256(data.read_bytes()).hexdigest()], sort_keys=True)
     model_dir = cache_dir / ("tinyllama-random-" + hashlib.sha256(key.encode()).hexdigest()[:12])
     if not (model_dir / "complete").exists():
         records = [validate_record(r, f"{data}[{i}]") for i, r in enumerate(json.loads(data.read_text()))]
-        tokenizer = train_tokenizer([user_message(r) + "\n" + r["output"] for r in records], vocab_size=VOCAB_SIZE)
-        config = LlamaConfig(**TINYLLAMA_CONFIG | dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                                      eos_token_id=tokenizer.eos_token_id))
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        (model_dir / "complete").write_text("")
+        build_tinyllama_shape(model_dir, [user_message(r) + "\n" + r["output"] for r in records], VOCAB_SIZE)
     return model_dir
 
 

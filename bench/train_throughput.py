@@ -124,25 +124,14 @@ def experiment_config(root: Path, data: Path, max_steps: int = 1):
 
 def build_assets(root: Path, data: Path) -> None:
     """Model (random weights, bf16 safetensors) + tokenizer, then the encoded examples via loralab prepare."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from loralab import prepare
     from loralab.data import user_message, validate_record
-    from loralab.tiny import TINYLLAMA_CONFIG, train_tokenizer
+    from loralab.tiny import build_tinyllama_shape
 
     model_dir = root / "model"
     if not (model_dir / "complete").exists():
         records = [validate_record(r, f"{data}[{i}]") for i, r in enumerate(json.loads(data.read_text()))]
-        tokenizer = train_tokenizer([user_message(r) + "\n" + r["output"] for r in records], vocab_size=VOCAB_SIZE)
-        config = LlamaConfig(**TINYLLAMA_CONFIG | dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                                      eos_token_id=tokenizer.eos_token_id))
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        (model_dir / "complete").write_text("")
-        del model
+        build_tinyllama_shape(model_dir, [user_message(r) + "\n" + r["output"] for r in records], VOCAB_SIZE)
     prepare.run(experiment_config(root, data))  # skips itself when up to date
 
 

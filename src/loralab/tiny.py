@@ -125,3 +125,24 @@ def build_tiny_llama(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def build_tinyllama_shape(out_dir: str | Path, texts: Iterable[str], vocab_size: int) -> Path:
+    """TinyLlama-1.1B's shape (TINYLLAMA_CONFIG) with random weights (seed 0, bf16 safetensors) and a tokenizer trained
+    on ``texts``, saved to ``out_dir`` once: a ``complete`` marker says a previous call finished (the benches' model)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    out_dir = Path(out_dir)
+    if (out_dir / "complete").exists():
+        return out_dir
+    tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
+    config = LlamaConfig(**TINYLLAMA_CONFIG | dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                                  eos_token_id=tokenizer.eos_token_id))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    del model
+    (out_dir / "complete").write_text("")
+    return out_dir
