@@ -161,17 +161,23 @@ def test_training_mode_is_restored(model, prompts):
         model.eval()
 
 
-def test_merged_lora_gives_the_same_greedy_outputs_as_the_peft_model(model_dir, prompts, references):
+def _perturbed_lora(model_dir, seed: int):
+    """The tiny model in fp32 with LoRA on q/k/v/o whose B matrices are drawn with ``seed``: LoRA B starts at zero,
+    which would make a merge trivially exact and the adapter a no-op."""
     peft_model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
         LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
     )
-    # LoRA B starts at zero, which would make the merge trivially exact and the adapter a no-op.
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0.0, 0.5)
+    return peft_model
+
+
+def test_merged_lora_gives_the_same_greedy_outputs_as_the_peft_model(model_dir, prompts, references):
+    peft_model = _perturbed_lora(model_dir, seed=1)
     unmerged = greedy(peft_model, prompts, batch_size=3)
     merged = greedy(peft_model.merge_and_unload().eval(), prompts, batch_size=3)
     assert merged == unmerged
@@ -277,15 +283,7 @@ def test_head_sees_contiguous_inputs_and_no_hook_is_left_behind(model, prompts):
 def test_batched_merged_lora_equals_the_per_example_generate_loop_in_fp32(model_dir, prompts):
     """The notebook way (one `generate` call per prompt on the unmerged PeftModel) and loralab's batched,
     merged decoding give the same greedy tokens, every one (fp32)."""
-    peft_model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0),
-    )
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.5)
+    peft_model = _perturbed_lora(model_dir, seed=2)
     peft_model.eval()
     loop = []
     for prompt in prompts:
