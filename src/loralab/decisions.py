@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 from loralab import LEAN_ALLOCATOR_ROW_TOKENS
+from loralab.data import trained_token_count
 from loralab.errors import LoralabError
 
 if TYPE_CHECKING:
@@ -71,8 +72,6 @@ def loss_scaling(precision: str) -> bool:
 
 def example_lengths(examples: list[dict]) -> tuple[list[int], list[int]]:
     """(token counts, trained-target counts: data.trained_token_count) of encoded examples."""
-    from loralab.data import trained_token_count
-
     lengths = [len(e["input_ids"]) for e in examples]
     trained = [trained_token_count(e["labels"]) for e in examples]
     return lengths, trained
