@@ -38,6 +38,7 @@ from loralab.rundir import (
     swap_in_adapter,
     write_jsonl,
 )
+from loralab.runfiles import training_rows
 from loralab.sources import prepare_hash, train_fingerprints, train_hash
 
 
@@ -204,7 +205,7 @@ class MetricsLog(TrainerCallback):
                 control.should_evaluate = False
         elif "train_runtime" in logs:
             summary = {"step": state.global_step, **{k: logs[k] for k in ("train_runtime", "train_loss") if k in logs}}
-            losses = [r["loss"] for r in _training_rows(self.path)] if self.main_process and self.path.exists() else []
+            losses = [r["loss"] for r in training_rows(read_jsonl(self.path))] if self.main_process and self.path.exists() else []
             if losses:
                 summary["train_loss"] = sum(losses) / len(losses)
             self._write(summary)
@@ -238,12 +239,6 @@ class StopOnInterrupt(TrainerCallback):
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
             self.previous = None
-
-
-def _training_rows(path: Path) -> list[dict]:
-    """One row per logged step (the last written wins), in step order."""
-    by_step = {r["step"]: r for r in read_jsonl(path) if "loss" in r and "step" in r}
-    return [by_step[k] for k in sorted(by_step)]
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
