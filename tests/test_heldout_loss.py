@@ -54,3 +54,27 @@ def test_heldout_loss_progress_bar_counts_tokens_and_restores_training_mode(mode
     err = capsys.readouterr().err
     total = sum(len(ex["input_ids"]) for ex in examples)
     assert "held-out check" in err and f"{total}/{total}" in err
+
+
+def test_eval_heldout_loss_runs_on_onednn_prepacked_weights_and_puts_them_back(model, examples, monkeypatch):
+    """eval's held-out loss (fp32, CPU): the same value as the plain weights give, through oneDNN's layout, and every
+    weight bit-identical afterwards."""
+    from loralab import evaluate, loss
+    from loralab.cpu.onednn_weights import onednn_of, onednn_weights_available
+
+    if not onednn_weights_available(torch.float32, inference=True):
+        pytest.skip("this PyTorch has no oneDNN linear ops")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    layouts = []
+
+    def recording(model_, *args, **kwargs):
+        layouts.append(sum(onednn_of(m) is not None for m in model_.modules()))
+        return loss.heldout_loss(model_, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "heldout_loss", recording)
+    value = evaluate._heldout_loss(model, examples, "cpu", "held-out check")
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    assert not model.config.tie_word_embeddings and layouts == [linears]  # every linear, the head too
+    assert value == pytest.approx(reference_loss(model, examples), rel=1e-5)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert not any(onednn_of(m) is not None for m in model.modules())
