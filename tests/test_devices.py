@@ -113,7 +113,7 @@ def test_plan_switches_and_trainer_arguments_on_every_device(monkeypatch, device
     assert switches.cpu_pieces == pieces
     assert switches.row_tokens == (pieces.row_tokens if on_cpu else max(lengths))
     assert switches.gradient_checkpointing is False  # a tiny model fits everywhere
-    assert switches.onednn_weights is (on_cpu and expected == "bf16" and devices_have_onednn())
+    assert switches.onednn_weights is (on_cpu and expected in ("bf16", "fp32") and devices_have_onednn())
     assert switches.liger_kernels is False and switches.torch_compile is False
     args = train.training_argument_values(cfg, tmp_path, switches)
     assert args["fp16"] is (expected == "fp16") and args["bf16"] is False and args["use_cpu"] is on_cpu

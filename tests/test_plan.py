@@ -260,7 +260,7 @@ def test_auto_onednn_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits
     between = replace(cpu, memory_bytes=int((plan.peak_bytes + plain.peak_bytes) / 2))
     assert onednn(between) is False  # the copy does not fit: plain weights, and no checkpointing for it
     assert resolve_switches(TINYLLAMA_CONFIG, LORA, train, lengths, between, "bf16").gradient_checkpointing is False
-    assert onednn(cpu, "fp32") is False  # fp32 matmuls do not go through oneDNN
+    assert onednn(cpu, "fp32") is True  # fp32 weights take oneDNN's layout too (MKL re-packs them at every call)
     assert onednn(cpu, lengths_=[1500, 700]) is False  # rows over 1,024 tokens are the lean layout
     assert onednn(replace(A100, memory_bytes=80 * 2**30)) is False  # CPUs only
     assert onednn(cpu, train_=replace(train, gradient_checkpointing=True)) is False
@@ -276,8 +276,9 @@ def test_onednn_weights_true_off_a_cpu_is_a_clear_error():
     from loralab import decisions
 
     cfg = config_from_dict({"name": "x", "train": {"onednn_weights": True}})
-    with pytest.raises(LoralabError, match="train.onednn_weights is for bf16 training on a CPU"):
-        decisions.check_switches(cfg, "cpu", "fp32")
+    decisions.check_switches(cfg, "cpu", "fp32")  # fp32 on a CPU takes it
+    with pytest.raises(LoralabError, match="train.onednn_weights is for bf16 or fp32 training on a CPU"):
+        decisions.check_switches(cfg, "mps", "fp32")
     with pytest.raises(LoralabError, match="set train.onednn_weights: auto"):
         decisions.check_switches(cfg, "cuda", "bf16")
     with pytest.raises(LoralabError, match="onednn_weights"):

@@ -138,7 +138,7 @@ class TrainConfig:
     "Training details" gives the cost).
     "auto": on only when `loralab plan`'s estimate says the run would not fit this device's memory without it."""
     onednn_weights: Union[bool, Literal["auto"]] = "auto"
-    """CPU bf16 only: keep the frozen linear weights in oneDNN's blocked layouts for the run (more tokens per
+    """CPU bf16 or fp32 only: keep the frozen linear weights in oneDNN's blocked layouts for the run (more tokens per
     second, +1x the linear weights in memory; loralab.cpu.onednn_weights). "auto": on when rows are at most
     1,024 tokens, checkpointing is off and `loralab plan`'s estimate says the copy fits in memory."""
     liger_kernels: bool = False

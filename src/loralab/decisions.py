@@ -195,11 +195,14 @@ def per_example_attention_on(device: str, attn_implementation: str, precision: s
             and cpu_pieces(precision, native_bf16).per_example_attention)
 
 
+ONEDNN_PRECISIONS = ("bf16", "fp32")  # the precisions whose frozen weights loralab.cpu.onednn_weights can hold
+
+
 def can_use_onednn_weights(device: str, precision: str, peak_tokens: int, checkpointing: bool) -> bool:
-    """Whether train.onednn_weights "auto" may turn on (loralab.cpu.onednn_weights): bf16 on "cpu" (a device, or the
+    """Whether train.onednn_weights "auto" may turn on (loralab.cpu.onednn_weights): bf16 or fp32 on "cpu" (a device, or the
     cpu profile's name), rows of up to LEAN_ALLOCATOR_ROW_TOKENS (the rows that trade memory for speed, as the
     allocator does) and no checkpointing (which says memory is short)."""
-    return device == "cpu" and precision == "bf16" and peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS and not checkpointing
+    return device == "cpu" and precision in ONEDNN_PRECISIONS and peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS and not checkpointing
 
 
 # Switches of one run -------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ class Switches(NamedTuple):
 
 def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = None) -> None:
     """train.liger_kernels and train.torch_compile are for CUDA GPUs (Liger needs its package);
-    train.onednn_weights: true is for bf16 on a CPU whose PyTorch has oneDNN (checked once ``precision`` is known);
+    train.onednn_weights: true is for bf16 or fp32 on a CPU whose PyTorch has oneDNN (checked once ``precision`` is known);
     QLoRA and the 8-bit optimizer need bitsandbytes (QLoRA a CUDA GPU)."""
     from loralab.modeling import check_bitsandbytes
 
@@ -238,9 +241,9 @@ def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = N
             raise LoralabError("train.liger_kernels needs the liger-kernel package: pip install liger-kernel "
                                "(or set train.liger_kernels: false)")
     if cfg.train.onednn_weights is True and precision is not None and (
-        device != "cpu" or precision != "bf16" or not _onednn_available()
+        device != "cpu" or precision not in ONEDNN_PRECISIONS or not _onednn_available()
     ):
-        raise LoralabError(f"train.onednn_weights is for bf16 training on a CPU with oneDNN, and this run trains on {device} "
+        raise LoralabError(f"train.onednn_weights is for bf16 or fp32 training on a CPU with oneDNN, and this run trains on {device} "
                            f"in {precision}; set train.onednn_weights: auto")
 
 

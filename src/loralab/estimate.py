@@ -87,8 +87,8 @@ class DeviceProfile:
     efficiency (masking, softmax and its backward, small-matrix inefficiency), forward and backward."""
     basis: str = "vendor peaks x typical efficiencies, not measured by loralab"
     """Where the time constants come from, printed under the plan."""
-    onednn_speedup: float = 1.0
-    """How much faster the linear layers run with their frozen weights in oneDNN's layout (train.onednn_weights)."""
+    onednn_speedup: dict[str, float] = field(default_factory=dict)
+    """Per precision: how much faster a step runs with the frozen weights in oneDNN's layout (train.onednn_weights)."""
     allocator_factor: float = 1.0
     """Memory held per byte of live activations. glibc's heap keeps freed activation memory mapped (its
     mmap threshold rises to the largest freed block), so on CPU peak RSS is about twice the live bytes;
@@ -210,7 +210,9 @@ PROFILES: dict[str, DeviceProfile] = {
         efficiency=0.84, attention_efficiency={16: 0.18, 32: 0.27, 64: 0.38, 128: 0.46}, attention_block=512,
         framework_bytes=int(0.45 * GiB), op_overhead_s=3.2e-3, step_overhead_s=3.8e-3,
         async_dispatch=False, dropout_mask_bytes=4, dropout_s_per_element=6.2e-9, allocator_factor=2.0,
-        onednn_speedup=1.12,  # bench/train_throughput.py, loralab vs plain weights, ~85% of a step being matmuls
+        # bench/train_throughput.py, loralab vs train.onednn_weights=false, TinyLlama shape: bf16 on this CPU; fp32 with
+        # oneDNN/MKL held to AVX2 (MKL's fp32 matmul re-packs its weight at every call, oneDNN's prepacked one does not)
+        onednn_speedup={"bf16": 1.12, "fp32": 1.18},
         score_s_per_element=4e-9,  # loralab.cpu.attention.CausalAttention, one core: 2.9-4.8 ns at 8-16 heads, L 384-512
         basis="measured on a 2-core AVX-512-BF16 EPYC: memory within 5%, time within 3% of loralab train's "
         "CPU path there; bench/plan_validation.py checks another CPU",
@@ -642,7 +644,7 @@ def time_model(shape: ModelShape, lora: LoraSection, train: TrainConfig, profile
     peak = profile.peak_flops[precision]
     attention, attention_s = attention_seconds(shape, profile, peak, rows, lengths, recompute, path, attn_implementation, b)
     weight_reads_s = (2 + recompute) * total * b / profile.bandwidth  # small micro-batches only read weights
-    efficiency = profile.efficiency * (profile.onednn_speedup if train.onednn_weights else 1.0)
+    efficiency = profile.efficiency * (profile.onednn_speedup.get(precision, 1.0) if train.onednn_weights else 1.0)
     matmul_s = max(matmul / (peak * efficiency), weight_reads_s)
     # Elementwise work (norms, casts, SiLU, RoPE, the loss) streams the activations: each saved byte is
     # written, read back by the backward pass, and its gradient written and read; the loss ~30 bytes per logit.
@@ -665,7 +667,7 @@ def switch_notes(requested: TrainConfig, resolved: TrainConfig) -> list[str]:
                                                         if resolved.gradient_checkpointing else "off, the run fits without it"))
     if requested.onednn_weights == "auto":
         notes.append("onednn_weights auto: " + ("on, frozen weights in oneDNN's layout for the matmuls" if resolved.onednn_weights
-                                                else "off (needs bf16 on a CPU, rows of up to "
+                                                else "off (needs bf16 or fp32 on a CPU, rows of up to "
                                                 f"{LEAN_ALLOCATOR_ROW_TOKENS:,} tokens, no checkpointing, and the memory)"))
     return notes
 

@@ -7,7 +7,7 @@ runs them faster on a CPU; the README's CPU training section has the figures:
 * fused_norm: frozen RMSNorms with a closed-form backward;
 * attention: causal attention per packed example as batched matmuls;
 * head_loss: the frozen LM head's cross-entropy a chunk at a time (chosen per model by loralab.loss);
-* onednn_weights: frozen linear weights kept in oneDNN's blocked layout for the run (bf16);
+* onednn_weights: frozen linear weights kept in oneDNN's blocked layout for the run (bf16 or fp32);
 * allocator: glibc's malloc tuned for the row length.
 
 GPUs keep PEFT's and transformers' own kernels, which is where those are fast and where these were not measured.

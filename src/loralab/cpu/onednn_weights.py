@@ -1,7 +1,7 @@
-"""Frozen linear weights kept in oneDNN's blocked layout for a CPU bf16 training run: fewer reorders per matmul.
+"""Frozen linear weights kept in oneDNN's blocked layout for a CPU training run (bf16 or fp32): fewer reorders.
 
 On a CPU every bf16 matmul goes through oneDNN, which reorders its weight operand into a blocked (VNNI)
-layout on every call: for a frozen base model that is the same work, over the whole model, in every
+layout on every call (fp32 matmuls go through MKL, which re-packs its operands on every call likewise): for a frozen base model that is the same work, over the whole model, in every
 forward and every backward. Here each frozen linear weight is reordered once, both ways (x W^T in the
 forward and dy W in the backward need different layouts), and its plain copy is released for the run:
 +1x the linear weights in memory for more tokens per second (the README's CPU training section has the
@@ -33,11 +33,14 @@ class OnednnLinear(NamedTuple):
 
 
 def onednn_weights_available(dtype: torch.dtype, inference: bool = False) -> bool:
-    """Whether this PyTorch has the oneDNN ops for ``dtype`` weights: bf16 (fp32 training matmuls run in MKL);
-    for ``inference`` fp32 too, where MKL's skinny decode-step matmuls (a row per sequence) re-pack the weight on
-    every call and oneDNN's prepacked ones do not (bench/eval_throughput.py)."""
+    """Whether this PyTorch has the oneDNN ops for ``dtype`` weights (bf16 or fp32; ``inference`` is kept for callers).
+
+    fp32 too: MKL's fp32 matmul re-packs the weight at every call, which a decode step's few rows do not pay for,
+    and on an AVX2 CPU (approximated on an AMD EPYC) oneDNN's prepacked fp32 forward + input-gradient matmuls at
+    TinyLlama's shapes and 1,024 rows ran 1.17x MKL's (bench/train_throughput.py has the whole-run figure).
+    """
     return (
-        (dtype == torch.bfloat16 or (inference and dtype == torch.float32))
+        dtype in (torch.bfloat16, torch.float32)
         and torch.backends.mkldnn.is_available()
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
         and hasattr(torch.ops.mkldnn, "_linear_pointwise")
