@@ -141,7 +141,8 @@ def worker(spec: dict) -> dict:
     # layers and norms, per-example attention, the allocator set for the row, oneDNN weights as the plan decided.
     speed_path = contextlib.ExitStack()
     pieces = decisions.cpu_pieces(precision, devices.cpu_has_native_bf16())
-    switched = speed_path.enter_context(cpu.speed_path(model, spec["tokens"], onednn_weights=spec["onednn"], pieces=pieces))
+    switched = speed_path.enter_context(cpu.speed_path(model, spec["tokens"], onednn_weights=spec["onednn"], pieces=pieces,
+                                                       checkpointing=spec["checkpointing"]))
     assert switched.per_example_attention is pieces.per_example_attention, switched
     if spec["checkpointing"]:  # as the Trainer sets it up for train.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -285,3 +285,19 @@ def test_onednn_weights_true_off_a_cpu_is_a_clear_error():
         config_from_dict({"name": "x", "train": {"onednn_weights": "sometimes"}})
     with pytest.raises(LoralabError, match="train.packed_weights is now called train.onednn_weights"):
         config_from_dict({"name": "x", "train": {"packed_weights": True}})
+
+
+def test_a_checkpointed_run_gives_freed_memory_back_and_the_plan_counts_no_heap_for_it():
+    """Gradient checkpointing says memory is short: the allocator takes the lean threshold even on short rows (the
+    heap kept 2.5 GB more in a checkpointed fp32 TinyLlama run), and the plan's activations carry no heap factor."""
+    from loralab.cpu.allocator import FAST_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD, mmap_threshold_for
+
+    assert mmap_threshold_for(1024) == FAST_MMAP_THRESHOLD
+    assert mmap_threshold_for(1024, checkpointing=True) == LEAN_MMAP_THRESHOLD
+    assert mmap_threshold_for(2048) == LEAN_MMAP_THRESHOLD
+    cpu = replace(PROFILES["cpu"], memory_bytes=64 * 2**30)
+    lengths = [1000]
+    plans = {ck: estimate(TINYLLAMA_CONFIG, LORA, replace(TrainConfig(), gradient_checkpointing=ck, onednn_weights=False),
+                          lengths, cpu, "fp32") for ck in (False, True)}
+    notes = {ck: next(item.note for item in plan.memory if item.label == "activations") for ck, plan in plans.items()}
+    assert "held by the allocator" in notes[False] and "held by the allocator" not in notes[True]

@@ -556,10 +556,11 @@ def memory_model(shape: ModelShape, lora: LoraSection, train: TrainConfig, profi
         logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
         logits_note = f"only the {peak_trained:,} trained positions x {shape.vocab_size:,} vocab, fp32 for the loss"
     # loralab.cpu.allocator.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
-    # more than the live activations (HEAP_HELD_FACTOR, from bench/plan_validation.py); longer rows give freed
-    # memory back at once.
+    # more than the live activations (HEAP_HELD_FACTOR, from bench/plan_validation.py); longer rows and checkpointed
+    # runs give freed memory back at once.
     if path.tuned_allocator:
-        held = HEAP_HELD_FACTOR if peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS else 1.0
+        lean = peak_tokens > LEAN_ALLOCATOR_ROW_TOKENS or train.gradient_checkpointing  # as tune_allocator decides
+        held = 1.0 if lean else HEAP_HELD_FACTOR
     else:
         held = profile.allocator_factor
     transient = peak_tokens * backward_transient_per_token(shape, b) * held

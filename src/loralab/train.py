@@ -75,7 +75,8 @@ class ResponseOnlyTrainer(Trainer):
         if not s.cpu_speed_path:
             return super().train(resume_from_checkpoint, **kwargs)
         start = time.perf_counter()
-        with cpu.speed_path(self.model, s.row_tokens, s.longest_row_tokens, s.onednn_weights, s.cpu_pieces) as switched:
+        with cpu.speed_path(self.model, s.row_tokens, s.longest_row_tokens, s.onednn_weights, s.cpu_pieces,
+                            checkpointing=s.gradient_checkpointing) as switched:
             if switched.onednn_weights:
                 print(f"train: {switched.onednn_weights} frozen weights put in oneDNN's layout for this CPU's matmuls in "
                       f"{time.perf_counter() - start:.0f} s (train.onednn_weights; `loralab plan CONFIG` shows the memory)")
