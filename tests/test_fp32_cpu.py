@@ -130,4 +130,5 @@ def test_the_plan_uses_the_pieces_of_the_cpu_kind_and_precision(precision, nativ
     profile = plan.cpu_profile(facts=DeviceFacts("cpu", "AMD EPYC", 16 * 2**30, native_bf16=native))
     on = decisions.cpu_pieces(precision, native)
     path = plan.speed_path(profile, precision, "sdpa", {"model_type": "llama"})
-    assert path == plan.SpeedPath(on.fused_lora, on.per_example_attention, on.head_loss, on.tuned_allocator)
+    assert path == plan.SpeedPath(on.fused_lora, on.per_example_attention, on.head_loss, on.tuned_allocator,
+                                  on.lean_when_checkpointing)

@@ -502,6 +502,8 @@ class SpeedPath(NamedTuple):
     """The frozen-head loss."""
     tuned_allocator: bool
     """glibc's allocator set for the row length."""
+    lean_when_checkpointing: bool = False
+    """The lean allocator setting under gradient checkpointing."""
 
 
 def speed_path(profile: DeviceProfile, precision: str, attn_implementation: str, model_config: dict[str, Any]) -> SpeedPath:
@@ -510,7 +512,8 @@ def speed_path(profile: DeviceProfile, precision: str, attn_implementation: str,
     on = decisions.cpu_pieces(precision, native_bf16(profile))
     return SpeedPath(on.fused_lora, decisions.per_example_attention_on(profile.name, attn_implementation, precision,
                                                                     native_bf16(profile)),
-                     on.head_loss and model_config.get("model_type") in PLAIN_HEAD_MODELS, on.tuned_allocator)
+                     on.head_loss and model_config.get("model_type") in PLAIN_HEAD_MODELS, on.tuned_allocator,
+                     on.lean_when_checkpointing)
 
 
 def saved_activation_bytes(shape: ModelShape, train: TrainConfig, rows: Rows, per_token: float, b: int, path: SpeedPath,
@@ -556,10 +559,11 @@ def memory_model(shape: ModelShape, lora: LoraSection, train: TrainConfig, profi
         logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
         logits_note = f"only the {peak_trained:,} trained positions x {shape.vocab_size:,} vocab, fp32 for the loss"
     # loralab.cpu.allocator.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
-    # more than the live activations (HEAP_HELD_FACTOR, from bench/plan_validation.py); longer rows and checkpointed
-    # runs give freed memory back at once.
+    # more than the live activations (HEAP_HELD_FACTOR, from bench/plan_validation.py); longer rows, and checkpointed
+    # runs where the CPU pieces say so, give freed memory back at once.
     if path.tuned_allocator:
-        lean = peak_tokens > LEAN_ALLOCATOR_ROW_TOKENS or train.gradient_checkpointing  # as tune_allocator decides
+        # as loralab.cpu.speed_path has tune_allocator decide
+        lean = peak_tokens > LEAN_ALLOCATOR_ROW_TOKENS or (train.gradient_checkpointing and path.lean_when_checkpointing)
         held = 1.0 if lean else HEAP_HELD_FACTOR
     else:
         held = profile.allocator_factor

@@ -40,7 +40,7 @@ def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, on
                pieces: CpuPieces | None = None, checkpointing: bool = False) -> Iterator[SpeedPath]:
     """Run the body with ``model`` (a PEFT LoRA model, or a plain transformers one) on the CPU speed path:
     per-example attention, fused LoRA layers and RMSNorms, the allocator tuned for rows of up to
-    ``longest_row_tokens`` (default ``row_tokens``; lean under gradient ``checkpointing``) and, with ``onednn_weights``, the frozen linear weights in
+    ``longest_row_tokens`` (default ``row_tokens``; lean under gradient ``checkpointing`` where the pieces say so) and, with ``onednn_weights``, the frozen linear weights in
     oneDNN's layout for inputs of ``row_tokens`` rows; ``pieces`` (loralab.decisions.cpu_pieces; default: all)
     says which of the first four are on. However the body ends, all of it but the allocator's setting
 is undone on the way out (see allocator.tune_allocator)."""
@@ -57,7 +57,8 @@ is undone on the way out (see allocator.tune_allocator)."""
         norms = fused_norm.fuse_rms_norms(model) if on.fused_norm else 0
         undo.callback(own_forwards_back, model, fused_norm._fused_forward)
         # stays: see tune_allocator
-        threshold = allocator.tune_allocator(longest_row_tokens or row_tokens, checkpointing) if on.tuned_allocator else None
+        lean = checkpointing and on.lean_when_checkpointing
+        threshold = allocator.tune_allocator(longest_row_tokens or row_tokens, lean) if on.tuned_allocator else None
         converted = 0
         if onednn_weights:
             converted = undo.enter_context(onednn.onednn_weights(model, row_tokens))

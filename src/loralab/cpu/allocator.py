@@ -48,10 +48,10 @@ def tune_allocator(longest_row_tokens: int, checkpointing: bool = False) -> int 
     """Set glibc's mmap threshold for rows of up to ``longest_row_tokens``; return it (None: not glibc).
 
     Rows of up to LEAN_ALLOCATOR_ROW_TOKENS use FAST_MMAP_THRESHOLD and train at heap speed; longer rows use
-    LEAN_MMAP_THRESHOLD, because there the heap's kept memory adds gigabytes to the peak. So does gradient
-    ``checkpointing``, which is on when memory is short: each layer's recomputed activations, freed into the heap
-    layer after layer, left a checkpointed fp32 TinyLlama-shaped run at 1,024 tokens at 8.0 GB peak RSS against
-    5.5 GB with the lean threshold (bench/plan_validation.py, AVX2 approximated). The setting stays for
+    LEAN_MMAP_THRESHOLD, because there the heap's kept memory adds gigabytes to the peak. So do checkpointed runs
+    where loralab.decisions.CpuPieces.lean_when_checkpointing says so (``checkpointing``): in fp32 each layer's
+    recomputed activations, freed into the heap layer after layer, left a checkpointed TinyLlama-shaped run at 1,024
+    tokens at 8.0 GB peak RSS against 5.6 GB lean (bench/plan_validation.py, AVX2 approximated). The setting stays for
     the process: once set, glibc no longer moves its threshold with freed blocks, and a fixed default (128 KiB)
     would mmap, and so slow down, every mid-sized tensor afterwards.
     """
