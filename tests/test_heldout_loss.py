@@ -62,7 +62,7 @@ def test_eval_heldout_loss_runs_on_onednn_prepacked_weights_and_puts_them_back(m
     from loralab import evaluate, loss
     from loralab.cpu.onednn_weights import onednn_of, onednn_weights_available
 
-    if not onednn_weights_available(torch.float32, inference=True):
+    if not onednn_weights_available(torch.float32):
         pytest.skip("this PyTorch has no oneDNN linear ops")
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     layouts = []

@@ -40,9 +40,9 @@ def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, on
                pieces: CpuPieces | None = None, checkpointing: bool = False) -> Iterator[SpeedPath]:
     """Run the body with ``model`` (a PEFT LoRA model, or a plain transformers one) on the CPU speed path:
     per-example attention, fused LoRA layers and RMSNorms, the allocator tuned for rows of up to
-    ``longest_row_tokens`` (default ``row_tokens``; lean under gradient ``checkpointing`` where the pieces say so) and, with ``onednn_weights``, the frozen linear weights in
-    oneDNN's layout for inputs of ``row_tokens`` rows; ``pieces`` (loralab.decisions.cpu_pieces; default: all)
-    says which of the first four are on. However the body ends, all of it but the allocator's setting
+    ``longest_row_tokens`` (default ``row_tokens``; lean under gradient ``checkpointing`` where the pieces say so)
+    and, with ``onednn_weights``, the frozen linear weights in oneDNN's layout for inputs of ``row_tokens`` rows;
+    ``pieces`` (loralab.decisions.cpu_pieces; default: all) says which of the first four are on. However the body ends, all of it but the allocator's setting
 is undone on the way out (see allocator.tune_allocator)."""
     from loralab.cpu import allocator, attention, fused_lora, fused_norm
     from loralab.cpu import onednn_weights as onednn

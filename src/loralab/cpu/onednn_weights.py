@@ -1,13 +1,14 @@
 """Frozen linear weights kept in oneDNN's blocked layout for a CPU training run (bf16 or fp32): fewer reorders.
 
 On a CPU every bf16 matmul goes through oneDNN, which reorders its weight operand into a blocked (VNNI)
-layout on every call (fp32 matmuls go through MKL, which re-packs its operands on every call likewise): for a frozen base model that is the same work, over the whole model, in every
-forward and every backward. Here each frozen linear weight is reordered once, both ways (x W^T in the
-forward and dy W in the backward need different layouts), and its plain copy is released for the run:
-+1x the linear weights in memory for more tokens per second (the README's CPU training section has the
-figures; bench/train_throughput.py runs the same training with and without). When the run ends the plain
-weights are rebuilt from the reordered copies, bit-identical. The products are the same oneDNN kernels'
-(bitwise equal outputs in tests/test_onednn_weights.py).
+layout on every call (fp32 matmuls go through MKL, which re-packs its operands at every call likewise): for a
+frozen base model that is the same work, over the whole model, in every forward and every backward. Here each
+frozen linear weight is reordered once, both ways (x W^T in the forward and dy W in the backward need different
+layouts), and its plain copy is released for the run: +1x the linear weights in memory for more tokens per second
+(the README's CPU training section has the figures; bench/train_throughput.py runs the same training with and
+without). When the run ends the plain weights are rebuilt from the reordered copies, bit-identical. In bf16 the
+products are the same oneDNN kernels' (bitwise equal outputs in tests/test_onednn_weights.py); in fp32 they are
+oneDNN's instead of MKL's, equal within fp32 rounding (the same tests).
 
 Intel's extension for PyTorch did this (ipex.optimize's weight prepacking) and is retired; PyTorch keeps
 the oneDNN ops it upstreamed for its own CPU inference path (torch.ops.mkldnn._reorder_linear_weight and
@@ -32,8 +33,8 @@ class OnednnLinear(NamedTuple):
     in_features: int
 
 
-def onednn_weights_available(dtype: torch.dtype, inference: bool = False) -> bool:
-    """Whether this PyTorch has the oneDNN ops for ``dtype`` weights (bf16 or fp32; ``inference`` is kept for callers).
+def onednn_weights_available(dtype: torch.dtype) -> bool:
+    """Whether this PyTorch has the oneDNN ops for ``dtype`` weights (bf16 or fp32).
 
     fp32 too: MKL's fp32 matmul re-packs the weight at every call, which a decode step's few rows do not pay for,
     and on an AVX2 CPU (approximated on an AMD EPYC) oneDNN's prepacked fp32 forward + input-gradient matmuls at
@@ -96,8 +97,8 @@ def _onednn_forward(self, x):
 
 def convertible_linears(model, inference: bool = False) -> list[torch.nn.Module]:
     """The frozen CPU nn.Linear modules of ``model`` whose weights can take oneDNN's layout: all but those sharing
-    their weight with another module (a head tied to the input embeddings, say). For ``inference`` (no gradient
-    will be taken) every such module counts as frozen, and fp32 weights qualify too."""
+    their weight with another module (a head tied to the input embeddings, say), in bf16 or fp32. For ``inference``
+    (no gradient will be taken) every such module counts as frozen."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     users: dict[int, int] = {}  # weight storage -> modules holding it
     for module in base.modules():
@@ -108,7 +109,7 @@ def convertible_linears(model, inference: bool = False) -> list[torch.nn.Module]
         if type(module) is not torch.nn.Linear:
             continue
         w = module.weight
-        if ((w.requires_grad and not inference) or w.device.type != "cpu" or not onednn_weights_available(w.dtype, inference)
+        if ((w.requires_grad and not inference) or w.device.type != "cpu" or not onednn_weights_available(w.dtype)
                 or users[w.data_ptr()] > 1):
             continue
         found.append(module)
