@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 from loralab import LEAN_ALLOCATOR_ROW_TOKENS, PLAIN_HEAD_MODELS, decisions
 from loralab import LOSS_CHUNK_ROWS as CHUNK_ROWS
 from loralab.config import LoraSection, TrainConfig
+from loralab.cpu import allocator
 from loralab.decisions import can_use_onednn_weights, fullest_row_tokens, peak_row, resolve_row_tokens
 from loralab.devices import DeviceFacts, isa_limits
 from loralab.errors import LoralabError
@@ -560,11 +561,10 @@ def memory_model(shape: ModelShape, lora: LoraSection, train: TrainConfig, profi
         logits_note = f"only the {peak_trained:,} trained positions x {shape.vocab_size:,} vocab, fp32 for the loss"
     # loralab.cpu.allocator.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
     # more than the live activations (HEAP_HELD_FACTOR, from bench/plan_validation.py); longer rows, and checkpointed
-    # runs where the CPU pieces say so, give freed memory back at once.
+    # runs where the CPU pieces say so, give freed memory back at once (the rule: allocator.lean, as speed_path asks it).
     if path.tuned_allocator:
-        # as loralab.cpu.speed_path has tune_allocator decide
-        lean = peak_tokens > LEAN_ALLOCATOR_ROW_TOKENS or (train.gradient_checkpointing and path.lean_when_checkpointing)
-        held = 1.0 if lean else HEAP_HELD_FACTOR
+        gives_back = allocator.lean(peak_tokens, train.gradient_checkpointing and path.lean_when_checkpointing)
+        held = 1.0 if gives_back else HEAP_HELD_FACTOR
     else:
         held = profile.allocator_factor
     transient = peak_tokens * backward_transient_per_token(shape, b) * held

@@ -21,7 +21,7 @@ from loralab.cpu.onednn_weights import onednn_weights
 from loralab.data import make_template, prompt_ids, reference_answer
 from loralab.errors import LoralabError
 from loralab.generation import cache_key, generate_greedy, load_cached, save_cached
-from loralab.loss import heldout_loss
+from loralab.loss import HELDOUT_ROW_TOKENS, heldout_loss
 from loralab.metrics import example_scores, score_corpus
 from loralab.devices import detect_device, probe
 from loralab.modeling import load_model, load_tokenizer
@@ -36,7 +36,6 @@ from loralab.rundir import (
 from loralab.sources import model_fingerprint, train_fingerprints, train_hash
 
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
-HELDOUT_ROW_TOKENS = 2048  # the held-out examples are packed into rows of at most this many tokens
 
 
 def eval_results_csv(base: dict[str, float], lora: dict[str, float]) -> str:
@@ -99,8 +98,9 @@ def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured:
 
     On a CPU the packed rows are attended one example at a time, as in training (loralab.cpu.attention):
     transformers' sdpa would attend over each whole row with a block mask, through SDPA's slow masked CPU kernel.
-    The linear weights are prepacked for oneDNN for the pass, as for generation (put back bit for bit after): about
-    10% more tokens/s in fp32 than MKL, which re-packs each weight at every call (bench/eval_throughput.py).
+    The linear weights are prepacked for oneDNN for the pass, as for generation (put back bit for bit after): in fp32
+    MKL re-packs each weight at every call (bench/eval_throughput.py --heldout-loss eval, AVX2 approximated: 94
+    tokens/s a pass with them, 74-76 without).
     """
     if not examples:
         return float("nan")
@@ -111,7 +111,7 @@ def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured:
         use_per_example_attention(model)
     try:
         with onednn_weights(model, rows_hint=HELDOUT_ROW_TOKENS, inference=True):
-            return heldout_loss(model, examples, device, max_tokens=HELDOUT_ROW_TOKENS, progress=True, desc=desc)
+            return heldout_loss(model, examples, device, progress=True, desc=desc)
     finally:
         undo_per_example_attention(model)
 

@@ -37,12 +37,15 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor], fused_head: bool = 
     return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.numel())
 
 
+HELDOUT_ROW_TOKENS = 2048  # heldout_loss packs the examples into rows of at most this many tokens
+
+
 @torch.no_grad()
 def heldout_loss(
     model,
     examples: list[dict],
     device: str | torch.device,
-    max_tokens: int = 2048,
+    max_tokens: int = HELDOUT_ROW_TOKENS,
     progress: bool = False,
     desc: str = "held-out loss",
 ) -> float:

@@ -38,10 +38,16 @@ def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
         return False
 
 
+def lean(longest_row_tokens: int, checkpointing: bool = False) -> bool:
+    """Whether tune_allocator gives freed memory back at once (LEAN_MMAP_THRESHOLD) rather than keeping the heap: for
+    rows over LEAN_ALLOCATOR_ROW_TOKENS, and for ``checkpointing`` (see tune_allocator). loralab.estimate counts the
+    heap by the same rule."""
+    return longest_row_tokens > LEAN_ALLOCATOR_ROW_TOKENS or checkpointing
+
+
 def mmap_threshold_for(longest_row_tokens: int, checkpointing: bool = False) -> int:
     """The mmap threshold tune_allocator sets for rows of up to ``longest_row_tokens``."""
-    lean = longest_row_tokens > LEAN_ALLOCATOR_ROW_TOKENS or checkpointing
-    return LEAN_MMAP_THRESHOLD if lean else FAST_MMAP_THRESHOLD
+    return LEAN_MMAP_THRESHOLD if lean(longest_row_tokens, checkpointing) else FAST_MMAP_THRESHOLD
 
 
 def tune_allocator(longest_row_tokens: int, checkpointing: bool = False) -> int | None:
