@@ -228,11 +228,11 @@ def generation_alone(cfg_path: Path, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     merged = model.merge_and_unload().eval()
     merge_s = time.perf_counter() - started
-    generate_greedy(merged, prompts[:2], max_new_tokens=2, eos_token_ids=[eos], pad_token_id=eos, progress=False)
+    generate_greedy(merged, prompts[:2], max_new_tokens=2, eos_token_ids=[eos], progress=False)
     stamps: list[float] = []
     hook = merged.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
     started = time.perf_counter()
-    ours = generate_greedy(merged, prompts, max_new_tokens=new, eos_token_ids=[eos], pad_token_id=eos, desc="loralab")
+    ours = generate_greedy(merged, prompts, max_new_tokens=new, eos_token_ids=[eos], desc="loralab")
     ours_s = time.perf_counter() - started
     hook.remove()
     peaks.append(matmul_peak(dtype))

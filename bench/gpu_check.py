@@ -104,7 +104,7 @@ def batched_eval(root: Path, data: Path, precision: str) -> dict:
     prompts = [prompt_ids(tokenizer, template, r) for r in records]
     eos = tokenizer.eos_token_id
     start = time.perf_counter()
-    outputs = generate_greedy(model, prompts, max_new_tokens=EVAL_NEW_TOKENS, eos_token_ids=[eos], pad_token_id=eos,
+    outputs = generate_greedy(model, prompts, max_new_tokens=EVAL_NEW_TOKENS, eos_token_ids=[eos],
                               progress=False)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start

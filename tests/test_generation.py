@@ -77,7 +77,7 @@ def references(model, prompts):
 
 
 def greedy(model, prompts, **kwargs):
-    settings = dict(max_new_tokens=MAX_NEW_TOKENS, eos_token_ids=[], pad_token_id=0, progress=False)
+    settings = dict(max_new_tokens=MAX_NEW_TOKENS, eos_token_ids=[], progress=False)
     return generate_greedy(model, prompts, **(settings | kwargs))
 
 
@@ -273,7 +273,7 @@ def test_head_sees_contiguous_inputs_and_no_hook_is_left_behind(model, prompts):
     seen = []
     probe = head.register_forward_hook(lambda module, args, output: seen.append(args[0].is_contiguous()))
     try:
-        generate_greedy(model, prompts, max_new_tokens=3, eos_token_ids=[], pad_token_id=0, batch_size=4, progress=False)
+        generate_greedy(model, prompts, max_new_tokens=3, eos_token_ids=[], batch_size=4, progress=False)
     finally:
         probe.remove()
     assert seen and all(seen)

@@ -196,7 +196,6 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, expected: str, inputs: dict
     gen = dict(
         max_new_tokens=cfg.eval.max_new_tokens,
         eos_token_ids=[tokenizer.eos_token_id],
-        pad_token_id=tokenizer.pad_token_id,
         batch_size=cfg.eval.batch_size,
     )
 

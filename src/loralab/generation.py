@@ -38,7 +38,6 @@ def generate_greedy(
     *,
     max_new_tokens: int,
     eos_token_ids: list[int],
-    pad_token_id: int,
     batch_size: int | None = None,
     progress: bool = True,
     desc: str = "generating",
@@ -48,7 +47,7 @@ def generate_greedy(
     Each output stops before its first EOS (the EOS itself is dropped); with no ``eos_token_ids`` every
     output is ``max_new_tokens`` long. Works for a plain Hugging Face causal LM and for a PEFT model. With
     ``batch_size=None`` each batch is sized by `choose_batch_size` from its own longest prompt and the memory
-    free when the call starts. ``pad_token_id`` is kept for callers; no row is padded.
+    free when the call starts. No row is padded.
     """
     if not prompts:
         return []
@@ -252,22 +251,6 @@ def greedy_generation_config(max_new_tokens: int, eos_token_ids: list[int], pad_
         top_k=50,
         use_cache=True,
     )
-
-
-# Over token ids, where tokenizer.pad(padding_side="left") would need the tokenizer and python lists back.
-def left_pad(prompts: list[list[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad ``prompts`` into (batch, longest) input ids and the matching 0/1 attention mask.
-
-    Left padding keeps every prompt's last token in the last column, so each row's next token is read
-    from the same position and new tokens are appended to all rows at once.
-    """
-    longest = max(len(prompt) for prompt in prompts)
-    input_ids = torch.full((len(prompts), longest), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, longest - len(prompt) :] = 1
-    return input_ids.to(device), attention_mask.to(device)
 
 
 def cut_at_eos(ids: list[int], eos_token_ids: set[int]) -> list[int]:
