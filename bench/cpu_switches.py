@@ -1,10 +1,10 @@
 """Each piece of loralab's CPU speed path measured alone, in one precision: the data behind
-loralab.decisions.CPU_SPEED_PATH.
+loralab.cpu.catalogue.TRAINING.
 
 A TinyLlama-width model (the real hidden, MLP, head and vocabulary sizes, random weights) with fewer layers
 (--layers, default 2, so a variant runs in seconds), LoRA r=8 alpha 16 dropout 0.05 on q/k/v/o, trains the
 first optimizer steps of 8 real Alpaca examples (the shared data, encoded by bench/train_throughput.py's
-cached prepare run) the way loralab.train does: each step's examples packed into rows of up to row_tokens,
+cached prepare run) the way loralab.stages.train does: each step's examples packed into rows of up to row_tokens,
 loralab.loss.response_loss_sum, backward, clipping, AdamW. Variants:
 
 * all: every piece on (fused LoRA, fused RMSNorm, per-example attention, the frozen-head loss, the tuned
@@ -73,7 +73,7 @@ def build_model(root: Path, layers: int, precision: str):
 
 
 def switch_on(model, variant: str) -> int:
-    """The speed path's pieces for ``variant`` (each piece as loralab.cpu.speed_path switches it); the row length."""
+    """The speed path's pieces for ``variant`` (each as cpu.speed_path.speed_path switches it); the row length."""
     from loralab.cpu import allocator, attention, fused_lora, fused_norm
 
     off = variant[3:] if variant.startswith("no-") else None
@@ -141,7 +141,9 @@ def worker(job: dict) -> dict:
     times, losses = [], []
     for step in range(job["steps"] + 1):
         start = time.process_time()
-        losses.append(step_loss(model, examples[step * EXAMPLES_PER_STEP : (step + 1) * EXAMPLES_PER_STEP], variant, rows))
+        losses.append(
+            step_loss(model, examples[step * EXAMPLES_PER_STEP : (step + 1) * EXAMPLES_PER_STEP], variant, rows)
+        )
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -156,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(json.loads(args.worker))))
         return 0
     from loralab import devices
-
     root = asset_dir(args.cache_dir, args.data)
     build_assets(root, args.data)
     limits = devices.isa_limits()
     print(f"CPU: {devices.cpu_model_name()}, {'native' if devices.cpu_has_native_bf16() else 'no native'} bf16"
-          + (f"; ISA limited by {limits}" if limits else "") + f"; {args.precision}, TinyLlama width x {args.layers} layers, "
+          + (f"; ISA limited by {limits}" if limits else "")
+          + f"; {args.precision}, TinyLlama width x {args.layers} layers, "
           f"1 warm-up + {args.steps} steps of {EXAMPLES_PER_STEP} real Alpaca examples, 1 thread, CPU time")
     results = {}
     for variant in args.variants.split(","):

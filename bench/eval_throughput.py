@@ -104,7 +104,7 @@ def matmul_peak(dtype, n: int = 3072, repeats: int = 4) -> float:
 def build_model(cache_dir: Path, data: Path) -> Path:
     """A TinyLlama-shaped random model (bf16 safetensors) and its tokenizer, built once per data file."""
     from loralab.data import user_message, validate_record
-    from loralab.tiny import TINYLLAMA_CONFIG, build_tinyllama_shape
+    from loralab.models.tiny import TINYLLAMA_CONFIG, build_tinyllama_shape
 
     key = json.dumps([TINYLLAMA_CONFIG, VOCAB_SIZE, hashlib.sha256(data.read_bytes()).hexdigest()], sort_keys=True)
     model_dir = cache_dir / ("tinyllama-random-" + hashlib.sha256(key.encode()).hexdigest()[:12])
@@ -133,13 +133,16 @@ def prepare_run(root: Path, model_dir: Path, data: Path, args: argparse.Namespac
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loralab import prepare, sources
     from loralab.config import dump_config
-    from loralab.rundir import RunDir
+    from loralab.runs.fingerprints import stage_keys
+    from loralab.runs.layout import RunDir
+    from loralab.runs.protocol import StageRecords
+    from loralab.stages import prepare
 
     cfg = experiment_config(root, model_dir, data, args)
     prepare.run(cfg)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    torch.manual_seed(SEED)  # LoRA A's initialisation: the same adapter on every run of the bench
     lora = cfg.lora
     model = get_peft_model(base, LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
                                             target_modules=list(lora.target_modules)))
@@ -148,10 +151,10 @@ def prepare_run(root: Path, model_dir: Path, data: Path, args: argparse.Namespac
     model.save_pretrained(rundir.adapter_dir)
     if args.heldout_loss == "eval":
         rundir.metrics_file.write_text("")  # no held-out loss rows: eval computes both losses itself
-        rundir.mark_done("train", sources.train_hash(cfg), 0.0, steps=0)
+        StageRecords(rundir).mark_done("train", stage_keys(cfg).train.hash, 0.0, steps=0)
     else:  # the rows `loralab train` logs at step 0 and at its last step (the values are not checked here)
         rundir.metrics_file.write_text("".join(json.dumps({"step": s, "eval_loss": 10.0}) + "\n" for s in (0, 1)))
-        rundir.mark_done("train", sources.train_hash(cfg), 0.0, steps=1)
+        StageRecords(rundir).mark_done("train", stage_keys(cfg).train.hash, 0.0, steps=1)
         rundir.update_manifest(precision=args.dtype, device="cpu")
     path = root / "eval-bench.yaml"
     path.write_text(dump_config(cfg))
@@ -189,9 +192,9 @@ def notebook_generate(peft_model, prompts: list[list[int]], max_new_tokens: int,
 
 
 def agreement(ours: list[list[int]], theirs: list[list[int]]) -> str:
-    same = sum(a == b for a, b in zip(ours, theirs))
-    prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                 for a, b in zip(ours, theirs)) / len(theirs)
+    same = sum(a == b for a, b in zip(ours, theirs, strict=False))
+    prefix = sum(next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+                 for a, b in zip(ours, theirs, strict=False)) / len(theirs)
     return f"{same}/{len(theirs)} = {same / len(theirs):.0%} (mean shared prefix {prefix:.1f} tokens)"
 
 
@@ -203,9 +206,10 @@ def generation_alone(cfg_path: Path, args: argparse.Namespace) -> dict:
 
     from loralab.config import load_config
     from loralab.data import make_template, prompt_ids
+    from loralab.files import read_jsonl
     from loralab.generation import generate_greedy
-    from loralab.modeling import load_tokenizer
-    from loralab.rundir import RunDir, read_jsonl
+    from loralab.models.loading import load_tokenizer
+    from loralab.runs.layout import RunDir
 
     cfg = load_config(cfg_path)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -249,7 +253,7 @@ def generation_alone(cfg_path: Path, args: argparse.Namespace) -> dict:
 def whole_process(cfg_path: Path) -> dict:
     """`loralab eval` in a subprocess, timed from start to exit; its manifest's counts."""
     from loralab.config import load_config
-    from loralab.rundir import RunDir
+    from loralab.runs.layout import RunDir
 
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()

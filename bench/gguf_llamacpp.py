@@ -65,7 +65,6 @@ def cpu_name() -> str:
 def train_run(model_dir: Path, work: Path, data: Path, steps: int) -> Path:
     """A LoRA run of ``steps`` optimizer steps (prepare, train, eval) on ``model_dir``; returns the run dir."""
     from loralab import cli
-
     cfg = {
         "name": "proof", "output_dir": str(work / "runs"),
         "model": {"name_or_path": str(model_dir)},
@@ -86,8 +85,8 @@ def train_run(model_dir: Path, work: Path, data: Path, steps: int) -> Path:
 
 def export_all(run: Path, model: str, work: Path) -> dict[str, Path]:
     """The GGUF files compared: the run's f16 and q8_0, the all-q8_0 baseline and the base model's f16."""
-    from loralab import cli, export_gguf
-
+    from loralab import cli
+    from loralab.commands import export_gguf
     # The baseline first: export-gguf records its folder in the run's manifest, and the real export after it wins.
     with mock.patch.object(export_gguf, "Q8_0_KEPT_F16", ()):
         ok = cli.main(["export-gguf", str(run), "--quant", "q8_0", "--out", str(work / "q8-all"), "--overwrite"]) == 0
@@ -196,8 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     import llama_cpp
     from transformers import AutoModelForCausalLM
 
-    from loralab.adapters import load_merged, resolve_target
     from loralab.data import make_template
+    from loralab.models.adapters import load_merged, resolve_target
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/smollm2-135m-instruct")
@@ -272,7 +271,8 @@ def speed_table(cpp: dict, merged, tok, template, threads: int) -> dict:
     print(f"\nGeneration speed: the {len(prompts)} prompts above ({min(map(len, prompts))}-{max(map(len, prompts))} "
           f"prompt tokens), greedy, {SPEED_TOKENS} new tokens each, batch 1, {threads} threads on each side, "
           f"prompt processing included; median of {SPEED_REPEATS} repeats (each repeat: all prompts, engines in "
-          f"turn); 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after ({os.cpu_count()} cores)"
+          f"turn); 1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after "
+          f"({os.cpu_count()} cores)"
           "\n\n| engine | tokens/s (median) | repeats | vs transformers fp32 |\n|---|---|---|---|")
     for name, rate in medians.items():
         runs = ", ".join(f"{r:.1f}" for r in rates[name])

@@ -38,15 +38,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data", type=Path, default=tt.DEFAULT_DATA, help="Alpaca-format JSON records")
     parser.add_argument("--cache-dir", type=Path, default=tt.DEFAULT_CACHE, help="where the bench assets are kept")
     parser.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per side (warm-up included)")
-    parser.add_argument("--dry-run", action="store_true", help="check the inputs and print what would run; no GPU needed")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the inputs and print what would run; no GPU needed")
     return parser.parse_args(argv)
 
 
 def loralab_side(root: Path, data: Path, precision: str, steps: int) -> dict:
     import torch
 
-    from loralab import decisions, estimate, sources
-
+    from loralab import decisions
+    from loralab.models.loading import read_model_config
+    from loralab.planning.inputs import PlanInputs
+    from loralab.planning.measure import profile_for
     examples = tt.load_examples(root, data, steps * tt.EXAMPLES_PER_STEP)
     cfg = tt.experiment_config(root, data, max_steps=steps)
     cfg.train.device, cfg.train.precision = "cuda", precision
@@ -63,8 +66,9 @@ def loralab_side(root: Path, data: Path, precision: str, steps: int) -> dict:
     from loralab.devices import probe
 
     lengths, trained = decisions.example_lengths(examples)
-    predicted = estimate.estimate(sources.read_model_config(cfg.model), cfg.lora, cfg.train, lengths, estimate.profile_for(probe("cuda")),
-                              switches.precision, trained_counts=trained, with_suggestions=False)
+    inputs = PlanInputs(read_model_config(cfg.model), cfg.lora, cfg.train, lengths, profile_for(probe("cuda")), trained,
+                        cfg.model.attn_implementation)
+    predicted = decisions.plan_run(inputs, switches.precision, with_suggestions=False)
     step_s = sorted(result["step_seconds"])[len(result["step_seconds"]) // 2]
     result["plan"] = {"peak_bytes": predicted.peak_bytes, "step_seconds": predicted.step_seconds,
                       "memory_error": predicted.peak_bytes / result["peak_gpu_bytes"] - 1,
@@ -95,7 +99,7 @@ def batched_eval(root: Path, data: Path, precision: str) -> dict:
 
     from loralab.data import make_template, prompt_ids, validate_record
     from loralab.generation import generate_greedy
-    from loralab.modeling import DTYPES
+    from loralab.models.loading import DTYPES
 
     tokenizer = AutoTokenizer.from_pretrained(root / "model")
     model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=DTYPES[precision]).to("cuda").eval()
@@ -109,24 +113,27 @@ def batched_eval(root: Path, data: Path, precision: str) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     generated = sum(len(o) for o in outputs)
-    return {"prompts": len(prompts), "generated_tokens": generated, "seconds": seconds, "tokens_per_s": generated / seconds}
+    return {"prompts": len(prompts), "generated_tokens": generated, "seconds": seconds,
+            "tokens_per_s": generated / seconds}
 
 
 def summary_lines(device: str, results: dict) -> list[str]:
-    lines = [f"# loralab GPU check on {device}", "", "| precision | side | tokens/s | peak GPU memory | vs seed-style |",
-             "|---|---|---|---|---|"]
+    lines = [f"# loralab GPU check on {device}", "",
+             "| precision | side | tokens/s | peak GPU memory | vs seed-style |", "|---|---|---|---|---|"]
     for precision, sides in results["train"].items():
         seed = sides["seed"]["tokens_per_s"]
         for side in ("loralab", "seed"):
             r = sides[side]
             lines.append(f"| {precision} | {side} | {r['tokens_per_s']:.0f} | {r['peak_gpu_bytes'] / 1e9:.2f} GB | "
                          f"{r['tokens_per_s'] / seed:.2f}x |")
-    lines += ["", "| precision | plan peak | measured | error | plan step | measured | error |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "| precision | plan peak | measured | error | plan step | measured | error |",
+              "|---|---|---|---|---|---|---|"]
     for precision, sides in results["train"].items():
         r, p = sides["loralab"], sides["loralab"]["plan"]
         step = sorted(r["step_seconds"])[len(r["step_seconds"]) // 2]
         lines.append(f"| {precision} | {p['peak_bytes'] / 1e9:.2f} GB | {r['peak_gpu_bytes'] / 1e9:.2f} GB | "
-                     f"{100 * p['memory_error']:+.0f}% | {p['step_seconds']:.3f} s | {step:.3f} s | {100 * p['time_error']:+.0f}% |")
+                     f"{100 * p['memory_error']:+.0f}% | {p['step_seconds']:.3f} s | {step:.3f} s | "
+                     f"{100 * p['time_error']:+.0f}% |")
     for precision, e in results["eval"].items():
         lines.append(f"\nbatched eval ({precision}): {e['generated_tokens']} tokens from {e['prompts']} prompts, "
                      f"{e['tokens_per_s']:.0f} generated tokens/s")
@@ -141,18 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         import loralab.decisions  # noqa: F401  (the package imports)
 
         print(f"would build or reuse the TinyLlama-shaped assets under {args.cache_dir} from {args.data}")
-        print(f"would train {args.steps} steps per side (loralab, seed-style) in fp16 and, on compute capability 8.0+, bf16")
-        print(f"would compare `loralab plan --device auto` with the measurements, run batched eval, write {args.out}/summary.md")
+        print(f"would train {args.steps} steps per side (loralab, seed-style) in fp16 and, "
+              "on compute capability 8.0+, bf16")
+        print("would compare `loralab plan --device auto` with the measurements, run batched eval, "
+              f"write {args.out}/summary.md")
         return 0
     import torch
 
-    from loralab import decisions
     from loralab.devices import probe
+    from loralab.precision import supported_precisions
 
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU visible: run this on the GPU machine (or pass --dry-run)")
     facts = probe("cuda")
-    precisions = [p for p in ("fp16", "bf16") if p in decisions.supported_precisions(facts)]
+    precisions = [p for p in ("fp16", "bf16") if p in supported_precisions(facts)]
     root = tt.asset_dir(args.cache_dir, args.data)
     tt.build_assets(root, args.data)
     results: dict = {"device": facts.name, "train": {}, "eval": {}}

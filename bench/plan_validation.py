@@ -2,16 +2,17 @@
 
 Each model is a Llama with random weights built offline in bf16 (built directly in bf16, so the build
 never holds an fp32 copy) and saved, in a process of its own; each case loads it with
-loralab.modeling.load_model as `loralab train` does, adds LoRA r=8 on q/k/v/o through loralab.modeling.add_lora (fp32 LoRA
-weights) set up as `loralab train` sets it up on a CPU (loralab.cpu.speed_path: fused LoRA
-layers, per-example attention; frozen weights in oneDNN's layout where the plan's train.onednn_weights "auto"
-says so, as loralab.train does), and runs the trainer's micro-batch by hand: one example per micro-batch packed by
-loralab.packing.pack_examples, loralab.loss.response_loss_sum, backward, gradient clipping, AdamW.
+loralab.models.loading.load_model as `loralab train` does, adds LoRA r=8 on q/k/v/o through
+loralab.models.loading.add_lora (fp32 LoRA weights) set up as `loralab train` sets it up on a CPU
+(cpu.speed_path.speed_path: fused LoRA layers, per-example attention; frozen weights in oneDNN's layout where the
+plan's train.onednn_weights "auto" says so, as loralab.stages.train does), and runs the trainer's micro-batch by
+hand: one example per micro-batch packed by loralab.packing.pack_examples, loralab.loss.response_loss_sum,
+backward, gradient clipping, AdamW.
 Every case runs in its own subprocess, so one case's memory never shows in another's.
 
 * peak memory: the process's peak RSS over the training steps (VmHWM, reset through
   /proc/self/clear_refs after the model is loaded; ru_maxrss of the whole process where that is not
-  allowed). The worker imports loralab.train first, so it holds the libraries a training process holds.
+  allowed). The worker imports loralab.stages.train first, so it holds the libraries a training process holds.
 * step time: the median of a few steps after a warm-up step, against plan's time per micro-batch.
   By default each case runs on one thread and is timed by the process's CPU time, with the matmul
   peaks measured the same way just before: the result then does not depend on other jobs sharing the
@@ -31,7 +32,7 @@ checkpointing. Targets: memory within 15%, time within 30%.
 head_dim, memory bandwidth, dropout-mask cost) and fits its matmul efficiency, per-layer/per-step host
 overheads and framework memory on shapes that are not validated: a TinyLlama-width model with 4
 layers at 512 tokens (efficiency) and 1- and 4-layer hidden-32 models at 64 tokens (overheads,
-framework memory). The fitted numbers are copied by hand into PROFILES["cpu"] in loralab/estimate.py.
+framework memory). The fitted numbers are copied by hand into PROFILES["cpu"] in loralab/planning/profiles.py.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ import tempfile
 import time
 from dataclasses import replace
 
-from loralab import IGNORE_INDEX
+from loralab import IGNORE_INDEX, decisions
 from loralab.config import LoraSection, TrainConfig
-from loralab.estimate import PROFILES, cpu_profile, estimate
-from loralab.tiny import TINYLLAMA_CONFIG
+from loralab.models.tiny import TINYLLAMA_CONFIG
+from loralab.planning.inputs import PlanInputs
+from loralab.planning.measure import cpu_profile
+from loralab.planning.profiles import PROFILES
 
 LORA = LoraSection(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 TINY_CONFIG = dict(TINYLLAMA_CONFIG, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -122,13 +125,14 @@ def worker(spec: dict) -> dict:
         return build(spec)
     import torch
 
-    import loralab.train  # noqa: F401  (the libraries a `loralab train` process holds: Trainer, accelerate)
+    import loralab.stages.train  # noqa: F401  (the libraries a `loralab train` process holds: Trainer, accelerate)
+    from loralab import devices
     from loralab.config import ModelConfig
+    from loralab.cpu.catalogue import training_pieces
+    from loralab.cpu.speed_path import speed_path as cpu_speed_path
     from loralab.loss import response_loss_sum
-    from loralab.modeling import add_lora, load_model
+    from loralab.models.loading import add_lora, load_model
     from loralab.packing import pack_examples
-    from loralab import cpu, decisions, devices
-
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -137,12 +141,12 @@ def worker(spec: dict) -> dict:
     precision = spec["precision"]
     model = load_model(ModelConfig(name_or_path=spec["folder"]), precision, "cpu", in_memory=spec["onednn"])
     model = add_lora(model, LORA)
-    # What `loralab train` runs on a CPU (loralab.cpu.speed_path), held until this function returns: fused LoRA
+    # What `loralab train` runs on a CPU (cpu.speed_path.speed_path), held until this function returns: fused LoRA
     # layers and norms, per-example attention, the allocator set for the row, oneDNN weights as the plan decided.
     speed_path = contextlib.ExitStack()
-    pieces = decisions.cpu_pieces(precision, devices.cpu_has_native_bf16())
-    switched = speed_path.enter_context(cpu.speed_path(model, spec["tokens"], onednn_weights=spec["onednn"], pieces=pieces,
-                                                       checkpointing=spec["checkpointing"]))
+    pieces = training_pieces(precision, devices.cpu_has_native_bf16())
+    switched = speed_path.enter_context(cpu_speed_path(model, spec["tokens"], onednn_weights=spec["onednn"],
+                                                       pieces=pieces, checkpointing=spec["checkpointing"]))
     assert switched.per_example_attention is pieces.per_example_attention, switched
     if spec["checkpointing"]:  # as the Trainer sets it up for train.gradient_checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -184,32 +188,37 @@ def measure(config: dict, tokens: int, steps: int, checkpointing: bool, threads:
         _BUILT[key] = tempfile.TemporaryDirectory(prefix="plan-validation-")
         proc = _run_worker({"build": True, "config": config, "folder": _BUILT[key].name})
         if proc.returncode != 0:
-            raise SystemExit(f"building the {config['hidden_size']}x{config['num_hidden_layers']} model failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"building the {config['hidden_size']}x{config['num_hidden_layers']} model failed:\n"
+                             f"{proc.stderr[-3000:]}")
     proc = _run_worker({"config": config, "folder": _BUILT[key].name, "tokens": tokens, "steps": steps,
                         "checkpointing": checkpointing, "threads": threads, "onednn": onednn, "precision": precision})
     if proc.returncode != 0:
-        raise SystemExit(f"worker failed ({config['hidden_size']}x{config['num_hidden_layers']}, {tokens} tokens):\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"worker failed ({config['hidden_size']}x{config['num_hidden_layers']}, {tokens} tokens):\n"
+                         f"{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def predict(config: dict, tokens: int, checkpointing: bool, profile, onednn: bool | str = "auto", precision: str = "bf16"):
+def predict(config: dict, tokens: int, checkpointing: bool, profile, onednn: bool | str = "auto",
+            precision: str = "bf16"):
     ids, labels = example(tokens, config["vocab_size"])
     trained = sum(1 for x in labels[1:] if x != IGNORE_INDEX)
-    train = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=1, gradient_checkpointing=checkpointing,
-                        onednn_weights=onednn)
-    return estimate(config, LORA, train, [tokens], profile, precision, trained_counts=[trained], with_suggestions=False)
+    train = TrainConfig(per_device_train_batch_size=1, gradient_accumulation_steps=1,
+                        gradient_checkpointing=checkpointing, onednn_weights=onednn)
+    inputs = PlanInputs(config, LORA, train, [tokens], profile, [trained])
+    return decisions.plan_run(inputs, precision, with_suggestions=False)
 
 
 def validate(profile, threads: int | None, precision: str, cases: list[str] | None = None) -> int:
     from loralab import devices
-
     limits = devices.isa_limits()
     print(f"plan vs measurement on {profile.description}: {devices.cpu_model_name()}, "
-          f"{'native' if devices.cpu_has_native_bf16() else 'no native'} bf16" + (f", ISA limited by {limits}" if limits else ""))
+          f"{'native' if devices.cpu_has_native_bf16() else 'no native'} bf16"
+          + (f", ISA limited by {limits}" if limits else ""))
     print(f"LoRA r=8 q/k/v/o, {precision} weights, 1 example per micro-batch; {precision} matmul peak used: "
           f"{profile.peak_flops[precision] / 1e9:.0f} GFLOP/s; step time = "
           + ("the process's CPU time" if threads == 1 else "wall clock"))
-    header = f"{'model':<15} {'tokens':>6} {'oneDNN':>6} | {'peak RSS pred':>13} {'measured':>9} {'err':>6} | {'step pred':>9} {'measured':>9} {'err':>6}"
+    header = (f"{'model':<15} {'tokens':>6} {'oneDNN':>6} | {'peak RSS pred':>13} {'measured':>9} {'err':>6} | "
+              f"{'step pred':>9} {'measured':>9} {'err':>6}")
     print(header)
     print("-" * len(header))
     worst_mem, worst_time = 0.0, 0.0
@@ -221,7 +230,8 @@ def validate(profile, threads: int | None, precision: str, cases: list[str] | No
         mem_err = (plan.peak_bytes - got["peak_rss"]) / got["peak_rss"]
         time_err = (plan.microbatch_seconds - got["step_s"]) / got["step_s"]
         worst_mem, worst_time = max(worst_mem, abs(mem_err)), max(worst_time, abs(time_err))
-        print(f"{name:<15} {tokens:>6} {'yes' if plan.onednn_weights else 'no':>6} | {plan.peak_bytes / 1e9:>10.2f} GB {got['peak_rss'] / 1e9:>6.2f} GB {100 * mem_err:>+5.0f}% | "
+        print(f"{name:<15} {tokens:>6} {'yes' if plan.onednn_weights else 'no':>6} | "
+              f"{plan.peak_bytes / 1e9:>10.2f} GB {got['peak_rss'] / 1e9:>6.2f} GB {100 * mem_err:>+5.0f}% | "
               f"{plan.microbatch_seconds:>8.2f}s {got['step_s']:>8.2f}s {100 * time_err:>+5.0f}%", flush=True)
         if not got["hwm_reset"]:
             print("  (peak RSS includes the model build: /proc/self/clear_refs not allowed here)")
@@ -255,7 +265,8 @@ def micro_benchmarks(peak_bf16: float, threads: int | None) -> None:
             q = torch.randn(1, heads, n, d, dtype=torch.bfloat16, requires_grad=True)
             k = torch.randn(1, kv, n, d, dtype=torch.bfloat16, requires_grad=True)
             v = torch.randn(1, kv, n, d, dtype=torch.bfloat16, requires_grad=True)
-            t = timed(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward())
+            t = timed(lambda q=q, k=k, v=v:
+                      F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward())
             pairs = min(n * n, n * n / 2 + n * block / 2)
             rates.append(4 * heads * d * pairs * 3.5 / t)
         print(f"attention head_dim {d:>3}: {statistics.fmean(rates) / 1e9:5.1f} GFLOP/s = "
@@ -273,14 +284,17 @@ def calibrate(profile, threads: int | None) -> int:
     half = replace(bare, efficiency=0.5)
     results = {}
     for name, config, tokens, steps, checkpointing in CALIBRATION:
-        # plain weights: the fitted efficiency is the plain-layout one (onednn_speedup comes from bench/train_throughput.py)
+        # plain weights: the fitted efficiency is the plain-layout one
+        # (onednn_speedup comes from bench/train_throughput.py)
         plan, plan_half = (predict(config, tokens, checkpointing, p, onednn=False) for p in (bare, half))
         got = measure(config, tokens, steps, checkpointing, threads, onednn=False)
         # At efficiency 1 the matmul term is (half - bare); everything else is bare minus that.
         matmul_s = plan_half.microbatch_seconds - plan.microbatch_seconds
         results[name] = (matmul_s, plan.microbatch_seconds - matmul_s, plan.peak_bytes, got)
-        print(f"{name:<26} {tokens:>5} tokens: step {got['step_s'] * 1e3:8.1f} ms (matmul at peak {matmul_s * 1e3:7.1f} ms, "
-              f"other device terms {(plan.microbatch_seconds - matmul_s) * 1e3:6.1f} ms), peak RSS {got['peak_rss'] / 1e9:.3f} GB "
+        print(f"{name:<26} {tokens:>5} tokens: step {got['step_s'] * 1e3:8.1f} ms "
+              f"(matmul at peak {matmul_s * 1e3:7.1f} ms, "
+              f"other device terms {(plan.microbatch_seconds - matmul_s) * 1e3:6.1f} ms), "
+              f"peak RSS {got['peak_rss'] / 1e9:.3f} GB "
               f"(tensors predicted {plan.peak_bytes / 1e9:.3f} GB)", flush=True)
     m1, o1, p1, g1 = results["micro x1 layer"]
     m4, o4, _, g4 = results["micro x4 layers"]
@@ -307,10 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibrate", action="store_true", help="fit the cpu profile's constants (other shapes)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per case; 1 (default) times steps by CPU time and measures the matmul "
-                             "peaks the same way; 0 uses torch's default threads, wall-clock time and the profile's peaks")
+                             "peaks the same way; 0 uses torch's default threads, wall-clock time and the profile's "
+                             "peaks")
     parser.add_argument("--measure-peaks", action="store_true", help="with --threads 0: measure the matmul peaks now")
-    parser.add_argument("--precision", choices=("bf16", "fp32"), help="default: what train.precision auto picks on this CPU")
-    parser.add_argument("--cases", help=f"comma-separated case names to validate (default all: {', '.join(dict.fromkeys(c[0] for c in CASES))})")
+    parser.add_argument("--precision", choices=("bf16", "fp32"),
+                        help="default: what train.precision auto picks on this CPU")
+    parser.add_argument("--cases", help="comma-separated case names to validate "
+                        f"(default all: {', '.join(dict.fromkeys(c[0] for c in CASES))})")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -321,12 +338,12 @@ def main(argv: list[str] | None = None) -> int:
     if threads or args.measure_peaks:
         import torch
 
-        from loralab.estimate import measure_matmul_peak
+        from loralab.planning.measure import matmul_peak
 
         if threads:
             torch.set_num_threads(threads)
         by_cpu_time = threads == 1
-        peaks = {p: measure_matmul_peak(p, seconds=2.0, cpu_time=by_cpu_time) for p in profile.peak_flops}
+        peaks = {p: matmul_peak(p, seconds=2.0, clock="cpu" if by_cpu_time else "wall") for p in profile.peak_flops}
         what = f"{threads} thread(s), matmul peaks measured now" + (" by CPU time" if by_cpu_time else "")
         profile = replace(profile, peak_flops=peaks, description=f"this CPU ({what})")
     warning = _load_warning()

@@ -8,7 +8,7 @@ response-only labels for every side; the first steps x 8 examples of its seeded 
 
 * loralab: what `loralab train` runs: its model loading (bf16 weights on a bf16-capable CPU), the
   ResponseOnlyTrainer with each step's 8 examples packed into rows of up to train.row_tokens (auto:
-  1,024 on a CPU), built by loralab.train; with train.onednn_weights "auto", which keeps the frozen
+  1,024 on a CPU), built by loralab.stages.train; with train.onednn_weights "auto", which keeps the frozen
   weights in oneDNN's layout on such rows (loralab.cpu.onednn_weights).
 * plain: the same with train.onednn_weights=false, to show what oneDNN's layout gives and costs.
 * seed-style: HF Trainer + PEFT get_peft_model, batch 1 x gradient accumulation 8, a
@@ -29,14 +29,14 @@ is against the better of its own two, and against the best of the run beside it.
 --precision fp32 measures a CPU without native bf16 (an AVX2 CPU; on an AVX-512 one, approximate it with
 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2): loralab trains with train.precision fp32, what
 `loralab train` picks there (with train.onednn_weights "auto": oneDNN's prepacked fp32 weights where they fit), beside
-"plain" (the same with train.onednn_weights=false) and the seed-style fp32 side, against the fp32 matmul peak (torch.matmul,
-MKL) and against oneDNN's prepacked fp32 matmul, which is faster on AMD CPUs:
+"plain" (the same with train.onednn_weights=false) and the seed-style fp32 side, against the fp32 matmul peak
+(torch.matmul, MKL) and against oneDNN's prepacked fp32 matmul, which is faster on AMD CPUs:
 
     ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 python bench/train_throughput.py --precision fp32 --steps 2 --threads 1
 
 --threads 1 runs every side on one thread and times it, and its matmul peaks, by the process's CPU time: on a
 machine other jobs share, wall-clock times stretch with their load, and one thread's CPU time does not.
-"""
+"""  # noqa: E501  (the fp32 command line above must stay on one line)
 
 from __future__ import annotations
 
@@ -65,7 +65,8 @@ SIDES = {
 }
 FP32_SIDES = {"loralab": "loralab train (train.precision fp32, as on an AVX2 CPU)",
               "plain": "same, train.onednn_weights=false", "seed": SIDES["seed"]}
-TARGETS = {"bf16": {"seed": 2.0, "bf16": 1.1}, "fp32": {"seed": 1.15}}  # loralab's tokens/s over each side's, by --precision
+# loralab's tokens/s over each side's, by --precision
+TARGETS = {"bf16": {"seed": 2.0, "bf16": 1.1}, "fp32": {"seed": 1.15}}
 TARGET_MFU = 0.80
 TARGET_PACKED_GB = 8.0
 
@@ -75,24 +76,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="measured optimizer steps per side")
     parser.add_argument("--warmup-steps", type=int, default=1, help="optimizer steps run first and not counted")
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
-                        help="bf16: a CPU with native bf16 (all sides); fp32: loralab in fp32 beside the seed-style side, "
-                        "as on a CPU without native bf16, against the fp32 matmul peak")
+                        help="bf16: a CPU with native bf16 (all sides); fp32: loralab in fp32 beside the seed-style "
+                        "side, as on a CPU without native bf16, against the fp32 matmul peak")
     parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per side (0: torch's default); 1 times every side and peak by its process's "
-                        "CPU time, which other jobs on a shared machine do not stretch")
-    parser.add_argument("--sides", help=f"comma-separated, from {', '.join(SIDES)} (fp32: {', '.join(FP32_SIDES)}; default all)")
-    parser.add_argument("--packed-memory", action="store_true", help="also measure peak RSS of loralab training on packed rows")
+                        help="torch threads per side (0: torch's default); 1 times every side and peak by its "
+                        "process's CPU time, which other jobs on a shared machine do not stretch")
+    parser.add_argument("--sides",
+                        help=f"comma-separated, from {', '.join(SIDES)} (fp32: {', '.join(FP32_SIDES)}; default all)")
+    parser.add_argument("--packed-memory", action="store_true",
+                        help="also measure peak RSS of loralab training on packed rows")
     parser.add_argument("--packed-tokens", type=int, default=2048, help="row length of the --packed-memory check")
-    parser.add_argument("--packed-steps", type=int, default=2, help="optimizer steps (one packed row each) of that check")
+    parser.add_argument("--packed-steps", type=int, default=2,
+                        help="optimizer steps (one packed row each) of that check")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Alpaca-format JSON records")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where the model, tokenizer and encoded data are kept")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                        help="where the model, tokenizer and encoded data are kept")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one measurement, print JSON
     args = parser.parse_args(argv)
     known = FP32_SIDES if args.precision == "fp32" else SIDES
     args.sides = args.sides or ",".join(known)
     unknown = set(args.sides.split(",")) - set(known)
     if unknown:
-        parser.error(f"unknown side(s) {', '.join(sorted(unknown))} with --precision {args.precision}; choose from {', '.join(known)}")
+        parser.error(f"unknown side(s) {', '.join(sorted(unknown))} with --precision {args.precision}; "
+                     f"choose from {', '.join(known)}")
     return args
 
 
@@ -101,9 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def asset_dir(cache_dir: Path, data: Path) -> Path:
     """A cache folder keyed by everything the assets depend on."""
-    from loralab.tiny import TINYLLAMA_CONFIG
+    from loralab.models.tiny import TINYLLAMA_CONFIG
 
-    key = json.dumps([TINYLLAMA_CONFIG, VOCAB_SIZE, SEED, hashlib.sha256(data.read_bytes()).hexdigest()], sort_keys=True)
+    key = json.dumps([TINYLLAMA_CONFIG, VOCAB_SIZE, SEED, hashlib.sha256(data.read_bytes()).hexdigest()],
+                     sort_keys=True)
     return cache_dir / ("tinyllama-random-" + hashlib.sha256(key.encode()).hexdigest()[:12])
 
 
@@ -116,7 +123,8 @@ def experiment_config(root: Path, data: Path, max_steps: int = 1):
         output_dir=str(root / "runs"),
         model=ModelConfig(name_or_path=str(root / "model")),
         data=DataConfig(path=str(data), num_examples=None, eval_size=0, seed=SEED, max_length=512, template="auto"),
-        lora=LoraSection(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        lora=LoraSection(r=8, lora_alpha=16, lora_dropout=0.05,
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
         train=TrainConfig(
             per_device_train_batch_size=1, gradient_accumulation_steps=EXAMPLES_PER_STEP, max_steps=max_steps,
             learning_rate=LEARNING_RATE, warmup_steps=0, logging_steps=1, save_steps=10**6, seed=SEED,
@@ -127,9 +135,9 @@ def experiment_config(root: Path, data: Path, max_steps: int = 1):
 
 def build_assets(root: Path, data: Path) -> None:
     """Model (random weights, bf16 safetensors) + tokenizer, then the encoded examples via loralab prepare."""
-    from loralab import prepare
     from loralab.data import user_message, validate_record
-    from loralab.tiny import build_tinyllama_shape
+    from loralab.models.tiny import build_tinyllama_shape
+    from loralab.stages import prepare
 
     model_dir = root / "model"
     if not (model_dir / "complete").exists():
@@ -139,7 +147,8 @@ def build_assets(root: Path, data: Path) -> None:
 
 
 def load_examples(root: Path, data: Path, n: int) -> list[dict]:
-    from loralab.rundir import RunDir, read_jsonl
+    from loralab.files import read_jsonl
+    from loralab.runs.layout import RunDir
 
     rows = read_jsonl(RunDir(experiment_config(root, data)).train_file)
     if len(rows) < n:
@@ -179,7 +188,7 @@ def make_clock():
 
         def result(self, warmup: int) -> dict:
             (_, t0, n0), (_, t1, n1) = self.marks[warmup - 1], self.marks[-1]
-            step_times = [b[1] - a[1] for a, b in zip(self.marks[warmup - 1 :], self.marks[warmup:])]
+            step_times = [b[1] - a[1] for a, b in zip(self.marks[warmup - 1 :], self.marks[warmup:], strict=False)]
             return {"tokens": n1 - n0, "seconds": t1 - t0, "tokens_per_s": (n1 - n0) / (t1 - t0),
                     "step_seconds": step_times, "losses": self.losses, "peak_rss": peak_rss_bytes()}
 
@@ -192,9 +201,8 @@ def decoder_of(model):
 
 
 def loralab_trainer(cfg, dataset: list, out_dir: Path, callbacks: list):
-    """Exactly the objects `loralab train` builds (see loralab.train.run)."""
-    from loralab import train
-
+    """Exactly the objects `loralab train` builds (see loralab.stages.train.run)."""
+    from loralab.stages import train
     switches = train.decide(cfg, dataset)
     model = train.build_model(cfg, switches)
     return train.build_trainer(cfg, model, dataset, out_dir, callbacks, switches), switches
@@ -210,7 +218,8 @@ def plain_trainer(root: Path, examples: list[dict], max_steps: int, out_dir: Pat
 
     tokenizer = AutoTokenizer.from_pretrained(root / "model")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(root / "model", dtype=torch.bfloat16 if bf16_weights else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(root / "model",
+                                                 dtype=torch.bfloat16 if bf16_weights else torch.float32)
     model = model.to(device)
     torch.manual_seed(SEED)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
@@ -218,8 +227,8 @@ def plain_trainer(root: Path, examples: list[dict], max_steps: int, out_dir: Pat
     args = TrainingArguments(
         output_dir=str(out_dir), per_device_train_batch_size=1, gradient_accumulation_steps=EXAMPLES_PER_STEP,
         max_steps=max_steps, learning_rate=LEARNING_RATE, warmup_steps=0, logging_steps=1, save_strategy="no",
-        seed=SEED, data_seed=SEED, use_cpu=device == "cpu", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        fp16=autocast == "fp16", bf16=autocast == "bf16",
+        seed=SEED, data_seed=SEED, use_cpu=device == "cpu", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, fp16=autocast == "fp16", bf16=autocast == "bf16",
     )
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     return Trainer(model=model, args=args, train_dataset=examples, data_collator=collator, callbacks=callbacks)
@@ -253,9 +262,11 @@ def run_side(side: str, root: Path, data: Path, steps: int, warmup: int, precisi
 
 def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
     """loralab's trainer on rows of up to ``tokens`` tokens, each a whole optimizer step (best-fit packed)."""
-    from loralab import decisions, train
+    from loralab import decisions
     from loralab.cpu.allocator import mmap_threshold_for
     from loralab.packing import pack_rows, plan_rows
+    from loralab.stages import train
+    from loralab.training import trainer as training_trainer
 
     examples = load_examples(root, data, 999)
     lengths = [len(e["input_ids"]) for e in examples]
@@ -268,14 +279,15 @@ def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
     # build_trainer would plan from this config).
     longest = max(sum(lengths[i] for i in row) for row in rows)
     onednn = decisions.can_use_onednn_weights("cpu", "bf16", longest, checkpointing=False)
-    switches = train.decide(cfg, examples)._replace(row_tokens=tokens, longest_row_tokens=longest, onednn_weights=onednn)
+    switches = train.decide(cfg, examples)._replace(row_tokens=tokens, longest_row_tokens=longest,
+                                                    onednn_weights=onednn)
     clock = make_clock()
     with tempfile.TemporaryDirectory(prefix="bench-packed-") as tmp:
         model = train.build_model(cfg, switches)
         # The trainer `loralab train` builds, with one dataset item per optimizer step: that row's examples,
         # laid out as build_trainer's collator does.
-        trainer = train.ResponseOnlyTrainer(
-            model=model, args=train.training_arguments(cfg, Path(tmp), switches),
+        trainer = training_trainer.ResponseOnlyTrainer(
+            model=model, args=training_trainer.training_arguments(cfg, Path(tmp), switches),
             train_dataset=[[examples[i] for i in row] for row in rows],
             data_collator=lambda batch: pack_rows([ex for step in batch for ex in step], tokens), callbacks=[clock],
             switches=switches,
@@ -283,7 +295,8 @@ def run_packed_memory(root: Path, data: Path, tokens: int, steps: int) -> dict:
         decoder_of(trainer.model).register_forward_pre_hook(clock.count_tokens, with_kwargs=True)
         trainer.train()
     precision = switches.precision + (", oneDNN weights" if onednn else ", plain weights")
-    return {"row_tokens": [sum(lengths[i] for i in r) for r in rows], "peak_rss": peak_rss_bytes(), "precision": precision,
+    return {"row_tokens": [sum(lengths[i] for i in r) for r in rows], "peak_rss": peak_rss_bytes(),
+            "precision": precision,
             "seconds": clock.marks[-1][1] - clock.marks[0][1] if len(clock.marks) > 1 else None,
             "mmap_threshold": mmap_threshold_for(longest)}
 
@@ -314,10 +327,10 @@ def matmul_peak(precision: str = "bf16", n: int = 4096, repeats: int = 6) -> dic
 def cpu_description() -> str:
     """The CPU's model name, whether it multiplies bf16 natively, and any ISA limit (the AVX2 approximation)."""
     from loralab import devices
-
     limits = devices.isa_limits()
     native = "native bf16" if devices.cpu_has_native_bf16() else "no native bf16"
-    return f"{devices.cpu_model_name()} ({os.cpu_count()} cores), {native}" + (f"; ISA limited by {limits}" if limits else "")
+    return (f"{devices.cpu_model_name()} ({os.cpu_count()} cores), {native}"
+            + (f"; ISA limited by {limits}" if limits else ""))
 
 
 CLOCK = time.perf_counter  # the worker's clock: its process's CPU time with --threads 1 (see worker)
@@ -347,7 +360,8 @@ def worker(job: dict) -> dict:
 
 def in_subprocess(job: dict) -> dict:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+                          env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{job['kind']} worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -358,13 +372,15 @@ def flops_per_token(root: Path, examples: list[dict]) -> tuple[float, int]:
     the backward's input gradients) plus causal attention (QK^T and PV forward, 3x that with backward)."""
     from transformers import AutoConfig
 
-    from loralab.tiny import TINYLLAMA_CONFIG
+    from loralab.models.tiny import TINYLLAMA_CONFIG
 
     c = AutoConfig.from_pretrained(root / "model")
     head_dim = c.hidden_size // c.num_attention_heads
     kv = c.num_key_value_heads * head_dim
-    per_layer = c.hidden_size * (c.hidden_size * 2 + kv * 2) + 3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size
-    non_embedding = c.num_hidden_layers * per_layer + c.hidden_size + c.hidden_size * c.vocab_size  # + final norm, lm_head
+    per_layer = (c.hidden_size * (c.hidden_size * 2 + kv * 2) + 3 * c.hidden_size * c.intermediate_size
+                 + 2 * c.hidden_size)
+    # + final norm, lm_head
+    non_embedding = c.num_hidden_layers * per_layer + c.hidden_size + c.hidden_size * c.vocab_size
     lengths = [len(e["input_ids"]) for e in examples]
     # causal: position i attends to i+1 keys; 2 matmuls x 2 FLOPs x heads x head_dim, forward; backward is 2x forward
     attention = 3 * sum(2 * 2 * c.hidden_size * n * (n + 1) / 2 for n in lengths) * c.num_hidden_layers / sum(lengths)
@@ -392,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         results[side] = in_subprocess(base | {"kind": side})
         r = results[side]
         print(f"  {side:<8} {r['tokens_per_s']:6.1f} tokens/s  ({r['tokens']} tokens in {r['seconds']:.1f} s, "
-              f"steps {', '.join(f'{s:.1f}' for s in r['step_seconds'])} s; losses {', '.join(f'{x:.4f}' for x in r['losses'])})",
+              f"steps {', '.join(f'{s:.1f}' for s in r['step_seconds'])} s; "
+              f"losses {', '.join(f'{x:.4f}' for x in r['losses'])})",
               flush=True)
     # The machine is shared, so its peak moves with the other jobs. Each side's MFU is against the best of
     # the two peaks measured in its own process just before and after its training (the same share of
@@ -410,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     threads = args.threads or torch.get_num_threads()
-    print(f"\n== TinyLlama-1.1B shape, random weights; {args.warmup_steps} warm-up + {args.steps} measured optimizer steps "
+    print(f"\n== TinyLlama-1.1B shape, random weights; {args.warmup_steps} warm-up + {args.steps} measured "
+          "optimizer steps "
           f"x {EXAMPLES_PER_STEP} real Alpaca examples ({measured} tokens measured); torch threads {threads}"
           + (", tokens/s and peaks per second of each process's CPU time" if args.threads == 1 else ", wall clock"))
     print(f"   CPU: {cpu_description()}")
@@ -424,11 +442,14 @@ def main(argv: list[str] | None = None) -> int:
     print("   " + "-" * (len(header) - 3))
     names = FP32_SIDES if args.precision == "fp32" else SIDES
     for side, r in results.items():
-        ratio = {k: (f"{r['tokens_per_s'] / results[k]['tokens_per_s']:.2f}x" if k in results else "-") for k in ("seed", "bf16")}
+        ratio = {k: (f"{r['tokens_per_s'] / results[k]['tokens_per_s']:.2f}x" if k in results else "-")
+                 for k in ("seed", "bf16")}
         own = max(r["matmul_peaks"])
         achieved = r["tokens_per_s"] * per_token
-        print(f"   {names[side]:<50} {r['tokens_per_s']:8.1f} {r['peak_rss'] / 1e9:6.2f} GB {ratio['seed']:>8} {ratio['bf16']:>8} "
-              f"{own / 1e9:6.0f} {100 * achieved / own:5.1f}% {100 * achieved / best:10.1f}% {100 * achieved / onednn_best:8.1f}%")
+        print(f"   {names[side]:<50} {r['tokens_per_s']:8.1f} {r['peak_rss'] / 1e9:6.2f} GB "
+              f"{ratio['seed']:>8} {ratio['bf16']:>8} "
+              f"{own / 1e9:6.0f} {100 * achieved / own:5.1f}% {100 * achieved / best:10.1f}% "
+              f"{100 * achieved / onednn_best:8.1f}%")
 
     ok = True
     if "loralab" in results:
@@ -437,22 +458,27 @@ def main(argv: list[str] | None = None) -> int:
             if side in results:
                 got = ours / results[side]["tokens_per_s"]
                 ok &= got >= target
-                print(f"   target loralab >= {target:.2f}x {side}: {got:.2f}x {'met' if got >= target else 'MISSED'}; last "
+                print(f"   target loralab >= {target:.2f}x {side}: {got:.2f}x "
+                      f"{'met' if got >= target else 'MISSED'}; last "
                       f"measured loss {results['loralab']['losses'][-1]:.4f} vs {results[side]['losses'][-1]:.4f}")
         if "plain" in results:
-            print(f"   loralab with oneDNN weights ({results['loralab']['precision']}) over train.onednn_weights=false: "
+            print(f"   loralab with oneDNN weights ({results['loralab']['precision']}) "
+                  "over train.onednn_weights=false: "
                   f"{ours / results['plain']['tokens_per_s']:.2f}x tokens/s, "
                   f"{(results['loralab']['peak_rss'] - results['plain']['peak_rss']) / 1e9:+.2f} GB peak RSS")
         mfu = ours * per_token / max(results["loralab"]["matmul_peaks"])
         ok &= mfu >= TARGET_MFU
-        print(f"   target loralab MFU >= {100 * TARGET_MFU:.0f}% of the matmul peak measured beside it: {100 * mfu:.1f}% "
-              f"{'met' if mfu >= TARGET_MFU else 'MISSED'} ({100 * ours * per_token / best:.1f}% of the best peak of the run, "
+        print(f"   target loralab MFU >= {100 * TARGET_MFU:.0f}% of the matmul peak measured beside it: "
+              f"{100 * mfu:.1f}% "
+              f"{'met' if mfu >= TARGET_MFU else 'MISSED'} ({100 * ours * per_token / best:.1f}% of the best peak "
+              "of the run, "
               f"{100 * ours * per_token / onednn_best:.1f}% of oneDNN's prepacked peak)")
     if args.packed_memory:
         r = in_subprocess(base | {"kind": "packed", "tokens": args.packed_tokens, "steps": args.packed_steps})
         gb = r["peak_rss"] / 1e9
         ok &= gb < TARGET_PACKED_GB
-        print(f"   loralab training on packed rows of up to {args.packed_tokens} tokens ({', '.join(map(str, r['row_tokens']))} "
+        print(f"   loralab training on packed rows of up to {args.packed_tokens} tokens "
+              f"({', '.join(map(str, r['row_tokens']))} "
               f"tokens, {r['precision']}): peak RSS {gb:.2f} GB, target < {TARGET_PACKED_GB:.0f} GB "
               f"{'met' if gb < TARGET_PACKED_GB else 'MISSED'}")
     print(f"   (whole benchmark {time.perf_counter() - started:.0f} s)")

@@ -10,10 +10,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from loralab.results import metric_table, run_summary, summary_lines
-from loralab.rundir import read_jsonl
+from loralab.files import read_jsonl
+from loralab.runs.results import metric_table, run_summary, summary_lines
 
-FILES = ("eval_results.csv", "examples.md", "loss_curve.png", "manifest.json", "metrics.jsonl", "config.yaml", "data/stats.json")
+FILES = ("eval_results.csv", "examples.md", "loss_curve.png", "manifest.json", "metrics.jsonl", "config.yaml",
+         "data/stats.json")
 
 
 def main(run_dir: Path, dest: Path) -> None:

@@ -35,7 +35,7 @@ def alpaca_records(alpaca_path) -> list[dict]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, alpaca_records) -> Path:
     """A random tiny Llama with a Llama-style tokenizer trained on the Alpaca text, saved like a hub model."""
-    from loralab.tiny import build_tiny_llama
+    from loralab.models.tiny import build_tiny_llama
 
     texts = [f"{r['instruction']}\n{r['input']}\n{r['output']}" for r in alpaca_records]
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts, vocab_size=1000)
@@ -47,7 +47,8 @@ def write_config(path: Path, **sections) -> Path:
         "name": "t",
         "output_dir": str(path.parent / "runs"),
         "data": {"num_examples": 48, "eval_size": 8, "max_length": 192},
-        "train": {"max_steps": 4, "logging_steps": 1, "save_steps": 2, "gradient_accumulation_steps": 2, "warmup_steps": 1, "device": "cpu"},
+        "train": {"max_steps": 4, "logging_steps": 1, "save_steps": 2, "gradient_accumulation_steps": 2,
+                  "warmup_steps": 1, "device": "cpu"},
         "eval": {"max_new_tokens": 8, "prompts": ["Give 3 tips for studying effectively."]},
     }
     for key, value in sections.items():
@@ -81,7 +82,6 @@ def trained_run(tmp_path_factory, tiny_model_dir, alpaca_path):
     moves the logits (LoRA B starts at zero: an untrained adapter would make every merge test trivial).
     Returns (config path, run dir). Tests must not change it."""
     from loralab import cli
-
     tmp = tmp_path_factory.mktemp("trained")
     cfg = write_config(tmp / "exp.yaml", model={"name_or_path": str(tiny_model_dir)}, data={"path": str(alpaca_path)})
     raw = yaml.safe_load(cfg.read_text())
@@ -91,3 +91,23 @@ def trained_run(tmp_path_factory, tiny_model_dir, alpaca_path):
     for stage in ("prepare", "train", "eval"):
         assert cli.main([stage, str(cfg)]) == 0
     return cfg, tmp / "runs" / "t"
+
+
+def estimate(model_config, lora, train, lengths, profile, precision, *, trained_counts=None,
+             attn_implementation="sdpa", with_suggestions=True):
+    """The plan `loralab plan` makes: every switch decided for ``profile`` (decisions.plan_run), then planned."""
+    from loralab import decisions
+    from loralab.planning.inputs import PlanInputs
+
+    inputs = PlanInputs(model_config, lora, train, list(lengths), profile, trained_counts, attn_implementation)
+    return decisions.plan_run(inputs, precision, with_suggestions)
+
+
+def resolve_switches(model_config, lora, train, lengths, profile, precision, *, trained_counts=None,
+                     attn_implementation="sdpa"):
+    """The switches decisions.decide_for picks for a run of these inputs on ``profile``."""
+    from loralab import decisions
+    from loralab.planning.inputs import PlanInputs
+
+    inputs = PlanInputs(model_config, lora, train, list(lengths), profile, trained_counts, attn_implementation)
+    return decisions.decide_for(inputs, precision)

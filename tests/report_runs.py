@@ -9,16 +9,18 @@ import json
 import yaml
 from test_report import CONFIG, write_run_dir
 
-from loralab.report import build_report
+from loralab.stages.report import build_report
 
 # (instruction, input, reference, base answer, LoRA answer, ROUGE-L base, ROUGE-L LoRA)
 EXAMPLES = [
     ("Name a primary colour.", "", "Red is a primary colour.", "Blue is nice.", "Red is a primary colour.", 0.25, 1.0),
     ("Translate into French.", "cat", "chat", "cat", "chien", 0.0, 0.0),
     ("Add the numbers.", "2 and 3", "2 + 3 = 5", "The sum is 5", "5", 0.4, 0.5),
-    ("Write a haiku <about> the sea & sky.", "", "Waves fold into foam", "Waves fold into foam", "The sea is big", 1.0, 0.2),
+    ("Write a haiku <about> the sea & sky.", "", "Waves fold into foam", "Waves fold into foam", "The sea is big",
+     1.0, 0.2),
     ("Give a synonym for happy.", "", "Glad.", "Sad.", "Joyful, glad.", 0.0, 0.6667),
-    ("Summarise: loralab.", "loralab fine-tunes models.", "It fine-tunes LLMs.", "It is a lab.", "It fine-tunes models.", 0.3333, 0.75),
+    ("Summarise: loralab.", "loralab fine-tunes models.", "It fine-tunes LLMs.", "It is a lab.",
+     "It fine-tunes models.", 0.3333, 0.75),
 ]
 
 
@@ -35,7 +37,8 @@ def predictions(shift: float = 0.0) -> list[dict]:
             "lora": lora if not shift else f"{lora} (r16)",
             "scores": {
                 "base": {"bleu": 0.1, "rouge1": rouge_base, "rouge2": 0.0, "rougeL": rouge_base},
-                "lora": {"bleu": 0.2, "rouge1": rouge_lora, "rouge2": 0.0, "rougeL": round(min(rouge_lora + shift, 1.0), 4)},
+                "lora": {"bleu": 0.2, "rouge1": rouge_lora, "rouge2": 0.0,
+                         "rougeL": round(min(rouge_lora + shift, 1.0), 4)},
             },
         })
     return rows

@@ -17,9 +17,9 @@ import pytest
 from matplotlib.image import imread
 from report_runs import EXAMPLES, make_run
 
-from loralab.compare import compare_page
-from loralab.runfiles import format_metric, read_run
-from loralab.rundir import atomic_write_text
+from loralab.commands.compare import compare_page
+from loralab.files import atomic_write_text
+from loralab.runs.readers import format_metric, read_run
 
 PACKAGES = ("chromium", "chromium-driver")
 
@@ -139,7 +139,7 @@ def test_report_metrics_table_equals_eval_results(browser, pages):
     with open(pages["runs"][0] / "eval_results.csv", newline="") as f:
         expected = list(csv.DictReader(f))
     assert len(cells) == len(expected)
-    for row, want in zip(cells, expected):
+    for row, want in zip(cells, expected, strict=False):
         base, lora = float(want["base"]), float(want["lora"])
         assert [row[1][0], row[2][0]] == [format_metric(base), format_metric(lora)]
         assert [float(row[1][1]), float(row[2][1])] == [base, lora]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from loralab import cli
-from loralab.chat import SamplingSettings, chat, generate
+from loralab.commands.chat import SamplingSettings, chat, generate
 from loralab.data import conversation_prompt_ids, make_template, prompt_ids
 
 
@@ -78,8 +78,7 @@ def test_sampling_is_seeded(trained_run):
 
 
 def test_chat_keeps_the_conversation_and_resets(trained_run, monkeypatch):
-    from loralab import chat as chat_module
-
+    from loralab.commands import chat as chat_module
     _, rd = trained_run
     seen = []
     original = chat_module.Responder.answer

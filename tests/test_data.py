@@ -21,7 +21,7 @@ def tokenizer(tiny_model_dir):
 
 
 def _trained(enc):
-    return [t for t, l in zip(enc.input_ids, enc.labels) if l != IGNORE_INDEX]
+    return [t for t, l in zip(enc.input_ids, enc.labels, strict=False) if l != IGNORE_INDEX]
 
 
 def test_every_real_example_trains_exactly_response_and_eos(tokenizer, alpaca_records):
@@ -44,7 +44,7 @@ def test_every_real_example_trains_exactly_response_and_eos(tokenizer, alpaca_re
         n_prompt = len(prompt_ids(tokenizer, template, record))
         assert enc.input_ids[:n_prompt] == prompt_ids(tokenizer, template, record)
         assert all(l == IGNORE_INDEX for l in enc.labels[:n_prompt])
-        assert all(l in (IGNORE_INDEX, t) for t, l in zip(enc.input_ids, enc.labels))
+        assert all(l in (IGNORE_INDEX, t) for t, l in zip(enc.input_ids, enc.labels, strict=False))
 
 
 def test_alpaca_template_when_tokenizer_has_none(tokenizer):

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from loralab import cli
-from loralab.runfiles import format_metric, read_eval_results, read_metrics
+from loralab.runs.readers import format_metric, read_eval_results, read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,15 @@ import pytest
 import torch
 import yaml
 
-from loralab import decisions, devices, estimate, prepare, train
+from loralab import devices
 from loralab.cli import main
 from loralab.config import config_from_dict
+from loralab.cpu import catalogue
 from loralab.errors import LoralabError
+from loralab.planning import measure, profiles
+from loralab.precision import choose_precision, loss_scaling, supported_precisions
+from loralab.stages import prepare, train
+from loralab.training import trainer as training_trainer
 
 GiB = 2**30
 # name as torch.cuda reports it, compute capability, memory (GiB), SMs, the precision "auto" must pick
@@ -47,7 +52,8 @@ def simulate(monkeypatch, device: str) -> str:
     monkeypatch.setattr(devices, "mps_supports_bf16", lambda: bool(bf16))
     if kind == "cuda":
         name, cc, memory, sms, _ = GPUS[device]
-        props = SimpleNamespace(name=name, major=cc[0], minor=cc[1], total_memory=memory * GiB, multi_processor_count=sms)
+        props = SimpleNamespace(name=name, major=cc[0], minor=cc[1], total_memory=memory * GiB,
+                                multi_processor_count=sms)
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *_: props)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: name)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: cc)
@@ -71,20 +77,20 @@ def prepared(tmp_path_factory, tiny_model_dir, alpaca_path):
 def test_one_precision_rule_for_every_device(monkeypatch, device):
     expected = simulate(monkeypatch, device)
     facts = devices.probe(devices.detect_device("auto"))
-    assert decisions.choose_precision(facts) == expected
-    assert decisions.loss_scaling(expected) is (expected == "fp16")  # T4 and V100: fp16 with the loss scaler
-    profile = estimate.profile_for(facts)
-    assert profile.default_precision == expected and set(profile.peak_flops) == set(decisions.supported_precisions(facts))
+    assert choose_precision(facts) == expected
+    assert loss_scaling(expected) is (expected == "fp16")  # T4 and V100: fp16 with the loss scaler
+    profile = measure.profile_for(facts)
+    assert profile.default_precision == expected and set(profile.peak_flops) == set(supported_precisions(facts))
     if facts.kind == "cuda":
-        assert estimate.gpu_card(facts) == CARD_KEYS[device]
+        assert profiles.gpu_card(facts) == CARD_KEYS[device]
         assert ("not in loralab's table" in profile.description) is (CARD_KEYS[device] is None)
         assert profile.memory_bytes == GPUS[device][2] * GiB
     if not facts.native_bf16:
         with pytest.raises(LoralabError, match="no native bf16|cannot compute in bf16"):
-            decisions.choose_precision(facts, "bf16")
+            choose_precision(facts, "bf16")
     if facts.kind == "cpu":
         with pytest.raises(LoralabError, match="fp16 training needs a GPU"):
-            decisions.choose_precision(facts, "fp16")
+            choose_precision(facts, "fp16")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -98,27 +104,27 @@ def test_plan_switches_and_trainer_arguments_on_every_device(monkeypatch, device
         assert "not in loralab's table" in out
     if device == "AVX2 CPU":  # the plan's CPU constants come from an AVX-512-BF16 CPU: it says so
         assert "NOT this CPU" in out and "--calibrate" in out
-    if device == "AVX-512-BF16 CPU" and estimate.is_reference_cpu(devices.probe("cpu")):
+    if device == "AVX-512-BF16 CPU" and profiles.is_reference_cpu(devices.probe("cpu")):
         assert "NOT this CPU" not in out
 
     facts = devices.probe(devices.detect_device("auto"))
     examples = prepare_examples(cfg)
-    switches = decisions.decide_switches(cfg, facts, *decisions.example_lengths(examples))
+    switches = train.decide(cfg, examples)  # as `loralab train` decides: this device, its oneDNN, config.json
     lengths = [len(e["input_ids"]) for e in examples]
     on_cpu = facts.kind == "cpu"
     assert switches.precision == expected and switches.device == facts.kind
-    assert switches.cpu_speed_path is on_cpu  # no CPU-only kernels on a GPU or a Mac
+    assert (switches.cpu_pieces is not None) is on_cpu  # no CPU-only kernels on a GPU or a Mac
     # On a CPU the measured pieces for its kind and precision (the fp32 row on an AVX2 CPU)
-    pieces = decisions.CPU_SPEED_PATH[(facts.native_bf16, expected)] if on_cpu else None
+    pieces = catalogue.TRAINING[(facts.native_bf16, expected)] if on_cpu else None
     assert switches.cpu_pieces == pieces
     assert switches.row_tokens == (pieces.row_tokens if on_cpu else max(lengths))
     assert switches.gradient_checkpointing is False  # a tiny model fits everywhere
     assert switches.onednn_weights is (on_cpu and expected in ("bf16", "fp32") and devices_have_onednn())
     assert switches.liger_kernels is False and switches.torch_compile is False
-    args = train.training_argument_values(cfg, tmp_path, switches)
+    args = training_trainer.training_argument_values(cfg, tmp_path, switches)
     assert args["fp16"] is (expected == "fp16") and args["bf16"] is False and args["use_cpu"] is on_cpu
     if on_cpu:  # TrainingArguments itself asks torch which devices exist: only a CPU is real here
-        assert train.training_arguments(cfg, tmp_path, switches).fp16 is False
+        assert training_trainer.training_arguments(cfg, tmp_path, switches).fp16 is False
 
 
 class PastDecisions(Exception):
@@ -142,7 +148,8 @@ def test_train_with_the_default_config_gets_past_the_decisions_on_every_device(m
 
 
 def prepare_examples(cfg):
-    from loralab.rundir import RunDir, read_jsonl
+    from loralab.files import read_jsonl
+    from loralab.runs.layout import RunDir
 
     return [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(RunDir(cfg).train_file)]
 

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from loralab import cli
-from loralab.data import (
-    conversation_prompt_ids,
-    conversation_prompt_text,
-    make_template,
-)
-from loralab.export_gguf import (
+from loralab.commands.export_gguf import (
     go_template,
     ollama_pieces,
     permute_rope,
     render_with_pieces,
+)
+from loralab.data import (
+    conversation_prompt_ids,
+    conversation_prompt_text,
+    make_template,
 )
 
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Describe a cat.",
@@ -125,7 +125,7 @@ def _transformers_greedy(model, ids, n, eos):
 
 def _agree(model, ids, ours, theirs, margin=0.05):
     """Equal, or the first difference is where transformers itself nearly ties (f16 rounding may flip it)."""
-    for i, (a, b) in enumerate(zip(ours, theirs)):
+    for i, (a, b) in enumerate(zip(ours, theirs, strict=False)):
         if a != b:
             with torch.no_grad():
                 logits = model(torch.tensor([ids + ours[:i]])).logits[0, -1]
@@ -140,7 +140,7 @@ def test_llama_cpp_runs_the_f16_gguf_like_transformers_runs_the_merged_model(exp
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extra (make test installs it)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loralab.adapters import load_merged, resolve_target
+    from loralab.models.adapters import load_merged, resolve_target
 
     rd, folder = exported
     assert cli.main(["export-gguf", str(tiny_model_dir), "--out", str(tmp_path / "base"), "--quant", "f16"]) == 0

@@ -8,12 +8,12 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import write_config
 from transformers import AutoTokenizer
 
-from conftest import write_config
 from loralab import IGNORE_INDEX, cli
+from loralab.commands.inspect_data import render_example, run_checks
 from loralab.data import DataError, detect_format, encode_example, make_template, read_format, tokenize_text
-from loralab.inspect_data import render_example, run_checks
 
 DATA = Path(__file__).parent / "data"
 CHAT = DATA / "chat_messages.jsonl"
@@ -51,7 +51,7 @@ def test_messages_train_every_assistant_turn_exactly(tokenizer):
     # The ids are those of the whole conversation tokenised at once.
     full = tokenizer.apply_chat_template(_chat_records()[0]["messages"], tokenize=False)
     assert examples[0].input_ids == tokenizer(full).input_ids
-    assert all(label in (IGNORE_INDEX, t) for t, label in zip(examples[0].input_ids, examples[0].labels))
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(examples[0].input_ids, examples[0].labels, strict=False))
 
 
 def test_messages_last_turn_only(tokenizer):
@@ -91,7 +91,8 @@ def test_plain_text_trains_everything_but_bos(tokenizer):
 def test_column_mapping_gives_the_canonical_examples(tokenizer):
     canonical = [{"instruction": "Name a color.", "input": "", "output": "Red."}]
     renamed = [{"question": "Name a color.", "answer": "Red.", "extra": 1}]
-    assert _encode(tokenizer, renamed, columns={"instruction": "question", "output": "answer"}) == _encode(tokenizer, canonical)
+    assert (_encode(tokenizer, renamed, columns={"instruction": "question", "output": "answer"})
+            == _encode(tokenizer, canonical))
     dialog = [{"dialog": _chat_records()[0]["messages"]}]
     assert _encode(tokenizer, dialog, columns={"messages": "dialog"}) == _encode(tokenizer, _chat_records()[:1])
 
@@ -121,7 +122,8 @@ SYSTEM, USER, ASSISTANT = ({"role": r, "content": "x"} for r in ("system", "user
     "record, columns, fragment",
     [
         ({"messages": [SYSTEM, USER]}, {}, "record 0: no assistant turn"),
-        ({"messages": [USER, ASSISTANT, ASSISTANT]}, {}, "message 2: roles out of order, expected 'user', got 'assistant'"),
+        ({"messages": [USER, ASSISTANT, ASSISTANT]}, {},
+         "message 2: roles out of order, expected 'user', got 'assistant'"),
         ({"messages": [ASSISTANT, USER, ASSISTANT]}, {}, "message 0: roles out of order"),
         ({"messages": [USER, SYSTEM, ASSISTANT]}, {}, "message 1: roles out of order"),
         ({"messages": [USER, ASSISTANT, USER]}, {}, "ends with a user turn"),
@@ -129,7 +131,8 @@ SYSTEM, USER, ASSISTANT = ({"role": r, "content": "x"} for r in ("system", "user
         ({"conversations": [{"from": "human", "value": "x"}, {"from": "bot", "value": "y"}]}, {},
          "turn 1: unknown 'from' value 'bot'; ShareGPT turns are from system, human, user, gpt, assistant"),
         ({"question": "q", "answer": "a"}, {"instruction": "question", "output": "reply"},
-         "record 0: data.columns maps 'output' to 'reply', but the record has no 'reply' (its fields: answer, question)"),
+         "record 0: data.columns maps 'output' to 'reply', but the record has no 'reply' "
+         "(its fields: answer, question)"),
     ],
 )
 def test_bad_records_fail_in_one_line_and_write_nothing(capsys, tmp_path, tiny_model_dir, record, columns, fragment):
@@ -156,7 +159,8 @@ def test_prepare_and_inspect_name_the_format(capsys, tmp_path, tiny_model_dir):
                        data={"path": str(SHAREGPT), "num_examples": None, "eval_size": 2})
     assert cli.main(["inspect", str(cfg), "-n", "1"]) == 0
     out = capsys.readouterr().out
-    assert "12 sharegpt examples (10 train, 2 eval)" in out and "</s>⟧" in out and "[OK     ] template round-trip" in out
+    assert ("12 sharegpt examples (10 train, 2 eval)" in out and "</s>⟧" in out
+            and "[OK     ] template round-trip" in out)
     assert cli.main(["prepare", str(cfg)]) == 0
     run = tmp_path / "runs" / "t"
     assert json.loads((run / "data" / "stats.json").read_text())["format"] == "sharegpt"

@@ -6,18 +6,22 @@ import json
 
 import pytest
 import torch
+from conftest import resolve_switches
 
-from loralab import cpu, decisions, devices
-from loralab import estimate as plan
-from loralab.config import LoraSection, ModelConfig
-from loralab.cpu import fused_lora, fused_norm
+from loralab import devices
+from loralab.config import LoraSection, ModelConfig, TrainConfig
+from loralab.cpu import catalogue, fused_lora, fused_norm
+from loralab.cpu.speed_path import Switched, speed_path
 from loralab.devices import DeviceFacts
 from loralab.loss import response_loss_sum
-from loralab.modeling import add_lora, load_model
+from loralab.models.loading import add_lora, load_model
+from loralab.models.tiny import TINYLLAMA_CONFIG
 from loralab.packing import pack_examples
+from loralab.planning import measure as plan
+from loralab.precision import choose_precision
 
 AVX2_CPU = DeviceFacts("cpu", "AMD EPYC 7B12", 16 * 2**30, native_bf16=False)
-FP32_PIECES = decisions.cpu_pieces("fp32", native_bf16=False)
+FP32_PIECES = catalogue.training_pieces("fp32", native_bf16=False)
 
 
 def _lora_model(model_dir):
@@ -50,11 +54,11 @@ def _loss_and_grads(model, examples, **kwargs):
 
 
 def test_an_avx2_cpu_trains_in_fp32_on_the_pieces_measured_for_it():
-    assert decisions.choose_precision(AVX2_CPU) == "fp32"
-    assert decisions.cpu_pieces("fp32", native_bf16=False) is decisions.CPU_SPEED_PATH[(False, "fp32")]
+    assert choose_precision(AVX2_CPU) == "fp32"
+    assert catalogue.training_pieces("fp32", native_bf16=False) is catalogue.TRAINING[(False, "fp32")]
     # fp32 on a CPU with native bf16 (forced) takes the fp32 measurement: its matmuls take the same MKL path
-    assert decisions.cpu_pieces("fp32", native_bf16=True) == FP32_PIECES
-    assert decisions.cpu_pieces("bf16", native_bf16=True) is decisions.CPU_SPEED_PATH[(True, "bf16")]
+    assert catalogue.training_pieces("fp32", native_bf16=True) == FP32_PIECES
+    assert catalogue.training_pieces("bf16", native_bf16=True) is catalogue.TRAINING[(True, "bf16")]
 
 
 def test_the_fp32_speed_path_gives_plain_pefts_losses_and_grads(tiny_model_dir):
@@ -63,7 +67,7 @@ def test_the_fp32_speed_path_gives_plain_pefts_losses_and_grads(tiny_model_dir):
     model = _lora_model(tiny_model_dir)
     examples = _examples(model.config.vocab_size, [23, 41, 12])
     plain_loss, plain_count, plain_grads = _loss_and_grads(model, examples, fused_head=False)
-    with cpu.speed_path(model, FP32_PIECES.row_tokens, pieces=FP32_PIECES) as switched:
+    with speed_path(model, FP32_PIECES.row_tokens, pieces=FP32_PIECES) as switched:
         assert bool(switched.fused_lora_layers) is FP32_PIECES.fused_lora
         assert bool(switched.fused_rms_norms) is FP32_PIECES.fused_norm
         assert switched.per_example_attention is FP32_PIECES.per_example_attention
@@ -81,9 +85,9 @@ def test_the_fp32_speed_path_gives_plain_pefts_losses_and_grads(tiny_model_dir):
 
 def test_pieces_switched_off_leave_pefts_and_transformers_forwards(tiny_model_dir):
     model = _lora_model(tiny_model_dir)
-    none = decisions.CpuPieces(False, False, False, False, False, 256)
-    with cpu.speed_path(model, 256, pieces=none) as switched:
-        assert switched == cpu.SpeedPath(False, 0, 0, None, 0)
+    none = catalogue.CpuPieces(False, False, False, False, False, 256)
+    with speed_path(model, 256, pieces=none) as switched:
+        assert switched == Switched(False, 0, 0, None, 0)
         patched = {getattr(m.__dict__.get("forward"), "__func__", None) for m in model.modules()}
         assert fused_lora._fused_forward not in patched and fused_norm._fused_forward not in patched
         assert model.config._attn_implementation == "sdpa"
@@ -128,22 +132,23 @@ def test_a_damaged_peaks_cache_is_measured_again(monkeypatch, tmp_path):
 @pytest.mark.parametrize("precision,native", [("fp32", False), ("bf16", True)])
 def test_the_plan_uses_the_pieces_of_the_cpu_kind_and_precision(precision, native):
     profile = plan.cpu_profile(facts=DeviceFacts("cpu", "AMD EPYC", 16 * 2**30, native_bf16=native))
-    on = decisions.cpu_pieces(precision, native)
-    path = plan.speed_path(profile, precision, "sdpa", {"model_type": "llama"})
-    assert path == plan.SpeedPath(on.fused_lora, on.per_example_attention, on.head_loss, on.tuned_allocator,
-                                  on.lean_when_checkpointing)
+    on = catalogue.training_pieces(precision, native)
+    switches = resolve_switches({"model_type": "llama", **TINYLLAMA_CONFIG}, LoraSection(), TrainConfig(), [300] * 8,
+                                profile, precision)
+    assert switches.cpu_pieces == on and switches.per_example_attention is on.per_example_attention
 
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=pytest.mark.skipif(
     not devices.cpu_has_native_bf16(), reason="needs native bf16 matmuls on this CPU"))])
-def test_a_checkpointed_cpu_run_tunes_the_allocator_as_its_pieces_say(tmp_path, tiny_model_dir, alpaca_path, monkeypatch,
-                                                                     precision):
+def test_a_checkpointed_cpu_run_tunes_the_allocator_as_its_pieces_say(tmp_path, tiny_model_dir, alpaca_path,
+                                                                     monkeypatch, precision):
     """`loralab train`'s trainer with gradient checkpointing hands it to the allocator: lean in fp32 (the heap kept
     2.5 GB more there), the heap kept in bf16 (19% faster there): CpuPieces.lean_when_checkpointing."""
-    from loralab import prepare, train
     from loralab.config import config_from_dict
     from loralab.cpu import allocator
-    from loralab.rundir import RunDir, read_jsonl
+    from loralab.files import read_jsonl
+    from loralab.runs.layout import RunDir
+    from loralab.stages import prepare, train
 
     asked = []
     monkeypatch.setattr(allocator, "tune_allocator", lambda rows, checkpointing=False: asked.append(checkpointing))
@@ -157,7 +162,7 @@ def test_a_checkpointed_cpu_run_tunes_the_allocator_as_its_pieces_say(tmp_path, 
     prepare.run(cfg)
     examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(RunDir(cfg).train_file)]
     switches = train.decide(cfg, examples)
-    assert switches.gradient_checkpointing and switches.cpu_speed_path
+    assert switches.gradient_checkpointing and switches.cpu_pieces is not None
     trainer = train.build_trainer(cfg, train.build_model(cfg, switches), examples, tmp_path / "ckpt", [], switches)
     trainer.train()
     assert asked == [precision == "fp32"]

@@ -4,18 +4,19 @@ losses and gradients, and a packed row through them equals its examples run one 
 import pytest
 import torch
 
-from loralab import cpu
 from loralab.config import LoraSection, ModelConfig
 from loralab.cpu.attention import per_example_attention, use_per_example_attention
 from loralab.cpu.fused_lora import LoraLinearFunction, drop_positions, fuse_lora_layers
+from loralab.cpu.speed_path import speed_path
 from loralab.loss import response_loss_sum
-from loralab.modeling import add_lora, load_model
+from loralab.models.loading import add_lora, load_model
 from loralab.packing import pack_examples
 
 
 def _lora_model(model_dir, dropout=0.0, precision="fp32"):
     torch.manual_seed(0)
-    model = add_lora(load_model(ModelConfig(name_or_path=str(model_dir)), precision, "cpu"), LoraSection(lora_dropout=dropout))
+    model = add_lora(load_model(ModelConfig(name_or_path=str(model_dir)), precision, "cpu"),
+                     LoraSection(lora_dropout=dropout))
     with torch.no_grad():  # LoRA B starts at zero, which would hide a wrong gradient through A
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -75,7 +76,8 @@ def test_fused_lora_dropout_forward_and_backward_use_one_mask(dtype, tol):
     keep[drop_positions(24 * 32, 0.5, "cpu")] = 0
     keep, q = keep.view(24, 32), 0.5
     assert 0.3 < keep.mean() < 0.7
-    xr, ar, br = x.detach().float().requires_grad_(), a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    xr, ar, br = (x.detach().float().requires_grad_(), a.detach().clone().requires_grad_(),
+                  b.detach().clone().requires_grad_())
     x2 = xr.reshape(24, 32)
     ref = x2 @ weight.float().t() + ((x2 * keep) @ ar.t()) @ br.t() * (2.0 / q)
     ref.backward(grad_out.float().reshape(24, 16))
@@ -123,14 +125,14 @@ def test_per_example_attention_equals_sdpa_with_a_block_mask():
     grad = torch.randn_like(ref)
     got = torch.autograd.grad(out, (q, k, v), grad)
     want = torch.autograd.grad(ref, (q, k, v), grad)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_training_model_packed_equals_one_by_one(tiny_model_dir):
     """The model `loralab train` builds on a CPU (fused LoRA, per-example attention): packing changes nothing."""
     model = _lora_model(tiny_model_dir)
-    with cpu.speed_path(model, row_tokens=1024) as switched:
+    with speed_path(model, row_tokens=1024) as switched:
         assert switched.per_example_attention and switched.fused_lora_layers == 4 * model.config.num_hidden_layers
         model.train()
         examples = _examples(model.config.vocab_size, [17, 5, 30, 11])
@@ -188,7 +190,7 @@ def test_the_speed_path_is_undone_on_the_way_out(tiny_model_dir):
     batch = pack_examples(_examples(model.config.vocab_size, [17, 30]))
     before, _, _ = _loss_and_grads(model, batch)
     with pytest.raises(RuntimeError, match="boom"):
-        with cpu.speed_path(model, row_tokens=1024) as switched:
+        with speed_path(model, row_tokens=1024) as switched:
             assert switched.fused_rms_norms == 2 * model.config.num_hidden_layers + 1
             raise RuntimeError("boom")
     assert not any("forward" in m.__dict__ for m in model.modules())  # every module's own forward again

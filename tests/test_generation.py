@@ -11,14 +11,14 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from loralab.generation import (
     available_memory_bytes,
+    cache_key,
     choose_batch_size,
     generate_greedy,
-    cache_key,
     load_cached,
     save_cached,
 )
-from loralab.sources import model_fingerprint
-from loralab.tiny import TINYLLAMA_CONFIG, build_tiny_llama
+from loralab.models.tiny import TINYLLAMA_CONFIG, build_tiny_llama
+from loralab.runs.fingerprints import model_fingerprint
 
 TEXTS = [
     "Give three tips for staying healthy.",
@@ -115,7 +115,7 @@ def test_cpu_linears_run_on_prepacked_onednn_weights_and_come_back_bit_identical
     finally:
         hook.remove()
     assert seen and all(seen)
-    assert all(torch.equal(m.weight, w) and not m.weight.is_inference() for m, w in zip(linears, before))
+    assert all(torch.equal(m.weight, w) and not m.weight.is_inference() for m, w in zip(linears, before, strict=False))
     fresh.model.layers[0].self_attn.q_proj.weight.data.add_(1.0)  # still a plain tensor, merges work on it
 
 

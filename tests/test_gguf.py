@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from loralab.cli import main
-from loralab.fetch import CATALOGUE
-from loralab.gguf_models import cache_root, inspect_gguf, supported_architectures
+from loralab.commands.fetch import CATALOGUE
+from loralab.models.gguf import cache_root, inspect_gguf, supported_architectures
 
 
 def write_gguf(path, arch="llama", tokenizer=True, n=4096):
@@ -41,7 +41,8 @@ def _run_cli(args, capsys):
 def _gguf_config(tmp_path, gguf_path, alpaca_path):
     from conftest import write_config
 
-    return str(write_config(tmp_path / "exp.yaml", model={"name_or_path": str(gguf_path)}, data={"path": str(alpaca_path)}))
+    return str(write_config(tmp_path / "exp.yaml", model={"name_or_path": str(gguf_path)},
+                            data={"path": str(alpaca_path)}))
 
 
 def test_a_well_formed_gguf_is_read(tmp_path):

@@ -18,6 +18,7 @@ def test_gpu_check_dry_run(alpaca_path, tmp_path):
 
 
 def test_gpu_check_names_a_missing_input(tmp_path):
-    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--data", str(tmp_path / "no.json")],
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--dry-run", "--data",
+                           str(tmp_path / "no.json")],
                           capture_output=True, text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=300)
     assert proc.returncode == 2 and "missing input" in proc.stderr

@@ -59,8 +59,9 @@ def test_heldout_loss_progress_bar_counts_tokens_and_restores_training_mode(mode
 def test_eval_heldout_loss_runs_on_onednn_prepacked_weights_and_puts_them_back(model, examples, monkeypatch):
     """eval's held-out loss (fp32, CPU): the same value as the plain weights give, through oneDNN's layout, and every
     weight bit-identical afterwards."""
-    from loralab import evaluate, loss
+    from loralab import loss
     from loralab.cpu.onednn_weights import onednn_of, onednn_weights_available
+    from loralab.stages import evaluate
 
     if not onednn_weights_available(torch.float32):
         pytest.skip("this PyTorch has no oneDNN linear ops")

@@ -3,11 +3,10 @@
 import json
 
 import pytest
-
 from conftest import write_config
+
 from loralab import IGNORE_INDEX, cli
-from loralab.data import ALPACA_PROMPT_WITH_INPUT, Encoded, encode_example, make_template, tokenize_text, validate_record
-from loralab.inspect_data import (
+from loralab.commands.inspect_data import (
     PLAIN_CLOSE,
     PLAIN_OPEN,
     check_eos_trained,
@@ -20,7 +19,15 @@ from loralab.inspect_data import (
     run_checks,
     trained_runs,
 )
-from loralab.tiny import build_tiny_llama, train_tokenizer
+from loralab.data import (
+    ALPACA_PROMPT_WITH_INPUT,
+    Encoded,
+    encode_example,
+    make_template,
+    tokenize_text,
+    validate_record,
+)
+from loralab.models.tiny import build_tiny_llama, train_tokenizer
 
 RECORDS = [
     {"instruction": "Name a primary color.", "input": "", "output": "Red is a primary color."},
@@ -41,7 +48,8 @@ NO_EOS_TEMPLATE = (
 )
 # The generation prompt says "<|bot|>" but the assistant turn is rendered as "<|assistant|>".
 MISMATCHED_TEMPLATE = NO_EOS_TEMPLATE.replace("{{ '<|assistant|>\n' }}{% endif %}\n", "").replace(
-    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}", "{% if loop.last and add_generation_prompt %}{{ '<|bot|>\n' }}"
+    "{% if loop.last and add_generation_prompt %}{{ '<|assistant|>\n' }}",
+    "{% if loop.last and add_generation_prompt %}{{ '<|bot|>\n' }}",
 )
 
 
@@ -84,7 +92,8 @@ def test_template_that_never_trains_eos_is_caught(records):
         assert tok.eos_token not in full[len(prompt):]  # the template really leaves it out
         ids, offsets = tokenize_text(tok, full)
         start, end = len(prompt), len(prompt) + len(r["output"])
-        labels = [t if a >= start and b <= end and b > a else IGNORE_INDEX for t, (a, b) in zip(ids, offsets)]
+        labels = [t if a >= start and b <= end and b > a else IGNORE_INDEX
+                  for t, (a, b) in zip(ids, offsets, strict=False)]
         examples.append(Encoded(ids, labels, truncated=False))
     finding = check_eos_trained(examples, tok.eos_token_id)
     assert finding.status == "error" and finding.indices == [0, 1, 2, 3]
@@ -102,7 +111,8 @@ def test_masked_eos_in_one_example_is_named(tokenizer, records):
 
 
 def test_truncation_that_removes_every_response(tokenizer, records):
-    shortest_prompt = min(len(tokenize_text(tokenizer, make_template(tokenizer, "chat").prompt_text(r))[0]) for r in records)
+    shortest_prompt = min(len(tokenize_text(tokenizer, make_template(tokenizer, "chat").prompt_text(r))[0])
+                          for r in records)
     template, examples = _encode(tokenizer, records, max_length=shortest_prompt - 1)
     trained = check_trained_tokens(examples)
     assert trained.status == "error" and trained.indices == [0, 1, 2, 3]
@@ -139,10 +149,12 @@ def test_render_marks_exactly_the_trained_text(tokenizer, records):
     assert plain.count(PLAIN_OPEN) == 1 and plain.count(PLAIN_CLOSE) == 1
     inside = plain[plain.index(PLAIN_OPEN) + 1: plain.index(PLAIN_CLOSE)]
     assert inside == "Red is a primary color." + tokenizer.eos_token
-    assert plain.replace(PLAIN_OPEN, "").replace(PLAIN_CLOSE, "") == tokenizer.decode(ex.input_ids, skip_special_tokens=False)
+    assert (plain.replace(PLAIN_OPEN, "").replace(PLAIN_CLOSE, "")
+            == tokenizer.decode(ex.input_ids, skip_special_tokens=False))
     coloured = render_example(tokenizer, ex.input_ids, ex.labels, color=True)
     assert "\x1b[1;32mRed is a primary color." in coloured and PLAIN_OPEN not in coloured
-    assert trained_runs([IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX]) == [(0, 2, False), (2, 4, True), (4, 5, False)]
+    assert trained_runs([IGNORE_INDEX, IGNORE_INDEX, 5, 6, IGNORE_INDEX]) == [(0, 2, False), (2, 4, True),
+                                                                               (4, 5, False)]
 
 
 def test_length_histogram_bins():
@@ -177,4 +189,5 @@ def test_cli_inspect_fails_when_truncation_removes_every_response(tmp_path, caps
     assert cli.main(["inspect", str(cfg)]) == 2
     captured = capsys.readouterr()
     assert "[ERROR  ] trained tokens: 12 of 12 examples have no trained token" in captured.out
-    assert captured.err.strip().splitlines()[-1].startswith("loralab: error: inspect found 1 problem(s): trained tokens")
+    assert captured.err.strip().splitlines()[-1].startswith(
+        "loralab: error: inspect found 1 problem(s): trained tokens")

@@ -85,8 +85,7 @@ def test_existing_output_is_refused_then_replaced_with_overwrite(merged, trained
 
 
 def test_a_failure_midway_leaves_the_old_output_whole(merged, trained_run, monkeypatch):
-    from loralab import model_card
-
+    from loralab.models import card as model_card
     _, rd = trained_run
     before = sorted(p.name for p in merged.iterdir())
 
@@ -95,8 +94,7 @@ def test_a_failure_midway_leaves_the_old_output_whole(merged, trained_run, monke
 
     monkeypatch.setattr(model_card, "write", broken)
     with pytest.raises(OSError):
-        from loralab import merge
-
+        from loralab.commands import merge
         merge.run(str(rd), out=str(merged), overwrite=True)
     assert sorted(p.name for p in merged.iterdir()) == before
     assert [p.name for p in merged.parent.iterdir()] == [merged.name]
@@ -111,7 +109,7 @@ def test_merge_before_training_fails_cleanly(capsys, tmp_path, tiny_model_dir, a
 
 
 def test_adapter_of_another_base_model_fails_cleanly(capsys, tmp_path, trained_run, alpaca_records):
-    from loralab.tiny import build_tiny_llama
+    from loralab.models.tiny import build_tiny_llama
 
     _, rd = trained_run
     texts = [r["output"] for r in alpaca_records[:200]]

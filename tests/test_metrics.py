@@ -21,8 +21,10 @@ REFERENCES = [
 def test_identical_strings_score_one():
     sentence = "the quick brown fox jumps over the lazy dog"
     assert corpus_bleu([sentence, sentence], [sentence, sentence]) == pytest.approx(1.0)
-    assert score_corpus([sentence], [sentence]) == pytest.approx({"bleu": 1.0, "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
-    assert example_scores(sentence, sentence) == pytest.approx({"bleu": 1.0, "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
+    assert score_corpus([sentence], [sentence]) == pytest.approx(
+        {"bleu": 1.0, "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
+    assert example_scores(sentence, sentence) == pytest.approx(
+        {"bleu": 1.0, "rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0})
 
 
 def test_scores_stay_within_unit_interval():
@@ -50,7 +52,7 @@ def test_corpus_bleu_equals_sacrebleu():
 
 def test_rouge_equals_rouge_score_mean():
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    per_pair = [scorer.score(ref, hyp) for hyp, ref in zip(HYPOTHESES, REFERENCES)]
+    per_pair = [scorer.score(ref, hyp) for hyp, ref in zip(HYPOTHESES, REFERENCES, strict=False)]
     expected = {key: sum(s[key].fmeasure for s in per_pair) / len(per_pair) for key in ("rouge1", "rouge2", "rougeL")}
     assert rouge_f1(HYPOTHESES, REFERENCES) == pytest.approx(expected)
     assert score_corpus(HYPOTHESES, REFERENCES) == pytest.approx(
@@ -78,8 +80,10 @@ def test_rouge_stems_words():
 
 
 def test_empty_hypothesis_scores_zero():
-    assert example_scores("", "a full reference answer here") == {"bleu": 0.0, "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
-    assert score_corpus([""], ["a full reference answer here"]) == {"bleu": 0.0, "rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert example_scores("", "a full reference answer here") == {"bleu": 0.0, "rouge1": 0.0, "rouge2": 0.0,
+                                                                 "rougeL": 0.0}
+    assert score_corpus([""], ["a full reference answer here"]) == {"bleu": 0.0, "rouge1": 0.0, "rouge2": 0.0,
+                                                                   "rougeL": 0.0}
     # One empty answer in a corpus lowers the scores without breaking them.
     mixed = score_corpus(["the cat sat on the mat", ""], ["the cat sat on the mat", "a dog"])
     assert 0.0 < mixed["bleu"] < 1.0

@@ -4,8 +4,8 @@ from transformers import LlamaConfig
 
 from loralab.config import LoraSection, ModelConfig
 from loralab.errors import LoralabError
-from loralab import modeling
-from loralab.tiny import TINYLLAMA_CONFIG
+from loralab.models import loading as modeling
+from loralab.models.tiny import TINYLLAMA_CONFIG
 
 
 def test_tinyllama_parameter_counts_are_exact():
@@ -34,7 +34,8 @@ def test_unreachable_hub_says_how_to_use_a_local_path():
 
 
 def test_base_weights_are_stored_in_compute_dtype_and_lora_in_fp32(tiny_model_dir):
-    model = modeling.add_lora(modeling.load_model(ModelConfig(name_or_path=str(tiny_model_dir)), "bf16", "cpu"), LoraSection())
+    model = modeling.add_lora(modeling.load_model(ModelConfig(name_or_path=str(tiny_model_dir)), "bf16", "cpu"),
+                              LoraSection())
     lora = {p.dtype for n, p in model.named_parameters() if "lora_" in n}
     base = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
     assert lora == {torch.float32} and base == {torch.bfloat16}

@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import write_config
 from safetensors.torch import load_file
 
-from conftest import write_config
-from loralab import decisions, rundir
+from loralab import decisions, launch
 from loralab.config import TrainConfig
 from loralab.errors import LoralabError
-from loralab.rundir import launched_processes
+from loralab.launch import launched_processes
 
 TRAIN = {"max_steps": 3, "save_steps": 100, "logging_steps": 1, "warmup_steps": 1, "per_device_train_batch_size": 1,
          "gradient_accumulation_steps": 8, "precision": "fp32", "device": "cpu", "report_to": []}
@@ -85,7 +85,8 @@ def _config(folder: Path, tiny_model_dir: Path, alpaca_path: Path) -> Path:
 @pytest.mark.parametrize("launcher", [
     pytest.param(_torchrun, id="torchrun"), pytest.param(_accelerate, id="accelerate"),
     pytest.param(_accelerate_mpirun, id="accelerate-mpirun",
-                 marks=pytest.mark.skipif(shutil.which("mpirun") is None, reason="no mpirun (apt install openmpi-bin)"))])
+                 marks=pytest.mark.skipif(shutil.which("mpirun") is None,
+                                          reason="no mpirun (apt install openmpi-bin)"))])
 def test_two_processes_match_one(launcher, one_process_run, tiny_model_dir, alpaca_path):
     folder = one_process_run / launcher.__name__.strip("_")
     folder.mkdir()
@@ -99,7 +100,7 @@ def test_two_processes_match_one(launcher, one_process_run, tiny_model_dir, alpa
     rows = {n: [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()] for n, run in runs.items()}
     losses = {n: [r["loss"] for r in rows[n] if "loss" in r] for n in (1, 2)}
     print(f"{launcher.__name__.strip('_')}\nstep  1 process  2 processes  difference")
-    for step, (a, b) in enumerate(zip(losses[1], losses[2]), 1):
+    for step, (a, b) in enumerate(zip(losses[1], losses[2], strict=False), 1):
         print(f"{step:>4}  {a:.6f}   {b:.6f}     {abs(a - b):.2e}")
     # One process would train 4 of the step's 8 examples: only both halves give the single-process loss.
     assert len(losses[2]) == TRAIN["max_steps"] == len(losses[1])
@@ -122,7 +123,8 @@ def test_more_processes_than_examples_per_step_is_one_line(tmp_path, tiny_model_
                           timeout=900)
     assert proc.returncode != 0
     lines = [l for l in proc.stderr.splitlines() if l.startswith("loralab: error:")]
-    assert lines and "2 processes are more than the examples of an optimizer step (1 = " in lines[0], proc.stderr[-3000:]
+    assert lines and "2 processes are more than the examples of an optimizer step (1 = " in lines[0], (
+        proc.stderr[-3000:])
     assert not (tmp_path / "runs/t/metrics.jsonl").exists() and not (tmp_path / "runs/t/adapter").exists()
 
 
@@ -135,8 +137,8 @@ def _accelerate_cpu_env(n: int) -> dict[str, str]:
 
 
 def test_accelerate_cpu_starting_one_process_is_noticed():
-    assert rundir.accelerate_cpu_started_one(_accelerate_cpu_env(2))  # --cpu asked for 2 and started 1
-    assert not rundir.accelerate_cpu_started_one(_accelerate_cpu_env(1))
+    assert launch.accelerate_cpu_started_one(_accelerate_cpu_env(2))  # --cpu asked for 2 and started 1
+    assert not launch.accelerate_cpu_started_one(_accelerate_cpu_env(1))
     assert launched_processes(_accelerate_cpu_env(2)) == (0, 1)
 
 
@@ -146,7 +148,7 @@ def test_accelerate_cpu_starting_one_process_is_noticed():
 def test_the_rank_is_read_where_accelerate_reads_it(env, monkeypatch):
     from accelerate.utils import get_cpu_distributed_information
 
-    for name in (*rundir.RANK_VARIABLES, *rundir.SIZE_VARIABLES):
+    for name in (*launch.RANK_VARIABLES, *launch.SIZE_VARIABLES):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

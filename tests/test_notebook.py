@@ -19,7 +19,8 @@ def test_notebook_is_committed_clean():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(not c.outputs and c.execution_count is None for c in code), "clear the notebook's outputs before committing"
+    assert all(not c.outputs and c.execution_count is None for c in code), (
+        "clear the notebook's outputs before committing")
     params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     assert len(params) == 1 and "USE_REAL_MODEL = False" in params[0].source
     assert "colab-badge.svg" in nb.cells[0].source
@@ -35,7 +36,8 @@ def test_notebook_runs_on_the_demo_model(tmp_path):
     assert str(tmp_path) in params.source and "max_steps=10" in params.source
 
     # The kernel imports this checkout's loralab (PYTHONPATH is inherited), offline as every test is.
-    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")  # plots inline, as in Jupyter
         client.execute()

@@ -10,16 +10,18 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-
-from loralab import cpu
-from loralab.cpu import onednn_weights as ow
-from loralab.loss import response_loss_sum
-from loralab.devices import cpu_has_native_bf16
-from loralab.packing import pack_examples
 from test_fused import _lora_model
 
-pytestmark = pytest.mark.skipif(not ow.onednn_weights_available(torch.float32), reason="this PyTorch has no oneDNN linear ops")
-BF16 = pytest.param("bf16", marks=pytest.mark.skipif(not cpu_has_native_bf16(), reason="needs native bf16 matmuls on this CPU"))
+from loralab.cpu import onednn_weights as ow
+from loralab.cpu.speed_path import speed_path as cpu_speed_path
+from loralab.devices import cpu_has_native_bf16
+from loralab.loss import response_loss_sum
+from loralab.packing import pack_examples
+
+pytestmark = pytest.mark.skipif(not ow.onednn_weights_available(torch.float32),
+                                reason="this PyTorch has no oneDNN linear ops")
+BF16 = pytest.param("bf16", marks=pytest.mark.skipif(not cpu_has_native_bf16(),
+                                                     reason="needs native bf16 matmuls on this CPU"))
 PRECISIONS = [BF16, "fp32"]
 
 
@@ -60,11 +62,12 @@ def _loss_and_grads(model, batch, seed=0):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("fast_path", [True, False])
-def test_a_model_in_onednn_layout_gives_the_same_loss_and_grads_and_its_weights_back(tiny_model_dir, fast_path, precision):
+def test_a_model_in_onednn_layout_gives_the_same_loss_and_grads_and_its_weights_back(
+        tiny_model_dir, fast_path, precision):
     model = _model(tiny_model_dir, dropout=0.1, precision=precision)
     speed_path = contextlib.ExitStack()
     if fast_path:
-        speed_path.enter_context(cpu.speed_path(model, row_tokens=128))
+        speed_path.enter_context(cpu_speed_path(model, row_tokens=128))
     model.train()
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -105,8 +108,8 @@ def test_the_plain_weights_come_back_when_the_body_fails(tiny_model_dir):
 def test_a_head_tied_to_the_embeddings_is_left_alone():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=2, tie_word_embeddings=True)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.requires_grad_(False)
     modules = ow.convertible_linears(model)
@@ -120,16 +123,18 @@ def test_a_head_tied_to_the_embeddings_is_left_alone():
 def test_training_with_onednn_weights_trains_the_same_adapter(tmp_path, tiny_model_dir, alpaca_path, capsys, precision):
     """loralab train's trainer with train.onednn_weights on and off: the same losses and LoRA weights (fp32: within
     rounding), and the base weights back in place after training."""
-    from loralab import prepare, train
     from loralab.config import config_from_dict
-    from loralab.rundir import RunDir, read_jsonl
+    from loralab.files import read_jsonl
+    from loralab.runs.layout import RunDir
+    from loralab.stages import prepare, train
 
     def trained(onednn):
         cfg = config_from_dict({
             "name": "onednn", "output_dir": str(tmp_path / "runs"), "model": {"name_or_path": str(tiny_model_dir)},
             "data": {"path": str(alpaca_path), "num_examples": 24, "eval_size": 0, "max_length": 128},
-            "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "warmup_steps": 0,
-                      "logging_steps": 1, "save_steps": 1, "device": "cpu", "precision": precision, "onednn_weights": onednn},
+            "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                      "warmup_steps": 0, "logging_steps": 1, "save_steps": 1, "device": "cpu", "precision": precision,
+                      "onednn_weights": onednn},
         })
         prepare.run(cfg)
         examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(RunDir(cfg).train_file)]

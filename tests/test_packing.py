@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from loralab.config import LoraSection, ModelConfig
 from loralab.loss import response_loss_sum
-from loralab.modeling import add_lora, load_model
+from loralab.models.loading import add_lora, load_model
 from loralab.packing import pack_examples, plan_rows
 
 
@@ -60,12 +60,14 @@ def test_logits_only_at_trained_targets_equal_full_loss(tiny_model_dir):
     model = load_model(ModelConfig(name_or_path=str(tiny_model_dir)), "fp32", "cpu")
     batch = pack_examples(_examples(model.config.vocab_size, [20, 9]))
     s, n = response_loss_sum(model, batch)
-    full = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False)
+    full = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                 use_cache=False)
     torch.testing.assert_close(s / n, full.loss, rtol=1e-5, atol=1e-6)
 
 
 def test_pack_examples_layout():
-    batch = pack_examples([{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]}, {"input_ids": [1, 7], "labels": [-100, 7]}])
+    batch = pack_examples([{"input_ids": [1, 5, 6], "labels": [-100, 5, 6]},
+                           {"input_ids": [1, 7], "labels": [-100, 7]}])
     assert batch["input_ids"].tolist() == [[1, 5, 6, 1, 7]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 5, 6, -100, 7]]
@@ -96,18 +98,19 @@ def test_pack_rows_keeps_every_example_once_within_the_budget():
 
 def test_a_steps_update_does_not_depend_on_how_its_examples_are_split_into_rows(tmp_path, tiny_model_dir, alpaca_path):
     """loralab train's trainer: rows of one example each and one row holding a whole step train the same weights."""
-    from loralab import prepare, train
     from loralab.config import config_from_dict
-    from loralab.rundir import RunDir, read_jsonl
+    from loralab.files import read_jsonl
+    from loralab.runs.layout import RunDir
+    from loralab.stages import prepare, train
 
     def trained_weights(row_tokens):
         cfg = config_from_dict({
             "name": "rows", "output_dir": str(tmp_path / "runs"), "model": {"name_or_path": str(tiny_model_dir)},
             "data": {"path": str(alpaca_path), "num_examples": 24, "eval_size": 0, "max_length": 128},
             "lora": {"lora_dropout": 0.0},
-            "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "warmup_steps": 0,
-                      "logging_steps": 1, "save_steps": 100, "device": "cpu", "precision": "fp32", "row_tokens": row_tokens,
-                      "gradient_checkpointing": False},
+            "train": {"max_steps": 2, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
+                      "warmup_steps": 0, "logging_steps": 1, "save_steps": 100, "device": "cpu", "precision": "fp32",
+                      "row_tokens": row_tokens, "gradient_checkpointing": False},
         })
         prepare.run(cfg)
         examples = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in read_jsonl(RunDir(cfg).train_file)]
@@ -116,7 +119,8 @@ def test_a_steps_update_does_not_depend_on_how_its_examples_are_split_into_rows(
         trainer = train.build_trainer(cfg, model, examples, tmp_path / f"ckpt-{row_tokens}", [], switches)
         rows_seen = []
         real_step = trainer.training_step
-        trainer.training_step = lambda m, inputs, n=None: rows_seen.append(len(inputs["rows"])) or real_step(m, inputs, n)
+        trainer.training_step = lambda m, inputs, n=None: (rows_seen.append(len(inputs["rows"]))
+                                                           or real_step(m, inputs, n))
         trainer.train()
         weights = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
         return weights, rows_seen, trainer.state.log_history

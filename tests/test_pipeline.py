@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-
 from conftest import write_config
+
 from loralab import cli
-from loralab.runfiles import format_metric, read_eval_results, read_metrics
+from loralab.runs.readers import format_metric, read_eval_results, read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +55,11 @@ def test_tensorboard_event_file_holds_what_metrics_jsonl_holds(run):
     events.Reload()
     scalars = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
     rows = read_metrics(rd / "metrics.jsonl")
-    for key, tag in [("loss", "train/loss"), ("grad_norm", "train/grad_norm"), ("learning_rate", "train/learning_rate")]:
+    for key, tag in [("loss", "train/loss"), ("grad_norm", "train/grad_norm"),
+                     ("learning_rate", "train/learning_rate")]:
         assert scalars[tag] == pytest.approx({r["step"]: r[key] for r in rows if "loss" in r}, rel=1e-6), tag
-    assert scalars["eval/loss"] == pytest.approx({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r}, rel=1e-6)
+    assert scalars["eval/loss"] == pytest.approx({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r},
+                                                 rel=1e-6)
     assert sorted(scalars["eval/loss"]) == [0, 4]
 
 
@@ -78,7 +80,7 @@ def test_eval_results_and_report_agree(run):
     _, rd = run
     results = read_eval_results(rd / "eval_results.csv")
     assert {"bleu", "rouge1", "rouge2", "rougeL", "perplexity"} <= set(results)
-    for name, cols in results.items():
+    for _name, cols in results.items():
         assert set(cols) == {"base", "lora"}
     report = (rd / "report.md").read_text()
     for name in ("bleu", "rouge1", "rouge2", "rougeL"):
@@ -112,7 +114,8 @@ def test_changed_config_is_never_mixed_with_old_outputs(run, capsys):
 
 
 def test_resume_continues_from_the_newest_checkpoint(tmp_path, tiny_model_dir, alpaca_path, capsys):
-    cfg = write_config(tmp_path / "exp.yaml", model={"name_or_path": str(tiny_model_dir)}, data={"path": str(alpaca_path)})
+    cfg = write_config(tmp_path / "exp.yaml", model={"name_or_path": str(tiny_model_dir)},
+                       data={"path": str(alpaca_path)})
     assert cli.main(["prepare", str(cfg)]) == 0
     assert cli.main(["train", str(cfg), "--set", "train.max_steps=2"]) == 0  # leaves checkpoint-2
     rd = tmp_path / "runs" / "t"

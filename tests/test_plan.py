@@ -4,14 +4,18 @@ import json
 from dataclasses import replace
 
 import pytest
+from conftest import estimate, resolve_switches, write_config
 
-from conftest import write_config
 from loralab import IGNORE_INDEX, cli
+from loralab.commands.plan import format_plan
 from loralab.config import LoraSection, TrainConfig, apply_overrides, config_from_dict
+from loralab.cpu.catalogue import training_pieces
+from loralab.decisions import truncate_lengths
 from loralab.errors import LoralabError
-from loralab.estimate import PROFILES, estimate, lora_trainable_params, model_shape, resolve_profile, truncate_lengths
-from loralab.plan import format_plan
-from loralab.tiny import TINYLLAMA_CONFIG, build_tiny_llama
+from loralab.models.tiny import TINYLLAMA_CONFIG, build_tiny_llama
+from loralab.planning.measure import resolve_profile
+from loralab.planning.profiles import PROFILES
+from loralab.planning.shapes import lora_trainable_params, model_shape
 
 LORA = LoraSection()  # r=8 on q/k/v/o, as the reference recipe
 A100 = PROFILES["a100"]
@@ -48,7 +52,7 @@ def test_parameter_arithmetic_matches_a_real_model(model_type, overrides, target
     """Counts from config fields equal those of the transformers model PEFT wraps (built on the meta device)."""
     from transformers import AutoConfig
 
-    from loralab.modeling import count_parameters_from_config
+    from loralab.models.loading import count_parameters_from_config
 
     fields = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
@@ -103,7 +107,8 @@ def test_time_is_flops_over_peak_and_adds_up_over_the_run():
 
 def test_too_big_for_a_t4_gets_suggestions_that_fit():
     t4 = PROFILES["t4"]
-    train = TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2, gradient_checkpointing=False, row_tokens=8192)
+    train = TrainConfig(per_device_train_batch_size=8, gradient_accumulation_steps=2, gradient_checkpointing=False,
+                        row_tokens=8192)
     plan = estimate(TINYLLAMA_CONFIG, LORA, train, [1024] * 64, t4, "fp32")
     assert not plan.fits and plan.peak_bytes > t4.memory_bytes
     fitting = [s for s in plan.suggestions if s.fits]
@@ -114,8 +119,8 @@ def test_too_big_for_a_t4_gets_suggestions_that_fit():
     assert "train.gradient_checkpointing=true" in changes and "train.row_tokens=" in changes
     assert "train.precision=fp16" in changes and "data.max_length=" in changes
     # Each suggestion's settings are valid --set overrides, and its peak is the estimate of the changed config.
-    raw = {"name": "x", "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2, "precision": "fp32",
-                                  "gradient_checkpointing": False, "row_tokens": 8192}}
+    raw = {"name": "x", "train": {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 2,
+                                  "precision": "fp32", "gradient_checkpointing": False, "row_tokens": 8192}}
     for s in plan.suggestions:
         if any(kv.startswith("data.") for kv in s.settings):
             continue  # needs prepare again; the truncation arithmetic is tested below
@@ -126,7 +131,8 @@ def test_too_big_for_a_t4_gets_suggestions_that_fit():
 
 
 def test_a_model_that_cannot_fit_says_so():
-    huge = dict(TINYLLAMA_CONFIG, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64)
+    huge = dict(TINYLLAMA_CONFIG, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64)
     plan = estimate(huge, LORA, TrainConfig(), [512], PROFILES["t4"], "fp16")
     assert not plan.fits and plan.suggestions and not any(s.fits for s in plan.suggestions)
     assert "pick a smaller model or a bigger device" in format_plan(plan)
@@ -191,7 +197,7 @@ def test_cli_plan_unreachable_hub_names_the_local_path_fix(tmp_path, capsys):
 
 
 def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit():
-    from loralab.estimate import resolve_switches as resolve
+    resolve = resolve_switches
 
     auto = replace(TrainConfig(), gradient_checkpointing="auto")
     assert TrainConfig().gradient_checkpointing == "auto"
@@ -211,13 +217,16 @@ def test_auto_checkpointing_turns_on_only_when_the_run_would_not_fit():
 
 def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monkeypatch, capsys):
     from loralab import decisions
-    from loralab import estimate as estimate_module
     from loralab.devices import DeviceFacts
+    from loralab.models.loading import read_model_config
 
     def decide_checkpointing(cfg, device, precision, *counts):
         facts = DeviceFacts(device, "test CPU", 16 * 2**30, precision == "bf16")
         cfg = replace(cfg, train=replace(cfg.train, precision=precision))
-        return decisions.decide_switches(cfg, facts, *counts).gradient_checkpointing
+        switches = decisions.decide_switches(cfg, facts, *counts, read_model_config(cfg.model))
+        for note in switches.notes:
+            print(note)
+        return switches.gradient_checkpointing
 
     cfg = config_from_dict({"name": "x", "model": {"name_or_path": str(tiny_model_dir)}})
     examples = [{"input_ids": list(range(3, 403)), "labels": [IGNORE_INDEX] * 100 + list(range(103, 403))}] * 4
@@ -226,10 +235,10 @@ def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monk
     assert capsys.readouterr().out == ""
     model_config = json.loads((tiny_model_dir / "config.json").read_text())
     lengths = [400] * 4
-    off, on = (estimate(model_config, LORA, replace(cfg.train, gradient_checkpointing=ck), lengths, PROFILES["cpu"], "fp32",
-                              trained_counts=[299] * 4).peak_bytes for ck in (False, True))
+    off, on = (estimate(model_config, LORA, replace(cfg.train, gradient_checkpointing=ck), lengths, PROFILES["cpu"],
+                        "fp32", trained_counts=[299] * 4).peak_bytes for ck in (False, True))
     assert on < off
-    monkeypatch.setattr(estimate_module, "profile_for", lambda facts, calibrate=False: replace(
+    monkeypatch.setattr(decisions, "profile_for", lambda facts, calibrate=False: replace(
         PROFILES["cpu"], memory_bytes=(on + off) // 2))  # fits only with checkpointing
     assert decide_checkpointing(cfg, "cpu", "fp32", *counts) is True
     assert "turning it on" in capsys.readouterr().out
@@ -238,14 +247,13 @@ def test_train_decides_auto_checkpointing_from_the_estimate(tiny_model_dir, monk
 
 
 def test_auto_onednn_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits():
-    from loralab.estimate import resolve_switches
-
     cpu = replace(PROFILES["cpu"], memory_bytes=64 * 2**30)
     train = replace(TrainConfig(), onednn_weights="auto")
     lengths = [300] * 8  # rows of up to 1,024 tokens
     plan = estimate(TINYLLAMA_CONFIG, LORA, train, lengths, cpu, "bf16")
     items = {item.label: item.bytes for item in plan.memory}
-    # every linear weight of 22 layers (q, o 2048^2; k, v 2048x256; gate, up, down 2048x5632) and the untied head, 2 bytes each
+    # every linear weight of 22 layers (q, o 2048^2; k, v 2048x256; gate, up, down 2048x5632) and the untied head,
+    # 2 bytes each
     assert items["oneDNN weights"] == (22 * (2 * 2048**2 + 2 * 2048 * 256 + 3 * 2048 * 5632) + 32000 * 2048) * 2
     plain = estimate(TINYLLAMA_CONFIG, LORA, replace(train, onednn_weights=False), lengths, cpu, "bf16")
     assert "oneDNN weights" not in {item.label for item in plain.memory}
@@ -265,8 +273,8 @@ def test_auto_onednn_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits
     assert onednn(replace(A100, memory_bytes=80 * 2**30)) is False  # CPUs only
     assert onednn(cpu, train_=replace(train, gradient_checkpointing=True)) is False
     assert onednn(between, train_=replace(train, onednn_weights=True)) is True  # an explicit choice is kept
-    forced = estimate(TINYLLAMA_CONFIG, LORA, replace(train, onednn_weights=True, gradient_checkpointing=False), lengths,
-                      between, "bf16")
+    forced = estimate(TINYLLAMA_CONFIG, LORA, replace(train, onednn_weights=True, gradient_checkpointing=False),
+                      lengths, between, "bf16")
     assert not forced.fits
     to_plain = next(s for s in forced.suggestions if s.settings == ["train.onednn_weights=false"])
     assert to_plain.fits and to_plain.peak_bytes == plain.peak_bytes
@@ -274,7 +282,6 @@ def test_auto_onednn_weights_on_a_cpu_in_bf16_with_short_rows_when_the_copy_fits
 
 def test_onednn_weights_true_off_a_cpu_is_a_clear_error():
     from loralab import decisions
-
     cfg = config_from_dict({"name": "x", "train": {"onednn_weights": True}})
     decisions.check_switches(cfg, "cpu", "fp32")  # fp32 on a CPU takes it
     with pytest.raises(LoralabError, match="train.onednn_weights is for bf16 or fp32 training on a CPU"):
@@ -290,7 +297,6 @@ def test_onednn_weights_true_off_a_cpu_is_a_clear_error():
 def test_a_checkpointed_run_gives_freed_memory_back_and_the_plan_counts_no_heap_for_it():
     """Gradient checkpointing says memory is short: where the CPU pieces say so (fp32) the allocator takes the lean
     threshold even on short rows, and the plan's activations carry no heap factor for it."""
-    from loralab import decisions
     from loralab.cpu.allocator import FAST_MMAP_THRESHOLD, LEAN_MMAP_THRESHOLD, mmap_threshold_for
 
     assert mmap_threshold_for(1024) == FAST_MMAP_THRESHOLD
@@ -308,5 +314,5 @@ def test_a_checkpointed_run_gives_freed_memory_back_and_the_plan_counts_no_heap_
     assert "held by the allocator" in activations_note(False, "fp32")
     assert "held by the allocator" not in activations_note(True, "fp32")
     assert "held by the allocator" in activations_note(True, "bf16")
-    assert decisions.cpu_pieces("fp32", native_bf16=False).lean_when_checkpointing
-    assert not decisions.cpu_pieces("bf16", native_bf16=True).lean_when_checkpointing
+    assert training_pieces("fp32", native_bf16=False).lean_when_checkpointing
+    assert not training_pieces("bf16", native_bf16=True).lean_when_checkpointing

@@ -24,7 +24,8 @@ def test_the_tokenizer_is_chatml_with_im_end_as_eos(tokenizer):
     assert tokenizer.eos_token == IM_END
     prompt = template.prompt_text({"instruction": "Hi", "input": "", "output": ""})
     # The template inserts its default system prompt by itself.
-    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert prompt == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+                      "trained by Hugging Face<|im_end|>\n"
                       "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -51,8 +52,8 @@ def test_masking_is_exact_on_every_shared_record(tokenizer, alpaca_records):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, real_model_dir, alpaca_path):
     """Three optimizer steps of the reference recipe on the real model, through loralab prepare and train."""
-    from loralab import prepare, train
     from loralab.config import load_config
+    from loralab.stages import prepare, train
 
     tmp = tmp_path_factory.mktemp("real")
     cfg = load_config(write_config(

@@ -21,7 +21,9 @@ import pytest
 import yaml
 
 import loralab
-from loralab import cli, rundir, train
+from loralab import cli, files
+from loralab.runs import lock, recovery
+from loralab.training import checkpoints, trainer
 
 RUN = Path("runs/t")  # the run directory, relative to a case's working copy
 CONFIG = {
@@ -136,7 +138,7 @@ def remove(*rels: str):
 
 
 def unmark_checkpoints(*steps: int):
-    return remove(*[f"{RUN}/checkpoints/checkpoint-{s}/{rundir.COMPLETE_FILE}" for s in steps])
+    return remove(*[f"{RUN}/checkpoints/checkpoint-{s}/{files.COMPLETE_FILE}" for s in steps])
 
 
 def write_data(records) -> callable:
@@ -186,7 +188,8 @@ ALPACA_FEW = [{"instruction": f"Say {i}.", "input": "", "output": f"{i}"} for i 
 REFUSALS = [
     # Config ranges: refused at load, before any file is touched.
     ("bogus-scheduler", _cfg("train", "train.lr_scheduler_type=bogus"), None, "train.lr_scheduler_type"),
-    ("plateau-scheduler", _cfg("train", "train.lr_scheduler_type=reduce_lr_on_plateau"), None, "train.lr_scheduler_type"),
+    ("plateau-scheduler", _cfg("train", "train.lr_scheduler_type=reduce_lr_on_plateau"), None,
+     "train.lr_scheduler_type"),
     ("negative-lr", _cfg("train", "train.learning_rate=-1"), None, "train.learning_rate"),
     ("zero-lr", _cfg("train", "train.learning_rate=0"), None, "train.learning_rate"),
     ("nan-lr", _cfg("train", "train.learning_rate=.nan"), None, "train.learning_rate"),
@@ -194,7 +197,8 @@ REFUSALS = [
     ("zero-alpha", _cfg("train", "lora.lora_alpha=0"), None, "nothing would be trained"),
     ("negative-alpha", _cfg("train", "lora.lora_alpha=-4"), None, "lora.lora_alpha"),
     ("zero-batch", _cfg("train", "train.per_device_train_batch_size=0"), None, "train.per_device_train_batch_size"),
-    ("zero-accumulation", _cfg("train", "train.gradient_accumulation_steps=0"), None, "train.gradient_accumulation_steps"),
+    ("zero-accumulation", _cfg("train", "train.gradient_accumulation_steps=0"), None,
+     "train.gradient_accumulation_steps"),
     ("zero-max-steps", _cfg("train", "train.max_steps=0"), None, "train.max_steps"),
     ("zero-save-steps", _cfg("train", "train.save_steps=0"), None, "train.save_steps"),
     ("zero-save-limit", _cfg("train", "train.save_total_limit=0"), None, "train.save_total_limit"),
@@ -227,7 +231,8 @@ REFUSALS = [
     ("report-train-interrupted", _cfg("report"), set_status("train", "interrupted"), "interrupted (Ctrl-C)"),
     ("eval-train-killed", _cfg("eval"), set_status("train", "running"), "stopped before it finished"),
     ("report-eval-killed", _cfg("report"), set_status("eval", "running"), "'eval' stage was stopped"),
-    ("report-eval-of-old-train", _cfg("report"), set_record("eval", "upstream", "0" * 16), "earlier attempt of 'train'"),
+    ("report-eval-of-old-train", _cfg("report"), set_record("eval", "upstream", "0" * 16),
+     "earlier attempt of 'train'"),
     ("eval-model-replaced", _cfg("eval"), append("model/model.safetensors", "x"), "model files"),
     ("eval-model-config-changed", _cfg("eval"), append("model/config.json", "\n"), "model files"),
     ("eval-tokenizer-changed", _cfg("eval"), append("model/tokenizer_config.json", "\n"), "tokenizer files"),
@@ -235,28 +240,32 @@ REFUSALS = [
     ("train-data-changed", _cfg("train"), append("data.json", " "), "'prepare' outputs"),
     # Damaged files in the run directory.
     ("report-junk-metrics", _cfg("report"), append(f"{RUN}/metrics.jsonl", "not json\n"), "metrics.jsonl was changed"),
-    ("report-junk-eval-csv", _cfg("report"), append(f"{RUN}/eval_results.csv", "x,,\n"), "eval_results.csv was changed"),
-    ("eval-truncated-adapter", _cfg("eval"), truncate(f"{RUN}/adapter/adapter_model.safetensors"), "adapter_model.safetensors"),
-    ("eval-junk-adapter-config", _cfg("eval"), replace_file(f"{RUN}/adapter/adapter_config.json", b"{"), "adapter_config.json"),
+    ("report-junk-eval-csv", _cfg("report"), append(f"{RUN}/eval_results.csv", "x,,\n"),
+     "eval_results.csv was changed"),
+    ("eval-truncated-adapter", _cfg("eval"), truncate(f"{RUN}/adapter/adapter_model.safetensors"),
+     "adapter_model.safetensors"),
+    ("eval-junk-adapter-config", _cfg("eval"), replace_file(f"{RUN}/adapter/adapter_config.json", b"{"),
+     "adapter_config.json"),
     ("eval-missing-adapter", _cfg("eval"), remove(f"{RUN}/adapter"), "needs the outputs of 'train'"),
     ("train-truncated-split", _cfg("train"), truncate(f"{RUN}/data/train.jsonl"), "data/train.jsonl was changed"),
     ("eval-truncated-split", _cfg("eval"), truncate(f"{RUN}/data/eval.jsonl"), "data/eval.jsonl was changed"),
     ("report-junk-manifest", _cfg("report"), replace_file(f"{RUN}/manifest.json", b"{"), "manifest.json"),
     ("report-list-manifest", _cfg("report"), replace_file(f"{RUN}/manifest.json", b"[]"), "manifest.json is damaged"),
     ("report-junk-config-yaml", _cfg("report"), replace_file(f"{RUN}/config.yaml", b"a: [\n"), "cannot report"),
-    ("train-truncated-model", _cfg("train", "train.max_steps=6"), truncate("model/model.safetensors"), "cannot load a model"),
+    ("train-truncated-model", _cfg("train", "train.max_steps=6"), truncate("model/model.safetensors"),
+     "cannot load a model"),
     ("train-pickle-model", _cfg("train", "train.max_steps=6"), pickle_model, "cannot load a model"),
     ("train-bad-targets", _cfg("train", "lora.target_modules=[nope]"), None, "lora.target_modules"),
     # Checkpoints.
-    ("resume-no-checkpoints", _cfg("train") + ["--resume"], both(set_status("train", "failed"), remove(f"{RUN}/checkpoints")),
-     "no checkpoint"),
-    ("resume-all-incomplete", _cfg("train") + ["--resume"], both(set_status("train", "failed"), unmark_checkpoints(2, 4)),
-     "only incomplete or damaged checkpoints"),
+    ("resume-no-checkpoints", _cfg("train") + ["--resume"],
+     both(set_status("train", "failed"), remove(f"{RUN}/checkpoints")), "no checkpoint"),
+    ("resume-all-incomplete", _cfg("train") + ["--resume"],
+     both(set_status("train", "failed"), unmark_checkpoints(2, 4)), "only incomplete or damaged checkpoints"),
     ("resume-all-damaged", _cfg("train") + ["--resume"],
      both(set_status("train", "failed"), malicious_pickle(f"{RUN}/checkpoints/checkpoint-4/optimizer.pt"),
           truncate(f"{RUN}/checkpoints/checkpoint-2/optimizer.pt")), "only incomplete or damaged checkpoints"),
     ("resume-no-hash-file", _cfg("train") + ["--resume"],
-     both(set_status("train", "failed"), remove(f"{RUN}/checkpoints/{train.HASH_FILE}")), "different config"),
+     both(set_status("train", "failed"), remove(f"{RUN}/checkpoints/{checkpoints.HASH_FILE}")), "different config"),
     # Data: too little, empty, hostile.
     ("prepare-deep-json", _cfg("prepare") + ["--force"], deeply_nested, "nests JSON too deeply"),
     ("prepare-all-empty", _cfg("prepare") + ["--force"],
@@ -291,23 +300,23 @@ def test_the_suite_has_sixty_cases_of_its_own():
 
 @pytest.mark.parametrize("command", ["train", "eval", "report", "run", "prepare"])
 def test_a_held_lock_names_its_holder(work, capsys, command):
-    with rundir.run_lock(work / RUN, "train"):
+    with lock.run_lock(work / RUN, "train"):
         before = tree_hashes(work / RUN)
         assert cli.main([command, "exp.yaml", "--force"] if command != "report" else [command, "exp.yaml"]) == 2
         line = assert_one_line(capsys.readouterr().err, f"is in use by `loralab train` (PID {os.getpid()} on ")
         assert "wait for it to finish" in line
         assert tree_hashes(work / RUN) == before
-    assert not (work / RUN / rundir.LOCK_FILE).exists()  # released
+    assert not (work / RUN / lock.LOCK_FILE).exists()  # released
 
 
 def test_a_stale_lock_is_taken_over(work, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (work / RUN / rundir.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": "h", "command": "train"}))
+    (work / RUN / lock.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "host": "h", "command": "train"}))
     assert cli.main(["report", "exp.yaml"]) == 0
     out = capsys.readouterr().out
     assert f"locked by PID {dead.pid} on h, which is no longer running" in out
-    assert not (work / RUN / rundir.LOCK_FILE).exists()
+    assert not (work / RUN / lock.LOCK_FILE).exists()
 
 
 def test_unreadable_data_file(work, capsys, monkeypatch):
@@ -334,7 +343,7 @@ def test_read_only_output_dir(work, capsys, monkeypatch):
         real = os.open
 
         def refuse(path, *args, **kwargs):
-            if str(path).endswith(rundir.LOCK_FILE):
+            if str(path).endswith(lock.LOCK_FILE):
                 raise PermissionError(13, "Permission denied", str(path))
             return real(path, *args, **kwargs)
 
@@ -355,13 +364,13 @@ def adapter_bytes(w: Path) -> bytes:
 def killed_between_renames(w):
     """The swap's state after `adapter -> .adapter-old` and before `.adapter-new -> adapter`."""
     run = w / RUN
-    shutil.copytree(run / "adapter", run / rundir.NEW_ADAPTER)
-    (run / "adapter").rename(run / rundir.OLD_ADAPTER)
+    shutil.copytree(run / "adapter", run / recovery.NEW_ADAPTER)
+    (run / "adapter").rename(run / recovery.OLD_ADAPTER)
 
 
 def killed_before_swap(w):
-    shutil.copytree(w / RUN / "adapter", w / RUN / rundir.NEW_ADAPTER)
-    (w / RUN / rundir.NEW_ADAPTER / rundir.COMPLETE_FILE).unlink()
+    shutil.copytree(w / RUN / "adapter", w / RUN / recovery.NEW_ADAPTER)
+    (w / RUN / recovery.NEW_ADAPTER / files.COMPLETE_FILE).unlink()
 
 
 def legacy_temp_folder(w):
@@ -412,7 +421,7 @@ def test_resume_skips_an_incomplete_checkpoint_and_logs_the_whole_run(work, caps
     losses = [r["loss"] for r in after if "loss" in r]
     assert summary["train_loss"] == pytest.approx(sum(losses) / 4)  # the whole run, not only steps 3 and 4
     assert [r["loss"] for r in rows if "loss" in r][:2] == losses[:2]
-    assert (work / RUN / "checkpoints/checkpoint-4" / rundir.COMPLETE_FILE).is_file()
+    assert (work / RUN / "checkpoints/checkpoint-4" / files.COMPLETE_FILE).is_file()
 
 
 def test_resume_skips_a_hostile_optimizer_state_unread(work, capsys):
@@ -442,8 +451,9 @@ def test_a_failed_train_is_never_up_to_date(work, capsys):
 # Guards against silent nonsense.
 
 def test_zero_gradient_stops_with_the_reason(work, capsys, monkeypatch):
-    real = train.response_loss_sum
-    monkeypatch.setattr(train, "response_loss_sum", lambda model, batch: (lambda l, n: (l * 0, n))(*real(model, batch)))
+    real = trainer.response_loss_sum
+    monkeypatch.setattr(trainer, "response_loss_sum",
+                        lambda model, batch: (lambda l, n: (l * 0, n))(*real(model, batch)))
     assert cli.main(["train", "exp.yaml", "--force"]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "gradient norm is exactly 0 at step 1" in err[0] and "lora.lora_alpha" in err[0]
@@ -451,13 +461,13 @@ def test_zero_gradient_stops_with_the_reason(work, capsys, monkeypatch):
 
 
 def test_a_frozen_loss_stops_with_the_reason(work, capsys, monkeypatch):
-    real = train.response_loss_sum
+    real = trainer.response_loss_sum
 
     def frozen(model, batch):  # the value never moves, the gradient is not zero: a collapsed model
         loss, n = real(model, batch)
         return loss - loss.detach() + 7.0 * n, n
 
-    monkeypatch.setattr(train, "response_loss_sum", frozen)
+    monkeypatch.setattr(trainer, "response_loss_sum", frozen)
     assert cli.main(["train", "exp.yaml", "--force", "--set", "train.max_steps=8", "--set", "train.save_steps=8"]) == 2
     err = error_lines(capsys.readouterr().err)
     assert len(err) == 1 and "has stayed at 7.000000 over 5 logged steps" in err[0] and "learning_rate" in err[0]
@@ -539,13 +549,14 @@ def _wait_for(predicate, timeout: float = 600.0) -> None:
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
     """A loralab process whose output goes to a file (a pipe nobody reads would stall it on progress bars)."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "loralab", *argv], env=_env(), stdout=f, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "loralab", *argv], env=_env(), stdout=f,
+                                stderr=subprocess.STDOUT)
 
 
 def test_two_trains_at_once(work, tmp_path):
     argv = ["train", "exp.yaml", "--force"]
     first = _start(argv, tmp_path / "first.log")
-    _wait_for(lambda: (work / RUN / rundir.LOCK_FILE).is_file() or first.poll() is not None)
+    _wait_for(lambda: (work / RUN / lock.LOCK_FILE).is_file() or first.poll() is not None)
     second = subprocess.run([sys.executable, "-m", "loralab", *argv], env=_env(), capture_output=True, text=True,
                             timeout=600)
     assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()
@@ -553,7 +564,7 @@ def test_two_trains_at_once(work, tmp_path):
     assert_one_line(second.stderr, f"is in use by `loralab train` (PID {first.pid} on ")
     rows = [json.loads(x) for x in (work / RUN / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
-    assert not (work / RUN / rundir.LOCK_FILE).exists()
+    assert not (work / RUN / lock.LOCK_FILE).exists()
 
 
 def test_ctrl_c(work, capsys, tmp_path):
@@ -571,6 +582,6 @@ def test_ctrl_c(work, capsys, tmp_path):
     assert last.startswith("loralab: interrupted: checkpoint saved at step ") and "--resume" in last, err
     assert "Traceback" not in err, err
     assert _manifest(work)["stages"]["train"]["status"] == "interrupted"
-    assert not (work / RUN / rundir.LOCK_FILE).exists()
+    assert not (work / RUN / lock.LOCK_FILE).exists()
     assert cli.main(["report", "exp.yaml"]) == 2
     assert "interrupted (Ctrl-C)" in capsys.readouterr().err

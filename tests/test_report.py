@@ -9,8 +9,15 @@ from matplotlib.image import imread
 
 from loralab.config import ExperimentConfig
 from loralab.errors import LoralabError
-from loralab.report import build_report, plot_loss_curve, plot_lora_flow, run
-from loralab.runfiles import eval_loss_rows, format_lr, format_metric, read_eval_results, read_metrics, training_rows
+from loralab.runs.readers import (
+    eval_loss_rows,
+    format_lr,
+    format_metric,
+    read_eval_results,
+    read_metrics,
+    training_rows,
+)
+from loralab.stages.report import build_report, plot_lora_flow, plot_loss_curve, run
 
 CONFIG = {
     "name": "tiny-alpaca",
@@ -24,7 +31,8 @@ CONFIG = {
         "max_length": 512,
         "template": "auto",
     },
-    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
     "train": {
         "per_device_train_batch_size": 1,
         "gradient_accumulation_steps": 8,

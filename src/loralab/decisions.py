@@ -1,71 +1,32 @@
-"""Every rule that decides how a run trains, in one place: precision per device, row tokens, checkpointing,
-the CPU speed path and the oneDNN weight layout. Train, plan, eval, inspect and the benches ask here.
+"""Every rule that decides how a run trains, in one place: row tokens, examples per process, the checks on
+switches, and "auto" gradient checkpointing and oneDNN weights decided by asking planning whether a candidate fits.
+Train, plan, inspect and the benches ask here; precision per device is loralab.precision's rule.
 
-No torch import at module level: loralab.estimate and `loralab plan` must stay cheap to import.
+Values in, values out: the caller reads config.json and probes the device, and prints the notes a decision returns.
+No torch import at module level: `loralab plan` must stay cheap to import.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, NamedTuple
+import importlib.util
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
-from loralab import LEAN_ALLOCATOR_ROW_TOKENS
+from loralab.cpu.catalogue import LEAN_ALLOCATOR_ROW_TOKENS, training_pieces
 from loralab.data import trained_token_count
 from loralab.errors import LoralabError
+from loralab.packing import peak_row
+from loralab.planning.inputs import PlanInputs
+from loralab.planning.measure import profile_for
+from loralab.planning.memory import DTYPE_BYTES
+from loralab.planning.plan import Plan, Suggestion, plan_for
+from loralab.planning.profiles import native_bf16
+from loralab.precision import choose_precision
+from loralab.switches import Switches
 
 if TYPE_CHECKING:
     from loralab.config import ExperimentConfig, TrainConfig
     from loralab.devices import DeviceFacts
-
-
-# Precision -----------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PrecisionSupport:
-    """What one device kind can train in, with and without native bf16, and what "auto" picks."""
-
-    with_bf16: tuple[str, ...]
-    without_bf16: tuple[str, ...]
-    auto_with_bf16: str
-    auto_without_bf16: str
-    no_bf16_hint: str
-    """Why bf16 is missing, for the error when it is forced."""
-
-
-PRECISION_SUPPORT = {
-    # fp16 on a GPU runs under autocast with the Trainer's loss scaler (see loss_scaling).
-    "cuda": PrecisionSupport(("bf16", "fp16", "fp32"), ("fp16", "fp32"), "bf16", "fp16",
-                             "has no native bf16 (needs compute capability 8.0+)"),
-    "mps": PrecisionSupport(("bf16", "fp16", "fp32"), ("fp16", "fp32"), "bf16", "fp32",
-                            "cannot compute in bf16 on this Mac's MPS backend (needs macOS 14+)"),
-    # No fp16 on a CPU: no loss scaler there, and no CPU multiplies fp16 faster than bf16.
-    "cpu": PrecisionSupport(("bf16", "fp32"), ("fp32",), "bf16", "fp32", "has no native bf16 (AVX512-BF16/AMX)"),
-}
-
-
-def supported_precisions(facts: DeviceFacts) -> tuple[str, ...]:
-    support = PRECISION_SUPPORT[facts.kind]
-    return support.with_bf16 if facts.native_bf16 else support.without_bf16
-
-
-def choose_precision(facts: DeviceFacts, requested: str = "auto") -> str:
-    """train.precision on this device: "auto" is bf16 where the hardware has it, fp16 (with loss scaling) on
-    pre-Ampere GPUs, fp32 where nothing else is safe. A forced impossible choice is an error, not a slow path."""
-    support = PRECISION_SUPPORT[facts.kind]
-    if requested == "auto":
-        return support.auto_with_bf16 if facts.native_bf16 else support.auto_without_bf16
-    allowed = supported_precisions(facts)
-    if requested == "fp16" and facts.kind == "cpu":
-        raise LoralabError("fp16 training needs a GPU; on CPU set train.precision: bf16 (if the CPU supports it) or fp32")
-    if requested not in allowed:
-        why = support.no_bf16_hint if requested == "bf16" and "bf16" in support.with_bf16 else f"cannot train in {requested}"
-        raise LoralabError(f"{facts.name} {why}; set train.precision to one of {', '.join(allowed)} (or auto)")
-    return requested
-
-
-def loss_scaling(precision: str) -> bool:
-    """fp16 needs the Trainer's dynamic loss scaler (its range underflows small gradients); bf16 and fp32 do not."""
-    return precision == "fp16"
 
 
 # Rows ----------------------------------------------------------------------------------------------
@@ -79,51 +40,16 @@ def example_lengths(examples: list[dict]) -> tuple[list[int], list[int]]:
 
 def resolve_row_tokens(train: TrainConfig, device: str, lengths: list[int], precision: str = "bf16",
                        native_bf16: bool = True) -> int:
-    """train.row_tokens with "auto" decided: on "cpu" (a device kind, or the cpu profile's name) the fastest row
-    length measured for this CPU kind and precision (CPU_SPEED_PATH), the longest example elsewhere (whose fastest
-    row length was not measured here; data.max_length bounds it)."""
+    """train.row_tokens with "auto" decided: on a CPU the row length its catalogue entry names for this CPU kind and
+    precision (cpu.catalogue), the longest example elsewhere (data.max_length bounds it)."""
     if train.row_tokens != "auto":
         return int(train.row_tokens)
-    return cpu_pieces(precision, native_bf16).row_tokens if device == "cpu" else max(lengths)
-
-
-def plan_rows(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Best-fit-decreasing plan: group example indices into rows of at most ``max_tokens`` tokens.
-
-    Longest first, each into the fullest row it still fits in; an example longer than max_tokens gets a row alone.
-    """
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        n = lengths[i]
-        best = -1
-        for r, left in enumerate(room):
-            if n <= left and (best < 0 or left < room[best]):
-                best = r
-        if best < 0:
-            rows.append([i])
-            room.append(max_tokens - n)
-        else:
-            rows[best].append(i)
-            room[best] -= n
-    return rows
-
-
-def peak_row(lengths: list[int], per_step: int, row_tokens: int) -> list[int]:
-    """Indices of the examples in the fullest row a step can make: the longest examples that fit together
-    (one of ``per_step`` examples alone if it is longer than ``row_tokens``)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])[:per_step]
-    row, used = [], 0
-    for i in order:
-        if used + lengths[i] <= row_tokens or not row:
-            row.append(i)
-            used += lengths[i]
-    return row
+    return training_pieces(precision, native_bf16).row_tokens if device == "cpu" else max(lengths)
 
 
 def fullest_row_tokens(train: TrainConfig, device: str, lengths: list[int], precision: str = "bf16",
                        native_bf16: bool = True) -> int:
-    """Tokens in the fullest row (peak_row) ``train``'s steps can make on ``device`` (as in resolve_row_tokens)."""
+    """Tokens in the fullest row (packing.peak_row) ``train``'s steps can make on ``device``."""
     per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
     row_tokens = resolve_row_tokens(train, device, lengths, precision, native_bf16)
     return sum(lengths[i] for i in peak_row(lengths, per_step, row_tokens))
@@ -139,154 +65,208 @@ def per_process_examples(train: TrainConfig, processes: int) -> int:
             f"per_device_train_batch_size x train.gradient_accumulation_steps); launch at most {per_step} processes "
             f"(--nproc_per_node / --num_processes) or raise train.gradient_accumulation_steps")
     if per_step % processes:
-        raise LoralabError(f"the {per_step} examples of an optimizer step do not split evenly over {processes} processes; "
-                           f"launch a number of processes that divides {per_step}, or change train.gradient_accumulation_steps")
+        raise LoralabError(f"the {per_step} examples of an optimizer step do not split evenly over {processes} "
+                           f"processes; launch a number of processes that divides {per_step}, or change "
+                           f"train.gradient_accumulation_steps")
     return per_step // processes
 
 
-# The CPU speed path (loralab.cpu) ------------------------------------------------------------------
-
-class CpuPieces(NamedTuple):
-    """Which pieces of loralab.cpu a training run on a CPU switches on (loralab.cpu.speed_path), and its row length."""
-
-    fused_lora: bool
-    """loralab.cpu.fused_lora instead of PEFT's LoRA forward."""
-    fused_norm: bool
-    """loralab.cpu.fused_norm instead of transformers' RMSNorm."""
-    per_example_attention: bool
-    """loralab.cpu.attention over "sdpa" (an explicit "eager" or "flash_attention_2" is kept)."""
-    head_loss: bool
-    """loralab.cpu.head_loss: the frozen head's loss a chunk at a time, instead of the model's head at trained positions."""
-    tuned_allocator: bool
-    """loralab.cpu.allocator: glibc's mmap threshold set for the row length."""
-    row_tokens: int
-    """train.row_tokens "auto"."""
-    lean_when_checkpointing: bool = False
-    """Under gradient checkpointing, glibc's lean mmap threshold (freed memory back at once) even on short rows."""
-
-
-# Per CPU kind (native bf16 or not) and precision, each row measured by the bench named beside it; a pair not
-# measured takes the measured one of the same precision.
-CPU_SPEED_PATH = {
-    # bench/train_throughput.py (README "Speed on a CPU"): AVX-512-BF16 EPYC, bf16. Checkpointed TinyLlama shape at
-    # 1,024 tokens (bench/plan_validation.py): the kept heap costs 3.69 vs 3.03 GB and saves 19% of the step time
-    (True, "bf16"): CpuPieces(True, True, True, True, True, 1024, lean_when_checkpointing=False),
-    # bench/cpu_switches.py --precision fp32 with ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 (AVX2 EPYC approximated);
-    # checkpointed TinyLlama shape at 1,024 tokens: the kept heap costs 8.01 vs 5.57 GB for 2% of the step time
-    (False, "fp32"): CpuPieces(True, True, True, True, True, 1024, lean_when_checkpointing=True),
-}
-
-
-def cpu_pieces(precision: str, native_bf16: bool) -> CpuPieces:
-    """CPU_SPEED_PATH's pieces for a CPU with or without ``native_bf16`` training in ``precision`` (fp32 matmuls take
-    the same MKL path with or without native bf16, so an unmeasured pair takes its precision's measured row)."""
-    found = CPU_SPEED_PATH.get((native_bf16, precision))
-    if found is None:
-        found = next((v for (_, p), v in CPU_SPEED_PATH.items() if p == precision), CPU_SPEED_PATH[(True, "bf16")])
-    return found
-
-
-def cpu_speed_path(device: str) -> bool:
-    """Whether training runs loralab.cpu's speed path (the pieces cpu_pieces picks): on a CPU. GPUs keep PEFT's
-    and transformers' kernels (fast there; these were not measured on one)."""
-    return device == "cpu"
-
-
-def per_example_attention_on(device: str, attn_implementation: str, precision: str = "bf16", native_bf16: bool = True) -> bool:
-    """Whether the CPU speed path also swaps attention for loralab.cpu.attention: where cpu_pieces says so, and only
-    over "sdpa" (an explicit "eager" or "flash_attention_2" is kept)."""
-    return (cpu_speed_path(device) and attn_implementation == "sdpa"
-            and cpu_pieces(precision, native_bf16).per_example_attention)
-
+# Switches ------------------------------------------------------------------------------------------
 
 ONEDNN_PRECISIONS = ("bf16", "fp32")  # the precisions whose frozen weights loralab.cpu.onednn_weights can hold
 
 
 def can_use_onednn_weights(device: str, precision: str, peak_tokens: int, checkpointing: bool) -> bool:
-    """Whether train.onednn_weights "auto" may turn on (loralab.cpu.onednn_weights): bf16 or fp32 on "cpu" (a device, or the
-    cpu profile's name), rows of up to LEAN_ALLOCATOR_ROW_TOKENS (the rows that trade memory for speed, as the
-    allocator does) and no checkpointing (which says memory is short)."""
-    return device == "cpu" and precision in ONEDNN_PRECISIONS and peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS and not checkpointing
+    """Whether train.onednn_weights "auto" may turn on: bf16 or fp32 on a CPU, rows of up to
+    LEAN_ALLOCATOR_ROW_TOKENS (the rows that trade memory for speed, as the allocator does) and no checkpointing
+    (which says memory is short)."""
+    return (device == "cpu" and precision in ONEDNN_PRECISIONS and peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS
+            and not checkpointing)
 
 
-# Switches of one run -------------------------------------------------------------------------------
-
-class Switches(NamedTuple):
-    """How one run trains on its device, every "auto" decided."""
-
-    device: str
-    precision: str
-    row_tokens: int
-    longest_row_tokens: int
-    """Tokens in the fullest row the data can make (the allocator is tuned for it)."""
-    gradient_checkpointing: bool
-    onednn_weights: bool
-    cpu_speed_path: bool
-    liger_kernels: bool
-    torch_compile: bool
-    cpu_pieces: CpuPieces | None = None
-    """What the CPU speed path switches on (None off a CPU)."""
+def check_bitsandbytes(load_in_4bit: bool, optim: str, device: str) -> None:
+    """QLoRA needs a CUDA GPU and bitsandbytes; the 8-bit optimizer needs bitsandbytes."""
+    if load_in_4bit and device != "cuda":
+        raise LoralabError(f"train.load_in_4bit (QLoRA) needs a CUDA GPU and this run is on {device}; "
+                           f"set train.load_in_4bit: false")
+    missing = importlib.util.find_spec("bitsandbytes") is None
+    if load_in_4bit and missing:
+        raise LoralabError("train.load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes "
+                           "(or set train.load_in_4bit: false)")
+    if optim == "adamw_bnb_8bit" and missing:
+        raise LoralabError("train.optim adamw_bnb_8bit needs bitsandbytes: pip install bitsandbytes "
+                           "(or set train.optim: adamw_torch)")
 
 
-def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = None) -> None:
+def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = None,
+                   onednn_available: bool = True) -> None:
     """train.liger_kernels and train.torch_compile are for CUDA GPUs (Liger needs its package);
-    train.onednn_weights: true is for bf16 or fp32 on a CPU whose PyTorch has oneDNN (checked once ``precision`` is known);
-    QLoRA and the 8-bit optimizer need bitsandbytes (QLoRA a CUDA GPU)."""
-    from loralab.modeling import check_bitsandbytes
-
+    train.onednn_weights: true is for bf16 or fp32 on a CPU whose PyTorch has oneDNN (checked once ``precision`` is
+    known); QLoRA and the 8-bit optimizer need bitsandbytes (QLoRA a CUDA GPU)."""
     check_bitsandbytes(cfg.train.load_in_4bit, cfg.train.optim, device)
     for key, on in (("liger_kernels", cfg.train.liger_kernels), ("torch_compile", cfg.train.torch_compile)):
         if on and device != "cuda":
             raise LoralabError(f"train.{key} is for CUDA GPUs and this run trains on {device}; set train.{key}: false")
-    if cfg.train.liger_kernels:
-        import importlib.util
-
-        if importlib.util.find_spec("liger_kernel") is None:
-            raise LoralabError("train.liger_kernels needs the liger-kernel package: pip install liger-kernel "
-                               "(or set train.liger_kernels: false)")
+    if cfg.train.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
+        raise LoralabError("train.liger_kernels needs the liger-kernel package: pip install liger-kernel "
+                           "(or set train.liger_kernels: false)")
     if cfg.train.onednn_weights is True and precision is not None and (
-        device != "cpu" or precision not in ONEDNN_PRECISIONS or not _onednn_available()
+        device != "cpu" or precision not in ONEDNN_PRECISIONS or not onednn_available
     ):
-        raise LoralabError(f"train.onednn_weights is for bf16 or fp32 training on a CPU with oneDNN, and this run trains on {device} "
-                           f"in {precision}; set train.onednn_weights: auto")
+        raise LoralabError(f"train.onednn_weights is for bf16 or fp32 training on a CPU with oneDNN, and this run "
+                           f"trains on {device} in {precision}; set train.onednn_weights: auto")
 
 
-def _onednn_available() -> bool:
-    import torch
+def needs_estimate(train: TrainConfig, device: str, onednn_available: bool) -> bool:
+    """Whether deciding the switches asks planning (and so needs the model's config.json): gradient checkpointing
+    "auto", or oneDNN weights "auto" where they could turn on."""
+    onednn_auto = train.onednn_weights == "auto" and device == "cpu" and onednn_available
+    return train.gradient_checkpointing == "auto" or onednn_auto
 
-    from loralab.cpu.onednn_weights import onednn_weights_available
 
-    return onednn_weights_available(torch.bfloat16)
+def decide_for(inputs: PlanInputs, precision: str, onednn_available: bool = True) -> Switches:
+    """Every switch of training ``inputs`` on ``inputs.profile``'s device in ``precision``. "auto" gradient
+    checkpointing and oneDNN weights take the fastest setting that fits, in this order: oneDNN weights without
+    checkpointing (where can_use_onednn_weights), plain weights without checkpointing, checkpointing with plain
+    weights; the last when none fits."""
+    train, profile = inputs.train, inputs.profile
+    device, native = profile.kind, native_bf16(profile)
+    pieces = training_pieces(precision, native) if device == "cpu" else None
+    base = Switches(
+        device=device, precision=precision,
+        row_tokens=resolve_row_tokens(train, device, inputs.lengths, precision, native),
+        longest_row_tokens=fullest_row_tokens(train, device, inputs.lengths, precision, native),
+        gradient_checkpointing=bool(train.gradient_checkpointing), onednn_weights=bool(train.onednn_weights),
+        liger_kernels=train.liger_kernels, torch_compile=train.torch_compile, cpu_pieces=pieces,
+        per_example_attention=pieces is not None and pieces.per_example_attention
+        and inputs.attn_implementation == "sdpa",
+    )
+    onednn_auto = train.onednn_weights == "auto"
+    onednn_choices = ([True, False] if onednn_available else [False]) if onednn_auto else [base.onednn_weights]
+    checkpointing_choices = [False, True] if train.gradient_checkpointing == "auto" else [base.gradient_checkpointing]
+    candidates = [
+        base._replace(gradient_checkpointing=checkpointing, onednn_weights=onednn)
+        for checkpointing in checkpointing_choices for onednn in onednn_choices
+        if not (onednn and onednn_auto
+                and not can_use_onednn_weights(device, precision, base.longest_row_tokens, checkpointing))
+    ]
+    for candidate in candidates[:-1]:
+        if plan_for(inputs, candidate).fits:
+            return candidate
+    return candidates[-1]
+
+
+def switch_notes(requested: TrainConfig, switches: Switches) -> list[str]:
+    """What the plan says about the switches "auto" decided."""
+    notes = []
+    if requested.gradient_checkpointing == "auto":
+        notes.append("gradient_checkpointing auto: " + ("on, the run does not fit without it"
+                                                        if switches.gradient_checkpointing
+                                                        else "off, the run fits without it"))
+    if requested.onednn_weights == "auto":
+        notes.append("onednn_weights auto: " + ("on, frozen weights in oneDNN's layout for the matmuls"
+                                                if switches.onednn_weights
+                                                else "off (needs bf16 or fp32 on a CPU, rows of up to "
+                                                f"{LEAN_ALLOCATOR_ROW_TOKENS:,} tokens, no checkpointing, and the "
+                                                f"memory)"))
+    return notes
 
 
 def decide_switches(cfg: ExperimentConfig, facts: DeviceFacts, lengths: list[int], trained: list[int],
-                    model_config: dict | None = None, announce: bool = True) -> Switches:
+                    model_config: dict | None, onednn_available: bool = True) -> Switches:
     """Every switch of a run of ``cfg`` on the device ``facts`` describe, for training examples of these lengths
-    and trained counts: "auto" checkpointing and oneDNN weights by loralab.estimate's memory estimate for the device
-    (``model_config``: config.json, read from cfg.model when not given)."""
-    from loralab import estimate, sources
-
+    and trained counts. ``model_config`` (config.json) is needed where needs_estimate says so, else may be None;
+    ``onednn_available``: whether this PyTorch has oneDNN's weight ops (devices.onednn_available)."""
     device = facts.kind
     precision = choose_precision(facts, cfg.train.precision)
-    check_switches(cfg, device, precision)
-    train = cfg.train
-    if train.onednn_weights == "auto" and not (device == "cpu" and _onednn_available()):
-        train = replace(train, onednn_weights=False)
-    if train.gradient_checkpointing == "auto" or train.onednn_weights == "auto":
-        profile = estimate.profile_for(facts)
-        train = estimate.resolve_switches(
-            model_config if model_config is not None else sources.read_model_config(cfg.model), cfg.lora, train, lengths,
-            profile, precision, trained_counts=trained, attn_implementation=cfg.model.attn_implementation,
-        )
-        if announce and train.gradient_checkpointing and cfg.train.gradient_checkpointing == "auto":
-            print(f"train: the estimate says this run would not fit {profile.description} without gradient checkpointing; "
-                  f"turning it on (more compute; `loralab plan CONFIG` shows the figures)")
-    native = facts.native_bf16
-    on_cpu = cpu_speed_path(device)
-    return Switches(
-        device=device, precision=precision, row_tokens=resolve_row_tokens(train, device, lengths, precision, native),
-        longest_row_tokens=fullest_row_tokens(train, device, lengths, precision, native),
-        gradient_checkpointing=bool(train.gradient_checkpointing), onednn_weights=bool(train.onednn_weights),
-        cpu_speed_path=on_cpu, cpu_pieces=cpu_pieces(precision, native) if on_cpu else None,
-        liger_kernels=train.liger_kernels, torch_compile=train.torch_compile,
-    )
+    onednn_available = device == "cpu" and onednn_available
+    check_switches(cfg, device, precision, onednn_available)
+    profile = profile_for(facts)
+    inputs = PlanInputs(model_config or {}, cfg.lora, cfg.train, lengths, profile, trained,
+                        cfg.model.attn_implementation)
+    if needs_estimate(cfg.train, device, onednn_available) and model_config is None:
+        raise ValueError("decide_switches needs the model's config.json to decide an \"auto\" switch")
+    switches = decide_for(inputs, precision, onednn_available)
+    if switches.gradient_checkpointing and cfg.train.gradient_checkpointing == "auto":
+        switches = switches._replace(notes=(
+            f"the estimate says this run would not fit {profile.description} without gradient checkpointing; "
+            f"turning it on (more compute; `loralab plan CONFIG` shows the figures)",))
+    return switches
+
+
+# Plans ---------------------------------------------------------------------------------------------
+
+def plan_run(inputs: PlanInputs, precision: str, with_suggestions: bool = True) -> Plan:
+    """Decide every switch of ``inputs`` on its profile's device (decide_for), then plan the run on them; where it
+    does not fit, with the single changes that would make it fit (suggest)."""
+    if not inputs.lengths:
+        raise LoralabError("plan needs at least one training example length")
+    switches = decide_for(inputs, precision)
+    plan = plan_for(replace(inputs, notes=inputs.notes + switch_notes(inputs.train, switches)), switches)
+    if with_suggestions and not plan.fits:
+        plan.suggestions = suggest(inputs, precision)
+    return plan
+
+
+def truncate_lengths(lengths: list[int], trained: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Lengths and trained counts after cutting examples to ``max_length`` (prepare cuts from the response end)."""
+    cut = [min(n, max_length) for n in lengths]
+    kept = [max(0, t - (n - c)) for n, t, c in zip(lengths, trained, cut, strict=False)]
+    return cut, kept
+
+
+def suggest(inputs: PlanInputs, precision: str) -> list[Suggestion]:
+    """Single changes that make the run fit, each with its predicted peak; all of them at once if none does alone."""
+    lengths, trained, train, profile = inputs.lengths, inputs.trained, inputs.train, inputs.profile
+
+    def trial(settings: list[str], note: str, train_: TrainConfig, lengths_=lengths, trained_=trained,
+              precision_=precision) -> Suggestion:
+        changed = replace(inputs, train=train_, lengths=lengths_, trained_counts=trained_)
+        p = plan_run(changed, precision_, with_suggestions=False)
+        return Suggestion(settings, note, p.peak_bytes, p.fits, p.microbatch_seconds)
+
+    def first_fit(trials: list[Suggestion]) -> Suggestion | None:
+        """The first (mildest) change that fits, else the strongest one tried."""
+        return next((t for t in trials if t.fits), trials[-1] if trials else None)
+
+    def shorter(settings: list[str], note: str, train_: TrainConfig, precision_: str) -> list[Suggestion]:
+        trials = []
+        for new_max in (2**k for k in range(15, 5, -1)):  # powers of two below the longest example
+            if new_max < max(lengths):
+                cut, kept = truncate_lengths(lengths, trained, new_max)
+                n_cut = sum(n > new_max for n in lengths)
+                trials.append(trial(settings + [f"data.max_length={new_max}"],
+                                    f"{note}cuts {n_cut} of {len(lengths)} examples; run prepare again", train_, cut,
+                                    kept, precision_))
+        return trials
+
+    out: list[Suggestion | None] = []
+    row_tokens = resolve_row_tokens(train, profile.kind, lengths, precision, native_bf16(profile))
+    fewer = [2**k for k in range(14, 6, -1) if 2**k < row_tokens and 2**k >= min(lengths)]
+    out.append(first_fit([
+        trial([f"train.row_tokens={n}"], "same examples per optimizer step, in more, shorter rows",
+              replace(train, row_tokens=n))
+        for n in fewer
+    ]))
+    if train.onednn_weights is True:
+        out.append(trial(["train.onednn_weights=false"], "one copy of the linear weights less, somewhat slower",
+                         replace(train, onednn_weights=False)))
+    if not train.gradient_checkpointing:
+        out.append(trial(["train.gradient_checkpointing=true"], "more compute: each layer's forward runs twice",
+                         replace(train, gradient_checkpointing=True)))
+    lower = next((p for p in ("bf16", "fp16") if p in profile.peak_flops), None)
+    if DTYPE_BYTES[precision] > 2 and lower:
+        out.append(trial([f"train.precision={lower}"], "16-bit base weights and activations", train, precision_=lower))
+    out.append(first_fit(shorter([], "", train, precision)))
+    found = [s for s in out if s is not None]
+    if not any(s.fits for s in found):
+        shortest = min(lengths)
+        combo = replace(train, row_tokens=shortest, gradient_checkpointing=True)  # one example per row
+        settings = [f"train.row_tokens={shortest}", "train.gradient_checkpointing=true"]
+        combo_precision = lower if DTYPE_BYTES[precision] > 2 and lower else precision
+        if combo_precision != precision:
+            settings.append(f"train.precision={combo_precision}")
+        trials = [trial(settings, "all together", combo, precision_=combo_precision)]
+        trials += shorter(settings, "all together; ", combo, combo_precision)
+        found.append(first_fit(trials))
+    return found

@@ -1,6 +1,6 @@
 """What this process's device is: its kind, name, memory, compute capability and native bf16 (torch imported lazily).
 
-loralab.decisions turns these facts into choices; loralab.estimate turns them into a speed profile. Tests
+loralab.decisions turns these facts into choices; loralab.planning.profiles turns them into a speed profile. Tests
 simulate devices by monkeypatching what torch.cuda / torch.backends.mps report and cpu_has_native_bf16.
 """
 
@@ -119,8 +119,10 @@ def probe(kind: str) -> DeviceFacts:
         cc = (int(props.major), int(props.minor))
         # torch.cuda.is_bf16_supported() can say yes on a T4 (bf16 emulated, slow); native bf16 arrived with
         # Ampere, compute capability 8.0.
-        return DeviceFacts("cuda", props.name, int(props.total_memory), cc >= (8, 0), cc, int(props.multi_processor_count))
+        return DeviceFacts("cuda", props.name, int(props.total_memory), cc >= (8, 0), cc,
+                           int(props.multi_processor_count))
     if kind == "mps":
         memory = int(MPS_MEMORY_SHARE * psutil.virtual_memory().total)
         return DeviceFacts("mps", "Apple MPS", memory, mps_supports_bf16())
     return DeviceFacts("cpu", cpu_model_name(), int(psutil.virtual_memory().available), cpu_has_native_bf16())
+

@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
 
-from loralab.cpu.attention import undo_per_example_attention, use_per_example_attention
-from loralab.cpu.onednn_weights import onednn_weights
+from loralab.cpu.speed_path import inference_path
 
 # Share of the currently available memory the KV cache and logits may take; the rest covers prefill
 # activations (attention scores, MLP intermediates) and whatever else runs on the machine.
@@ -66,12 +65,11 @@ def generate_greedy(
     eos = set(eos_token_ids)
     was_training = model.training
     model.eval()
-    per_example = use_per_example_attention(_base_model(model))
-    # On a CPU the linear weights are prepacked for oneDNN once (put back bit for bit at the end): MKL's fp32
-    # matmul re-packs the whole weight at every call, which a decode step's few rows do not pay for.
+    # On a CPU the packed prefill attends each prompt alone and the linear weights are prepacked for oneDNN once (put
+    # back bit for bit at the end): MKL's fp32 matmul re-packs the whole weight at every call, which a decode
+    # step's few rows do not pay for (cpu.speed_path.inference_path; nothing changes on a GPU).
     try:
-        # (outside inference_mode, so the weights put back are plain tensors that can be merged into or trained)
-        with onednn_weights(model, rows_hint=batch_size or 64, inference=True), torch.inference_mode(), \
+        with inference_path(model, rows_hint=batch_size or 64) as switched, torch.inference_mode(), \
                 tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress) as bar:
             start = 0
             while start < len(order):
@@ -79,21 +77,15 @@ def generate_greedy(
                     model.config, len(prompts[order[start]]) + max_new_tokens, dtype, available
                 )
                 indices = order[start : start + size]
-                batch = greedy_batch(model, [prompts[i] for i in indices], max_new_tokens, eos, packed_prefill=per_example)
-                for i, row in zip(indices, batch):
+                batch = greedy_batch(model, [prompts[i] for i in indices], max_new_tokens, eos,
+                                     packed_prefill=switched.per_example_attention)
+                for i, row in zip(indices, batch, strict=False):
                     outputs[i] = row
                 bar.update(len(indices))
                 start += size
     finally:
         model.train(was_training)
-        if per_example:
-            undo_per_example_attention(_base_model(model))
     return outputs
-
-
-def _base_model(model):
-    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 # transformers' generate is not used for the batch: it prefills the left-padded batch (a batch of Alpaca
@@ -156,7 +148,7 @@ def prefill(model, prompts: list[list[int]], capacity: int, packed: bool):
         first.append(out.logits[0].argmax(-1))  # (len(row),) each prompt's next token
         if cache is None:
             cache = PreallocatedCache.like(row_cache, len(prompts), capacity, longest)
-        for i, end in zip(row, ends.tolist()):
+        for i, end in zip(row, ends.tolist(), strict=False):
             cache.put(i, row_cache, end - len(prompts[i]), end)
     order = torch.tensor([i for row in rows for i in row], device=device)
     tokens = torch.empty(len(prompts), dtype=torch.long, device=device)
@@ -207,7 +199,7 @@ class PreallocatedCache(DynamicCache):
     """A KV cache for batched decoding: per layer, (batch, kv_heads, capacity, head_dim) buffers written in place."""
 
     @classmethod
-    def like(cls, row_cache: DynamicCache, batch: int, capacity: int, length: int) -> "PreallocatedCache":
+    def like(cls, row_cache: DynamicCache, batch: int, capacity: int, length: int) -> PreallocatedCache:
         cache = cls()
         cache.layers = [
             _BufferLayer(layer.keys.new_zeros(batch, layer.keys.shape[1], capacity, layer.keys.shape[3]),
@@ -218,7 +210,7 @@ class PreallocatedCache(DynamicCache):
 
     def put(self, row: int, row_cache: DynamicCache, start: int, end: int) -> None:
         """Copy positions start..end of a (1-row) prefill cache into ``row``, right-aligned at the prefill length."""
-        for layer, source in zip(self.layers, row_cache.layers):
+        for layer, source in zip(self.layers, row_cache.layers, strict=False):
             width = end - start
             layer.key_buffer[row, :, layer.length - width : layer.length] = source.keys[0, :, start:end]
             layer.value_buffer[row, :, layer.length - width : layer.length] = source.values[0, :, start:end]

@@ -30,7 +30,8 @@ def response_loss_sum(model, batch: dict[str, torch.Tensor], fused_head: bool = 
     if plain is not None:
         decoder, head = plain
         hidden = decoder(**inputs, use_cache=False).last_hidden_state[0, keep]  # (K, hidden)
-        loss_sum = head_loss.FrozenHeadCrossEntropy.apply(hidden, head.weight, targets[keep], onednn_weights.onednn_of(head))
+        loss_sum = head_loss.FrozenHeadCrossEntropy.apply(hidden, head.weight, targets[keep],
+                                                          onednn_weights.onednn_of(head))
         return loss_sum, int(keep.numel())
     out = model(**inputs, logits_to_keep=keep, use_cache=False)
     logits = out.logits[0].float()  # (K, vocab)

@@ -9,7 +9,7 @@ reference; they do not measure correctness or helpfulness, and a correct paraphr
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache, lru_cache
 
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
@@ -23,7 +23,7 @@ def _rouge() -> rouge_scorer.RougeScorer:
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _bleu(tokenize: str, effective_order: bool) -> BLEU:
     # Stateless when references are passed with each call, so one instance per setting is safe to share.
     return BLEU(tokenize=tokenize, effective_order=effective_order)
@@ -55,7 +55,7 @@ def rouge_f1(hypotheses: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F1 over the pairs (Porter stemming on), keys ``rouge1``, ``rouge2``, ``rougeL``."""
     _check_pairs(hypotheses, references)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for hypothesis, reference in zip(hypotheses, references):
+    for hypothesis, reference in zip(hypotheses, references, strict=False):
         # rouge-score's argument order is (target, prediction).
         scores = _rouge().score(reference, hypothesis)
         for key in ROUGE_TYPES:

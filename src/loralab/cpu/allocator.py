@@ -3,7 +3,7 @@
 Allocations at or above the mmap threshold are mmap'd and go back to the system when freed; smaller ones
 come from the heap, which keeps freed memory for reuse. Each mmap'd block is fresh zeroed pages, on which
 elementwise ops run several times slower than on reused heap memory; the heap's kept memory, on the other
-hand, adds to the peak on long rows. The README's CPU training section has the measured trade.
+hand, adds to the peak on long rows. docs/benchmarks.md has the measured trade.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import platform
 
-from loralab import LEAN_ALLOCATOR_ROW_TOKENS
+from loralab.cpu.catalogue import LEAN_ALLOCATOR_ROW_TOKENS
 
 LEAN_MMAP_THRESHOLD = 4 << 20
 FAST_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold (64-bit), fixed from the start
@@ -40,8 +40,8 @@ def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
 
 def lean(longest_row_tokens: int, checkpointing: bool = False) -> bool:
     """Whether tune_allocator gives freed memory back at once (LEAN_MMAP_THRESHOLD) rather than keeping the heap: for
-    rows over LEAN_ALLOCATOR_ROW_TOKENS, and for ``checkpointing`` (see tune_allocator). loralab.estimate counts the
-    heap by the same rule."""
+    rows over LEAN_ALLOCATOR_ROW_TOKENS, and for ``checkpointing`` (see tune_allocator). loralab.planning.memory
+    counts the heap by the same rule."""
     return longest_row_tokens > LEAN_ALLOCATOR_ROW_TOKENS or checkpointing
 
 
@@ -55,9 +55,9 @@ def tune_allocator(longest_row_tokens: int, checkpointing: bool = False) -> int 
 
     Rows of up to LEAN_ALLOCATOR_ROW_TOKENS use FAST_MMAP_THRESHOLD and train at heap speed; longer rows use
     LEAN_MMAP_THRESHOLD, because there the heap's kept memory adds gigabytes to the peak. So do checkpointed runs
-    where loralab.decisions.CpuPieces.lean_when_checkpointing says so (``checkpointing``): in fp32 each layer's
-    recomputed activations, freed into the heap layer after layer, left a checkpointed TinyLlama-shaped run at 1,024
-    tokens at 8.0 GB peak RSS against 5.6 GB lean (bench/plan_validation.py, AVX2 approximated). The setting stays for
+    where cpu.catalogue's CpuPieces.lean_when_checkpointing says so (``checkpointing``): in fp32 each layer's
+    recomputed activations, freed into the heap layer after layer, keep gigabytes more than lean
+    (bench/plan_validation.py measures it; docs/benchmarks.md). The setting stays for
     the process: once set, glibc no longer moves its threshold with freed blocks, and a fixed default (128 KiB)
     would mmap, and so slow down, every mid-sized tensor afterwards.
     """

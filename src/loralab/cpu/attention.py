@@ -1,7 +1,7 @@
 """Causal attention per packed example as batched matmuls on a CPU, where SDPA's flash kernel is slow at head_dim 64.
 
 A packed row's examples are found where ``position_ids`` restart at 0, and each is attended alone (no
-tokens x tokens block mask); the speed-up is in the README's CPU training section.
+tokens x tokens block mask); the speed-up is in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 PER_EXAMPLE_ATTENTION = "loralab_per_example"
-MATERIALISED_MAX_TOKENS = 1024  # longer examples use SDPA's flash kernel: the probabilities would take 32 x L^2 x 2 bytes a layer
+# longer examples use SDPA's flash kernel: the probabilities would take 32 x L^2 x 2 bytes a layer
+MATERIALISED_MAX_TOKENS = 1024
 
 
 class CausalAttention(torch.autograd.Function):
@@ -17,7 +18,7 @@ class CausalAttention(torch.autograd.Function):
 
     On CPUs SDPA's flash kernel runs at a tenth of the matmul peak for head_dim 64: this materialised form
     (the query heads of a group stacked as rows, so K and V are never repeated) is faster fore and aft
-    at Alpaca lengths (README, CPU speed), at the cost of keeping the (heads x L x L) probabilities for the backward.
+    at Alpaca lengths (docs/benchmarks.md), at the cost of keeping the (heads x L x L) probabilities for the backward.
     """
 
     @staticmethod
@@ -76,7 +77,8 @@ def per_example_attention(module, query, key, value, attention_mask, position_id
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
     dropout = kwargs.get("dropout", 0.0)
     bounds = starts + [length]
-    outputs = [_attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scale, dropout) for s, e in zip(bounds, bounds[1:])]
+    outputs = [_attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scale, dropout)
+               for s, e in zip(bounds, bounds[1:], strict=False)]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None  # (1, tokens, heads, head_dim)
 

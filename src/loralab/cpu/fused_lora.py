@@ -28,9 +28,8 @@ def drop_positions(numel: int, p: float, device) -> torch.Tensor:
 
     Drawn as the gaps between successive dropped elements, geometric by the inverse CDF of a uniform,
     which is the distribution of one Bernoulli(p) coin per element: about p x numel random numbers
-    instead of numel (on a CPU the random-number generator, not the masking, was the cost: ~3% of a
-    TinyLlama training step). A float32 uniform caps a gap at log(2^-24) / log(1 - p) (324 at p = 0.05),
-    which a true gap exceeds with probability 2^-24.
+    instead of numel (on a CPU the random-number generator, not the masking, is the cost). A float32 uniform
+    caps a gap at log(2^-24) / log(1 - p) (324 at p = 0.05), which a true gap exceeds with probability 2^-24.
     """
     expected = numel * p
     count = int(expected + 8 * math.sqrt(expected) + 16)  # enough gaps to pass the end, all but always
@@ -74,7 +73,7 @@ class LoraLinearFunction(torch.autograd.Function):
 
     Saves x (shared by q/k/v, so stored once) and the random-number state the dropped positions were
     drawn from, not a mask: the backward draws the same positions again (cheap, see drop_positions),
-    which saves in_features x 2 bytes per token per adapted layer, a fifth of a TinyLlama layer's activations.
+    which saves in_features x 2 bytes per token per adapted layer.
     """
 
     @staticmethod
@@ -152,7 +151,8 @@ def fuse_lora_layers(model) -> int:
 
     switched = 0
     for module in model.modules():
-        if type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear and not module.base_layer.weight.requires_grad:
+        if (type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear
+                and not module.base_layer.weight.requires_grad):
             module.forward = types.MethodType(_fused_forward, module)
             switched += 1
     return switched

@@ -1,8 +1,8 @@
 """RMSNorm as one autograd function on a CPU: a closed-form backward instead of a dozen autograd passes.
 
 transformers' LlamaRMSNorm is six ops (upcast, square, mean, rsqrt, scale, downcast, weight) whose
-backward autograd runs as a dozen more full passes over (tokens x hidden) fp32 tensors: about 17 ms a
-call at 1,000 TinyLlama tokens on a CPU, 45 calls a row. Here the forward does the same arithmetic in
+backward autograd runs as a dozen more full passes over (tokens x hidden) fp32 tensors, for every norm of every
+row (docs/benchmarks.md has the cost). Here the forward does the same arithmetic in
 the same order (so the outputs are bit-identical) and keeps only the input and the per-token 1/rms;
 the backward is the closed form dx = r * (g - x_hat * mean(g * x_hat)) with g = dy * w, and no weight
 gradient (the norms are frozen under LoRA).
@@ -13,6 +13,8 @@ from __future__ import annotations
 import types
 
 import torch
+
+from loralab.cpu.catalogue import PLAIN_HEAD_MODELS
 
 
 class FrozenRMSNormFunction(torch.autograd.Function):
@@ -44,14 +46,13 @@ def _fused_forward(self, hidden_states):
 def fuse_rms_norms(model) -> int:
     """Route the frozen RMSNorms of a Llama-family model (transformers' LlamaRMSNorm and its copies in
     Mistral and Qwen2/3) through FrozenRMSNormFunction; return how many. Other norms keep their forward."""
-    from loralab import PLAIN_HEAD_MODELS
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODELS:
         return 0
     switched = 0
     for module in base.modules():
-        if type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm") and hasattr(module, "variance_epsilon"):
+        if (type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+                and hasattr(module, "variance_epsilon")):
             module.forward = types.MethodType(_fused_forward, module)
             switched += 1
     return switched

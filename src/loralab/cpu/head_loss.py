@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from loralab import LOSS_CHUNK_ROWS, PLAIN_HEAD_MODELS
 from loralab.cpu import onednn_weights
+from loralab.cpu.catalogue import LOSS_CHUNK_ROWS, PLAIN_HEAD_MODELS
 
 CHUNK_ROWS = LOSS_CHUNK_ROWS
 
@@ -20,7 +20,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
     (softmax - one-hot) @ W, and keeps that (K x hidden) instead of any logits; the backward scales it.
     Same arithmetic as F.cross_entropy on the upcast logits of the head (bf16 logits, fp32 softmax). On a
     CPU this saves the passes over the (K x vocab) fp32 tensors and their gradients, which are mmap'd fresh
-    (too big for the heap) every time: about 4% of a TinyLlama training step (bench/train_throughput.py).
+    (too big for the heap) every time (bench/train_throughput.py measures the step with and without).
     """
 
     @staticmethod

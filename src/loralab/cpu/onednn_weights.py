@@ -5,7 +5,7 @@ layout on every call (fp32 matmuls go through MKL, which re-packs its operands a
 frozen base model that is the same work, over the whole model, in every forward and every backward. Here each
 frozen linear weight is reordered once, both ways (x W^T in the forward and dy W in the backward need different
 layouts), and its plain copy is released for the run: +1x the linear weights in memory for more tokens per second
-(the README's CPU training section has the figures; bench/train_throughput.py runs the same training with and
+(docs/benchmarks.md has the figures; bench/train_throughput.py runs the same training with and
 without). When the run ends the plain weights are rebuilt from the reordered copies, bit-identical. In bf16 the
 products are the same oneDNN kernels' (bitwise equal outputs in tests/test_onednn_weights.py); in fp32 they are
 oneDNN's instead of MKL's, equal within fp32 rounding (the same tests).
@@ -37,8 +37,8 @@ def onednn_weights_available(dtype: torch.dtype) -> bool:
     """Whether this PyTorch has the oneDNN ops for ``dtype`` weights (bf16 or fp32).
 
     fp32 too: MKL's fp32 matmul re-packs the weight at every call, which a decode step's few rows do not pay for,
-    and on an AMD EPYC held to AVX2 bench/train_throughput.py --precision fp32 measured oneDNN's prepacked fp32
-    matmul at 228 GFLOP/s beside torch.matmul's (MKL) 181-192, and a whole training run 1.18x faster with it.
+    and oneDNN's prepacked fp32 matmul is faster than MKL's on AMD CPUs (bench/train_throughput.py --precision fp32
+    measures both; docs/benchmarks.md has the figures).
     """
     return (
         dtype in (torch.bfloat16, torch.float32)
@@ -119,8 +119,9 @@ def convertible_linears(model, inference: bool = False) -> list[torch.nn.Module]
 @contextlib.contextmanager
 def onednn_weights(model, rows_hint: int, inference: bool = False):
     """Run the body with ``model``'s convertible linears (convertible_linears) in oneDNN's layouts and their plain
-    weights released; yields how many. ``inference``: the forward layout only, for a body that takes no gradients. Each module's forward, and loralab.cpu.fused_lora for LoRA base layers, use
-    those meanwhile. On the way out, however the body ends, the plain weights are put back bit-identical."""
+    weights released; yields how many. ``inference``: the forward layout only, for a body that takes no gradients.
+    Each module's forward, and loralab.cpu.fused_lora for LoRA base layers, use those meanwhile. On the way out,
+    however the body ends, the plain weights are put back bit-identical."""
     done = []  # (module, the forward it had as an instance attribute, if any)
     try:
         for module in convertible_linears(model, inference):

@@ -1,0 +1,156 @@
+"""report.html: a run as one self-contained page, its numbers read from the same files as report.md."""
+
+from __future__ import annotations
+
+import math
+
+from loralab.reporting import html as web
+from loralab.reporting.tables import not_yet, setup_rows, stage_timing_rows
+from loralab.runs.layout import EVAL_RESULTS_FILE, EXAMPLES_FILE, PREDICTIONS_FILE
+from loralab.runs.readers import (
+    LOWER_IS_BETTER,
+    METRIC_LABELS,
+    RunFiles,
+    curves,
+    example_rouge_l,
+    format_lr,
+    format_metric,
+    prompt_text,
+    summary_row,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# report.html: the same run as one self-contained page, its numbers from the same files
+
+
+def metric_cells(name: str, values: dict[str, float]) -> list[web.Cell]:
+    """A metrics-table row: label, base, LoRA, change (coloured by whether it is a gain for this metric)."""
+    base, lora = values["base"], values["lora"]
+    return [
+        web.Cell(METRIC_LABELS.get(name, name)),
+        web.Cell(format_metric(base), base, "num"),
+        web.Cell(format_metric(lora), lora, "num"),
+        web.change_cell(base, lora, lower_is_better=name in LOWER_IS_BETTER),
+    ]
+
+
+def win_loss_line(predictions: list[dict]) -> str:
+    """How many held-out prompts LoRA's per-example ROUGE-L beat, tied and lost against the base model's."""
+    changes = [example_rouge_l(p, "lora") - example_rouge_l(p, "base") for p in predictions]
+    changes = [c for c in changes if not math.isnan(c)]
+    better, worse = sum(c > 0 for c in changes), sum(c < 0 for c in changes)
+    return (
+        f"Per-example ROUGE-L: LoRA is higher than the base model on {better} of {len(changes)} held-out prompts, "
+        f"lower on {worse}, equal on {len(changes) - better - worse}."
+    )
+
+
+def report_page(run: RunFiles, flow_png: bytes | None) -> str:
+    """report.html for ``run``: results with deltas, interactive curves, every held-out answer, the setup."""
+    sections = [
+        web.section("Results", _html_results(run), "results"),
+        web.section("Training", _html_training(run.rows), "training"),
+        web.section("Held-out prompts", _html_predictions(run.predictions), "prompts"),
+        web.section("Setup", _html_setup(run), "setup"),
+    ]
+    if flow_png:
+        sections.append(web.section("How this run fits together", web.png_image(flow_png, "Data flow of this run"),
+                                    "flow"))
+    examples = not_yet(EXAMPLES_FILE) if run.examples is None else run.examples.strip()
+    sections.append(web.section("Fixed prompts", f'<pre class="md">{web.esc(examples)}</pre>', "examples"))
+    subtitle = (
+        f"Every number on this page is read from the files of the run directory `{run.root}`: "
+        + ", ".join(f"`{name}`" for name in run.sources)
+        + "."
+    )
+    return web.page(f"{run.name}: LoRA fine-tuning report", subtitle, sections)
+
+
+def _html_results(run: RunFiles) -> str:
+    if run.eval_results is None:
+        return web.paragraph(not_yet(EVAL_RESULTS_FILE).strip("_"))
+    rows = [metric_cells(name, values) for name, values in run.eval_results.items()]
+    parts = [
+        web.paragraph(
+            "BLEU is corpus BLEU (sacrebleu), ROUGE the mean F1 over held-out prompts (rouge-score); "
+            "both on a 0-1 scale. "
+            "Change is LoRA minus base; green where it is a gain."
+        ),
+        web.table(["Metric", "Base", "LoRA", "Change"], rows, table_id="metrics"),
+    ]
+    if run.predictions:
+        parts.append(web.paragraph(win_loss_line(run.predictions)))
+    parts.append(
+        web.paragraph(
+            "BLEU and ROUGE reward n-gram overlap with a single reference answer. They do not measure whether an "
+            "answer is correct or helpful, and they score a correct paraphrase low: "
+            "read them next to the answers below."
+        )
+    )
+    return "\n".join(parts)
+
+
+def _html_training(rows: list[dict]) -> str:
+    points = curves(rows)
+    if not points["loss"]:
+        return web.paragraph("No training rows were logged (is `logging_steps` larger than the number of steps?).")
+    charts = [
+        web.line_chart(
+            "Loss",
+            [
+                web.Series("training loss", points["loss"], web.PALETTE[0], fmt=format_metric),
+                web.Series("held-out loss", points["eval_loss"], web.PALETTE[1], dashed=True, fmt=format_metric),
+            ],
+            chart_id="chart-loss",
+        ),
+        web.line_chart("Gradient norm",
+                       [web.Series("grad norm", points["grad_norm"], web.PALETTE[2], fmt=format_metric)],
+                       chart_id="chart-grad-norm"),
+        web.line_chart("Learning rate",
+                       [web.Series("learning rate", points["learning_rate"], web.PALETTE[3], fmt=format_lr)],
+                       chart_id="chart-lr"),
+    ]
+    parts = [web.paragraph("Hover over a chart to read the values at each logged step."),
+             f'<div class="charts">{"".join(charts)}</div>']
+    summary = summary_row(rows)
+    if summary and "train_loss" in summary:
+        parts.append(web.paragraph(f"Mean training loss over the run: {format_metric(summary['train_loss'])}."))
+    return "\n".join(parts)
+
+
+def _html_predictions(predictions: list[dict] | None) -> str:
+    if predictions is None:
+        return web.paragraph(not_yet(PREDICTIONS_FILE).strip("_"))
+    rows = []
+    for i, p in enumerate(predictions, start=1):
+        base, lora = example_rouge_l(p, "base"), example_rouge_l(p, "lora")
+        rows.append(
+            [
+                web.Cell(str(i), i, "num"),
+                web.Cell(prompt_text(p), cls="long"),
+                web.Cell(p.get("reference", ""), cls="long"),
+                web.Cell(p.get("base", ""), cls="long"),
+                web.Cell(p.get("lora", ""), cls="long"),
+                web.Cell(format_metric(base), base, "num"),
+                web.Cell(format_metric(lora), lora, "num"),
+                web.change_cell(base, lora),
+            ]
+        )
+    header = ["#", "Prompt", "Reference", "Base answer", "LoRA answer", "ROUGE-L base", "ROUGE-L LoRA", "Change"]
+    intro = web.paragraph(
+        f"The {len(rows)} held-out prompts of `{PREDICTIONS_FILE}`, "
+        "answered greedily by the base model and by base + LoRA. "
+        "Click a column heading to sort (Change: where LoRA helped most, or hurt most); type to filter."
+    )
+    return intro + "\n" + web.table(header, rows, table_id="predictions", sortable=(0, 5, 6, 7), filter_label="Filter")
+
+
+def _html_setup(run: RunFiles) -> str:
+    rows = [[web.Cell(k), web.Cell(web.inline_code(v), html=True)]
+            for k, v in setup_rows(run.config, run.manifest, run.stats)]
+    parts = [web.table(["Setting", "Value"], rows, table_id="setup")]
+    timing = stage_timing_rows(run.manifest)
+    if timing:
+        parts += ["<p>Wall time per stage:</p>",
+                  web.table(["Stage", "Wall time", "Finished at"], timing, table_id="stages")]
+    return "\n".join(parts)

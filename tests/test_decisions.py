@@ -1,0 +1,115 @@
+"""loralab.decisions: row tokens, examples per process, the switch checks, and "auto" switches decided by asking
+planning whether each candidate fits (values in, values out: nothing printed, nothing read)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from loralab import decisions
+from loralab.config import LoraSection, TrainConfig, config_from_dict
+from loralab.cpu.catalogue import TRAINING
+from loralab.devices import DeviceFacts
+from loralab.errors import LoralabError
+from loralab.models.tiny import TINYLLAMA_CONFIG
+from loralab.planning.inputs import PlanInputs
+from loralab.planning.plan import plan_for
+from loralab.planning.profiles import PROFILES
+
+CPU = replace(PROFILES["cpu"], memory_bytes=64 * 2**30)
+LLAMA = dict(TINYLLAMA_CONFIG, model_type="llama")
+
+
+def _inputs(profile=CPU, train=None, lengths=(300,) * 8, **kw) -> PlanInputs:
+    return PlanInputs(LLAMA, LoraSection(), train or TrainConfig(), list(lengths), profile, **kw)
+
+
+def test_row_tokens_auto_is_the_catalogue_entry_on_a_cpu_and_the_longest_example_elsewhere():
+    lengths = [100, 700, 300]
+    cpu_rows = TRAINING[(True, "bf16")].row_tokens
+    assert decisions.resolve_row_tokens(TrainConfig(), "cpu", lengths, "bf16", True) == cpu_rows
+    assert decisions.resolve_row_tokens(TrainConfig(), "cuda", lengths, "bf16", True) == 700
+    assert decisions.resolve_row_tokens(replace(TrainConfig(), row_tokens=256), "cpu", lengths) == 256
+    # The fullest row of a step: the longest examples that fit together
+    train = replace(TrainConfig(), per_device_train_batch_size=1, gradient_accumulation_steps=3, row_tokens=1000)
+    assert decisions.fullest_row_tokens(train, "cpu", lengths) == 1000
+
+
+def test_examples_per_process_split_a_step_evenly_or_say_how_to_launch():
+    train = TrainConfig()  # 1 x 8 examples a step
+    assert [decisions.per_process_examples(train, n) for n in (1, 2, 4, 8)] == [8, 4, 2, 1]
+    with pytest.raises(LoralabError, match="launch at most 8 processes"):
+        decisions.per_process_examples(train, 16)
+    with pytest.raises(LoralabError, match="do not split evenly over 3 processes"):
+        decisions.per_process_examples(train, 3)
+
+
+def test_onednn_weights_auto_needs_a_cpu_short_rows_and_no_checkpointing():
+    assert decisions.can_use_onednn_weights("cpu", "bf16", 1024, False)
+    assert decisions.can_use_onednn_weights("cpu", "fp32", 512, False)
+    assert not decisions.can_use_onednn_weights("cpu", "bf16", 1025, False)
+    assert not decisions.can_use_onednn_weights("cpu", "bf16", 512, True)
+    assert not decisions.can_use_onednn_weights("cuda", "bf16", 512, False)
+
+
+def test_auto_switches_take_the_fastest_candidate_that_fits():
+    roomy = decisions.decide_for(_inputs(), "bf16")
+    assert roomy.onednn_weights and not roomy.gradient_checkpointing
+    assert roomy.cpu_pieces == TRAINING[(True, "bf16")] and roomy.per_example_attention
+    plain = plan_for(_inputs(), roomy._replace(onednn_weights=False))
+    checkpointed = plan_for(_inputs(), roomy._replace(onednn_weights=False, gradient_checkpointing=True))
+    # memory for the plain weights but not for their oneDNN copy: plain weights, still no checkpointing
+    between = replace(CPU, memory_bytes=int(plain.peak_bytes) + 1)
+    assert decisions.decide_for(_inputs(between), "bf16")[4:6] == (False, False)
+    # memory only for a checkpointed run: checkpointing on, plain weights
+    tight = replace(CPU, memory_bytes=int(checkpointed.peak_bytes) + 1)
+    assert decisions.decide_for(_inputs(tight), "bf16")[4:6] == (True, False)
+    # an explicit choice is kept even where it does not fit
+    forced = replace(TrainConfig(), gradient_checkpointing=False, onednn_weights=True)
+    assert decisions.decide_for(_inputs(tight, forced), "bf16")[4:6] == (False, True)
+
+
+def test_a_gpu_gets_no_cpu_pieces_and_an_unavailable_onednn_is_never_chosen():
+    gpu = decisions.decide_for(_inputs(PROFILES["a100"]), "bf16")
+    assert gpu.device == "cuda" and gpu.cpu_pieces is None and not gpu.per_example_attention
+    assert gpu.row_tokens == 300 and not gpu.onednn_weights
+    assert not decisions.decide_for(_inputs(), "bf16", onednn_available=False).onednn_weights
+    eager = decisions.decide_for(_inputs(attn_implementation="eager"), "bf16")
+    assert eager.cpu_pieces is not None and not eager.per_example_attention  # per-example attention replaces sdpa only
+
+
+def test_decide_switches_returns_its_notes_instead_of_printing(monkeypatch, capsys):
+    cfg = config_from_dict({"name": "x"})
+    facts = DeviceFacts("cpu", "test CPU", 64 * 2**30, True)
+    lengths, trained = [300] * 8, [200] * 8
+    roomy = decisions.decide_switches(cfg, facts, lengths, trained, LLAMA)
+    assert roomy.notes == () and not roomy.gradient_checkpointing
+    checkpointed = plan_for(_inputs(trained_counts=trained), roomy._replace(onednn_weights=False,
+                                                                          gradient_checkpointing=True))
+    monkeypatch.setattr(decisions, "profile_for", lambda facts: replace(CPU, memory_bytes=int(checkpointed.peak_bytes)))
+    tight = decisions.decide_switches(cfg, facts, lengths, trained, LLAMA)
+    assert tight.gradient_checkpointing and "turning it on" in tight.notes[0]
+    assert capsys.readouterr().out == ""
+    with pytest.raises(ValueError, match="config.json"):
+        decisions.decide_switches(cfg, facts, lengths, trained, None)
+
+
+def test_the_model_config_is_needed_only_where_an_auto_switch_asks_planning():
+    auto = TrainConfig()
+    explicit = replace(auto, gradient_checkpointing=False, onednn_weights=False)
+    assert decisions.needs_estimate(auto, "cuda", False)  # gradient checkpointing auto
+    assert not decisions.needs_estimate(replace(auto, gradient_checkpointing=False), "cuda", True)
+    assert decisions.needs_estimate(replace(auto, gradient_checkpointing=False), "cpu", True)
+    assert not decisions.needs_estimate(replace(auto, gradient_checkpointing=False), "cpu", False)
+    assert not decisions.needs_estimate(explicit, "cpu", True)
+
+
+def test_switch_checks_name_the_key_to_change():
+    with pytest.raises(LoralabError, match="train.torch_compile is for CUDA GPUs"):
+        decisions.check_switches(config_from_dict({"name": "x", "train": {"torch_compile": True}}), "cpu")
+    with pytest.raises(LoralabError, match="train.load_in_4bit"):
+        decisions.check_bitsandbytes(True, "adamw_torch", "mps")
+    cfg = config_from_dict({"name": "x", "train": {"onednn_weights": True}})
+    with pytest.raises(LoralabError, match="set train.onednn_weights: auto"):
+        decisions.check_switches(cfg, "cpu", "bf16", onednn_available=False)
