@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 from report_runs import EXAMPLES, make_run
+from test_report_html import long_run
 
 from loralab.commands.compare import compare_page
 from loralab.files import atomic_write_text
@@ -75,6 +76,55 @@ def pages(tmp_path_factory):
     compare = root / "compare.html"
     atomic_write_text(compare, compare_page([read_run(r) for r in runs]))
     return {"report": runs[0] / "report.html", "compare": compare, "runs": runs}
+
+
+@pytest.fixture(scope="module")
+def long_pages(tmp_path_factory):
+    """Two runs whose answers are a screen long, with words that cannot break, 16 held-out and 16 fixed prompts."""
+    root = tmp_path_factory.mktemp("long")
+    runs = [long_run(root / "a", name="a"), long_run(root / "b", name="b", r=16)]
+    compare = root / "compare.html"
+    atomic_write_text(compare, compare_page([read_run(r) for r in runs]))
+    return {"report": runs[0] / "report.html", "compare": compare}
+
+
+@pytest.fixture
+def window_1300(browser):
+    """The browser at 1,300 px wide (a laptop's window), put back afterwards."""
+    browser.set_window_size(1300, 1000)
+    yield browser
+    browser.set_window_size(1280, 1600)
+
+
+# Where a table is cut, as one line each (none: nothing is). A cell's right edge must lie inside its box: the
+# nearest ancestor that clips (overflow-x not visible), else the window. Past it is allowed only where that
+# box scrolls sideways and reaches the cell; the box itself must end inside the window, the page must not
+# scroll sideways (its scrollbar is hidden here, and easy to miss anywhere), and no cell's text may spill out
+# of its cell. With arguments[0] true, every table must fit its box outright, with no scrolling at all.
+CUT_TABLES = """
+const mustFit = arguments[0], doc = document.documentElement, problems = [];
+if (doc.scrollWidth > doc.clientWidth) problems.push(`page scrolls sideways: ${doc.scrollWidth} > ${doc.clientWidth}`);
+document.querySelectorAll('table').forEach(function (table, t) {
+  const name = 'table #' + (table.id || t);
+  if (!table.getClientRects().length) { problems.push(name + ' is not laid out'); return; }
+  let box = table.parentElement;
+  while (box !== document.body && getComputedStyle(box).overflowX === 'visible') box = box.parentElement;
+  const scrolls = box !== document.body && ['auto', 'scroll'].includes(getComputedStyle(box).overflowX);
+  const left = box === document.body ? 0 : box.getBoundingClientRect().left + box.clientLeft;
+  const right = box === document.body ? doc.clientWidth : left + box.clientWidth;
+  if (right > doc.clientWidth + 1) problems.push(`${name}: its box ends at ${right}, past the window`);
+  if (mustFit && box.scrollWidth > box.clientWidth + 1)
+    problems.push(`${name} needs scrolling: ${box.scrollWidth} > ${box.clientWidth}`);
+  table.querySelectorAll('th, td').forEach(function (cell) {
+    const edge = cell.getBoundingClientRect().right, what = `${name} cell "${cell.textContent.slice(0, 24)}"`;
+    if (cell.scrollWidth > cell.clientWidth + 1)
+      problems.push(`${what}: its text spills out (${cell.scrollWidth} > ${cell.clientWidth})`);
+    if (edge > right + 1 && !(scrolls && edge - left + box.scrollLeft <= box.scrollWidth + 1))
+      problems.push(`${what}: right edge ${edge} past its box's ${right}, and the box does not scroll to it`);
+  });
+});
+return problems;
+"""
 
 
 def open_page(driver, path):
@@ -190,3 +240,39 @@ def test_compare_sorts_by_the_difference_between_runs(browser, pages):
     assert np.allclose(values, [0.1] * 5 + [0.0], atol=1e-9)
     assert column(browser, "predictions", 0)[-1] == "1"
     assert severe_logs(browser) == []
+
+
+@pytest.mark.parametrize("name", ["report", "compare"])
+def test_every_table_fits_a_1300px_window(window_1300, long_pages, name):
+    browser = open_page(window_1300, long_pages[name])
+    assert browser.execute_script("return window.innerWidth") == 1300
+    browser.execute_script("document.querySelectorAll('details').forEach(d => { d.open = true; })")
+    assert browser.execute_script("return document.querySelectorAll('table').length") >= 3
+    # report.html's tables fit outright; compare's may scroll in their own box (it grows a column per run).
+    assert browser.execute_script(CUT_TABLES, name == "report") == []
+    assert severe_logs(browser) == []
+
+
+def test_long_sections_fold(window_1300, long_pages):
+    browser = open_page(window_1300, long_pages["report"])
+    folded = browser.execute_script("return document.documentElement.scrollHeight")
+    details = browser.find_element("css selector", "#predictions-details")
+    table = browser.find_element("css selector", "#predictions")
+    assert details.tag_name == "details" and details.get_attribute("open") is None and not table.is_displayed()
+    prompts = browser.find_elements("css selector", "#examples details.prompt")
+    assert [p.get_attribute("open") is not None for p in prompts] == [True] * 3 + [False] * 13
+    answer = prompts[3].find_element("css selector", "blockquote")
+    assert not answer.is_displayed() and prompts[0].find_element("css selector", "blockquote").is_displayed()
+    assert prompts[0].find_element("css selector", "strong").text == "Base:"
+
+    details.find_element("css selector", "summary").click()  # a click unfolds the table, and it still sorts
+    assert table.is_displayed()
+    browser.find_element("css selector", '#predictions th[data-sort="7"] button').click()
+    values = [float(v) for v in column(browser, "predictions", 7)]
+    assert len(values) == 16 and values == sorted(values, reverse=True)
+    prompts[3].find_element("css selector", "summary").click()
+    assert answer.is_displayed()
+
+    browser.execute_script("document.querySelectorAll('details').forEach(d => { d.open = true; })")
+    unfolded = browser.execute_script("return document.documentElement.scrollHeight")
+    assert folded < unfolded / 2, (folded, unfolded)  # folded, the long lists cost a line each

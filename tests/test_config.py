@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from loralab.config import ConfigError, config_from_dict, load_config
+from loralab.config import ConfigError, config_from_dict, load_config, run_warnings
 from loralab.errors import LoralabError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -97,3 +97,70 @@ def test_gradient_checkpointing_takes_auto_or_a_bool(value, expected):
 def test_gradient_checkpointing_rejects_other_values():
     with pytest.raises(LoralabError, match="gradient_checkpointing"):
         config_from_dict({"name": "x", "train": {"gradient_checkpointing": "sometimes"}})
+
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_en_1k.json"
+
+
+def _short(**train):
+    return config_from_dict({"name": "x", "train": {"max_steps": 20, "warmup_steps": 2, "logging_steps": 2, **train},
+                             "data": {"eval_size": 50}})
+
+
+def test_run_warnings_name_each_setting_that_makes_a_run_too_short_to_judge():
+    assert run_warnings(_short()) == []
+    warmup = run_warnings(_short(warmup_steps=50))
+    assert len(warmup) == 1 and warmup[0].startswith("train.warmup_steps 50 >= train.max_steps 20")
+    assert "stops at 7.6e-05" in warmup[0]  # 2e-4 x 19 / 50: the rate at the last step
+    points = run_warnings(_short(logging_steps=10))
+    assert points == ["train.logging_steps 10 logs 2 loss points in train.max_steps 20, too few to show a trend; "
+                      "set train.logging_steps to at most 4"]
+    assert "raise train.max_steps to 5" in run_warnings(_short(max_steps=3, warmup_steps=0, logging_steps=1))[0]
+    small = config_from_dict({"name": "x", "data": {"eval_size": 50}, "eval": {"num_examples": 4}})
+    assert run_warnings(small) == ["4 held-out examples (data.eval_size, eval.num_examples): BLEU, ROUGE and the "
+                                   "held-out loss on fewer than 10 say little; hold out at least 10"]
+
+
+def test_the_cli_prints_each_warning_as_one_line_and_python_issues_them_as_warnings(tmp_path, capsys):
+    from loralab import cli
+    from loralab.config import ConfigWarning
+
+    path = tmp_path / "short.yaml"
+    path.write_text("name: short\ntrain: {max_steps: 20, warmup_steps: 50}\n")
+    with pytest.warns(ConfigWarning, match="train.warmup_steps 50 >= train.max_steps 20"):
+        load_config(path)
+    assert cli.main(["plan", str(path), "--device", "a100"]) == 2  # no model here: the warnings come first anyway
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("loralab: warning: train.warmup_steps 50 >= train.max_steps 20")
+    assert out[1].startswith("loralab: warning: train.logging_steps 10 logs 2 loss points")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config(path, warn=False)  # what reads a finished run's config says nothing
+
+
+@pytest.mark.skipif(not SHARED_DATA.is_file(), reason="needs ../shared/data/alpaca_en_1k.json")
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_match_the_shipped_data_and_warn_of_nothing(path):
+    import json
+
+    from loralab.data import split_sizes
+
+    cfg = load_config(path, warn=False)
+    assert run_warnings(cfg) == []
+    if cfg.data.path.endswith("alpaca_en_1k.json"):
+        records = len(json.loads(SHARED_DATA.read_text()))
+        assert split_sizes(records, cfg.data.num_examples, cfg.data.eval_size, cfg.data.path) == []
+
+
+def test_the_quick_recipe_is_scaled_to_its_steps():
+    """configs/smollm2-quick.yaml: warm-up a tenth of the steps, at least 5 points of the training and of the
+    held-out loss, a held-out set big enough to mean something and short answers (a few minutes on a CPU)."""
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "smollm2-quick.yaml", warn=False)
+    t = cfg.train
+    assert t.max_steps <= 100 and t.warmup_steps <= t.max_steps // 10
+    assert t.max_steps // t.logging_steps >= 5 and t.max_steps // t.eval_loss_steps + 1 >= 5
+    assert 10 <= cfg.data.eval_size <= 30 and cfg.eval.max_new_tokens <= 64
+    qkvo = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.target_modules) == (8, 16, qkvo)

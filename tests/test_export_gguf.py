@@ -1,22 +1,20 @@
 """`loralab export-gguf`: GGUF files that llama.cpp runs with the fine-tune, the right prompt and the right stop."""
 
+import json
 
 import numpy as np
 import pytest
 import torch
 
 from loralab import cli
-from loralab.commands.export_gguf import (
-    go_template,
-    ollama_pieces,
-    permute_rope,
-    render_with_pieces,
-)
+from loralab.commands.export_gguf import go_template, ollama_pieces, permute_rope, render_with_pieces
 from loralab.data import (
     conversation_prompt_ids,
     conversation_prompt_text,
     make_template,
 )
+from loralab.models import quant_check
+from loralab.models.quant_check import change_verdict, survival_lines, survival_summary
 
 PROMPTS = ["Give three tips for staying healthy.", "What is the capital of France?", "Describe a cat.",
            "Write a haiku about rain.", "Explain photosynthesis."]
@@ -161,3 +159,101 @@ def test_llama_cpp_runs_the_f16_gguf_like_transformers_runs_the_merged_model(exp
             differs += 1
             assert _llama_greedy(base_cpp, ids, 16) != theirs, prompt
     assert differs >= 3  # the fine-tune changes most answers, and survives the export
+
+
+def test_change_verdict_says_whether_the_quantised_answer_kept_the_adapters_change():
+    base, merged = "Paris is a city.", "Paris is the capital of France."
+    assert change_verdict(base, base, "anything") is None  # the adapter changed nothing: nothing to keep
+    assert change_verdict(base, merged, merged) == "kept"
+    assert change_verdict(base, merged, "Paris is the capital.") == "kept"  # took merged's turn, then drifted
+    assert change_verdict(base, merged, base) == "reverted"
+    assert change_verdict(base, merged, "Paris is a town.") == "reverted"  # took base's turn
+    assert change_verdict(base, merged, "Paris is my home.") == "other"  # a third token where they part
+    assert change_verdict(base, merged, "Lyon is the capital of France.") == "other"  # parted from both earlier
+    # The end of an answer counts as a token: base stopped where merged went on.
+    assert change_verdict("Yes", "Yes, sir", "Yes") == "reverted"
+    assert change_verdict("Yes", "Yes, sir", "Yes, madam") == "kept"
+    assert change_verdict([1, 2, 3], [1, 2, 4], [1, 2, 3, 9]) == "reverted"  # token ids work the same
+
+    summary = survival_summary(
+        base=["a b", "c d", "e f", "g h", "same"],
+        merged=["a X", "c Y", "e Z", "g W", "same"],
+        quantised=["a X", "c Y", "e f", "q q", "same"],
+    )
+    assert {k: summary[k] for k in ("prompts", "same_as_merged", "changed", "kept", "reverted", "other")} == {
+        "prompts": 5, "same_as_merged": 3, "changed": 4, "kept": 2, "reverted": 1, "other": 1}
+    assert summary["verdicts"] == ["kept", "kept", "reverted", "other", None]
+    prompts = ["one", "two", "Write a haiku about rain, please, in the style of Basho.", "four", "five"]
+    summary_line, warning = survival_lines("q8_0", summary, prompts)
+    assert summary_line == ("export-gguf: q8_0 keeps the fine-tune's change on 2 of 4 prompts where the adapter "
+                            "changed the answer (1 reverted to the base model's answer, 1 parted otherwise); "
+                            "same answer as the merged model on 3 of 5")
+    assert warning.startswith("export-gguf: warning: q8_0 undoes the fine-tune on 1 of 4 changed prompts")
+    assert warning.endswith('3 "Write a haiku about rain, please, in..."')
+    assert len(survival_lines("f16", survival_summary(["a"], ["b"], ["b"]), ["one"])) == 1  # no warning
+
+
+def _export_with_check(rd, out, *extra):
+    """Export the run's q8_0 file with the five PROMPTS as its fixed prompts, 16 new tokens (the adapter changes
+    at least three of those answers: see the llama.cpp test above)."""
+    return cli.main(["export-gguf", str(rd), "--out", str(out), "--quant", "q8_0", *extra,
+                     "--set", f"eval.prompts={json.dumps(PROMPTS)}", "--set", "eval.max_new_tokens=16"])
+
+
+def _manifest_check(rd):
+    return json.loads((rd / "manifest.json").read_text())["gguf"]["check"]
+
+
+def test_export_checks_the_fine_tune_survives_in_llama_cpp(trained_run, tmp_path, capsys):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extra (make test installs it)")
+    _, rd = trained_run
+    capsys.readouterr()
+    assert _export_with_check(rd, tmp_path / "gguf") == 0
+    out = capsys.readouterr().out
+    assert "at most 16 new tokens" in out
+    lines = [line for line in out.splitlines() if line.startswith("export-gguf: q8_0 keeps the fine-tune's change on")]
+    assert len(lines) == 1, out
+    check = _manifest_check(rd)
+    assert check["prompts"] == 5 and check["max_new_tokens"] == 16
+    q8 = check["quants"]["q8_0"]
+    assert q8["changed"] >= 3 and q8["kept"] + q8["reverted"] + q8["other"] == q8["changed"]
+    assert f"on {q8['kept']} of {q8['changed']} prompts where the adapter changed the answer" in lines[0]
+
+
+def test_export_warns_when_quantisation_reverts_the_fine_tune(trained_run, tiny_model_dir, tmp_path, capsys,
+                                                               monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from loralab.generation import generate_greedy
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+
+    def base_answers(path, prompts, max_new_tokens, eos_token_ids):  # a file that lost the fine-tune
+        return generate_greedy(base, prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                               progress=False)
+
+    monkeypatch.setattr(quant_check, "llama_cpp_installed", lambda: True)
+    monkeypatch.setattr(quant_check, "gguf_answers", base_answers)
+    _, rd = trained_run
+    capsys.readouterr()
+    assert _export_with_check(rd, tmp_path / "gguf") == 0  # a warning, not a failure
+    out = capsys.readouterr().out
+    q8 = _manifest_check(rd)["quants"]["q8_0"]
+    assert q8["changed"] >= 3 and q8["reverted"] == q8["changed"] and q8["kept"] == 0
+    assert (f"export-gguf: q8_0 keeps the fine-tune's change on 0 of {q8['changed']} prompts where the adapter "
+            f"changed the answer ({q8['changed']} reverted to the base model's answer)") in out
+    warning = [line for line in out.splitlines() if line.startswith("export-gguf: warning: q8_0 undoes the fine-tune")]
+    assert len(warning) == 1 and f"on {q8['changed']} of {q8['changed']} changed prompts" in warning[0], out
+    assert (tmp_path / "gguf" / "model-q8_0.gguf").is_file()
+
+
+def test_export_without_llama_cpp_says_the_check_was_skipped(trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(quant_check, "llama_cpp_installed", lambda: False)
+    _, rd = trained_run
+    capsys.readouterr()
+    assert _export_with_check(rd, tmp_path / "gguf") == 0
+    captured = capsys.readouterr()
+    skipped = [line for line in captured.out.splitlines() if "check skipped" in line]
+    assert len(skipped) == 1 and "pip install llama-cpp-python" in skipped[0], captured.out
+    assert "keeps the fine-tune's change" not in captured.out, captured.out
+    assert _manifest_check(rd) == {"skipped": "llama-cpp-python is not installed"}

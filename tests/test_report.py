@@ -270,3 +270,19 @@ def test_run_records_the_report_stage(tmp_path):
     assert set(stages) == {"prepare", "train", "eval", "report"} and stages["report"]["wall_s"] > 0
     # A report's own timing is never in the report: at the next build it would be the previous report's.
     assert "| report |" not in build_report(cfg.run_dir).read_text()
+
+
+def test_a_run_too_short_to_judge_says_so_in_both_reports(tmp_path):
+    short = write_run_dir(tmp_path / "short")  # 6 steps logged every 2 (3 points), 8 held-out examples
+    text = build_report(short).read_text()
+    section = text.split("## Too short to judge\n\n")[1].split("\n## ")[0]
+    assert "train.logging_steps 2 logs 3 loss points in train.max_steps 6" in section
+    assert "8 held-out examples (data.eval_size)" in section
+    assert 'id="too-short"' in (short / "report.html").read_text()
+    long_enough = tmp_path / "long"
+    write_run_dir(long_enough)
+    config = dict(CONFIG, train=dict(CONFIG["train"], max_steps=100, logging_steps=10),
+                  data=dict(CONFIG["data"], eval_size=20))
+    (long_enough / "config.yaml").write_text(yaml.safe_dump(config))
+    assert "Too short to judge" not in build_report(long_enough).read_text()
+    assert 'id="too-short"' not in (long_enough / "report.html").read_text()

@@ -140,13 +140,17 @@ def _dispatch(args: argparse.Namespace) -> None:
         from loralab.commands import compare
         compare.run(args.run_dirs, args.out)
         return
-    from loralab.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    # Under torchrun/accelerate only the main process (RANK 0) writes the run directory, so only it holds the lock.
+    from loralab.config import ConfigWarning, load_config
     from loralab.launch import launched_processes
     from loralab.runs.lock import run_lock
 
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        cfg = load_config(args.config, args.overrides)
+    for warning in caught:
+        if issubclass(warning.category, ConfigWarning) and launched_processes()[0] == 0:
+            print(f"loralab: warning: {warning.message}")
+    # Under torchrun/accelerate only the main process (RANK 0) writes the run directory, so only it holds the lock.
     if args.command in WRITES_RUN_DIR and launched_processes()[0] == 0:
         with run_lock(cfg.run_dir, args.command):  # one process per run directory
             _run_stage(args, cfg)

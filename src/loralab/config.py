@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -391,8 +392,41 @@ def config_from_dict(raw: dict) -> ExperimentConfig:
     return cfg
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Read, override and validate an experiment YAML file."""
+class ConfigWarning(UserWarning):
+    """A setting that runs but would mislead: a run too short to judge, say. The CLI prints each as one line."""
+
+
+MIN_LOSS_POINTS = 5  # logged training-loss rows below which a loss curve shows no trend
+MIN_HELDOUT_EXAMPLES = 10  # held-out examples below which BLEU, ROUGE and the held-out loss say little
+
+
+def run_warnings(cfg: ExperimentConfig) -> list[str]:
+    """Why a run of ``cfg`` would be too short to judge, one line each: a warm-up the run never finishes, too few
+    logged loss points for a curve, too few held-out examples for a metric. Empty when none applies."""
+    t, found = cfg.train, []
+    if t.warmup_steps >= t.max_steps:
+        peak = t.learning_rate * max(t.max_steps - 1, 0) / t.warmup_steps
+        found.append(f"train.warmup_steps {t.warmup_steps} >= train.max_steps {t.max_steps}: the learning rate never "
+                     f"reaches train.learning_rate {t.learning_rate:g} (it stops at {peak:.2g}); set "
+                     f"train.warmup_steps to about a tenth of max_steps ({max(t.max_steps // 10, 0)})")
+    points = t.max_steps // t.logging_steps
+    if points < MIN_LOSS_POINTS:
+        fix = (f"set train.logging_steps to at most {t.max_steps // MIN_LOSS_POINTS}"
+               if t.max_steps >= MIN_LOSS_POINTS else f"raise train.max_steps to {MIN_LOSS_POINTS} or more")
+        found.append(f"train.logging_steps {t.logging_steps} logs {points} loss point{'s' * (points != 1)} in "
+                     f"train.max_steps {t.max_steps}, too few to show a trend; {fix}")
+    held_out = cfg.data.eval_size if cfg.eval.num_examples is None else min(cfg.data.eval_size, cfg.eval.num_examples)
+    if 0 < held_out < MIN_HELDOUT_EXAMPLES:
+        found.append(f"{held_out} held-out example{'s' * (held_out != 1)} (data.eval_size"
+                     f"{', eval.num_examples' if cfg.eval.num_examples is not None else ''}): BLEU, ROUGE and the "
+                     f"held-out loss on fewer than {MIN_HELDOUT_EXAMPLES} say little; hold out at least "
+                     f"{MIN_HELDOUT_EXAMPLES}")
+    return found
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None, warn: bool = True) -> ExperimentConfig:
+    """Read, override and validate an experiment YAML file. With ``warn``, each run_warnings line is issued as a
+    ConfigWarning (the CLI prints them as `loralab: warning: ...`; in Python they show as warnings do)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -410,7 +444,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping (name: ..., model: ..., ...)")
-    return config_from_dict(apply_overrides(raw, overrides or []))
+    cfg = config_from_dict(apply_overrides(raw, overrides or []))
+    if warn:
+        for line in run_warnings(cfg):
+            warnings.warn(line, ConfigWarning, stacklevel=2)
+    return cfg
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

@@ -18,7 +18,7 @@ import torch
 
 from loralab import devices
 from loralab.data import conversation_prompt_ids, make_template
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, hide_library_deprecations
 from loralab.generation import greedy_generation_config
 from loralab.models.adapters import attach_adapter, checked_adapter, resolve_target
 from loralab.models.loading import DTYPES, load_model, load_tokenizer
@@ -154,6 +154,7 @@ def read_prompts(prompts: list[str], file: str | None) -> list[str]:
     return found
 
 
+@hide_library_deprecations
 def generate(target: str, prompts: list[str], file: str | None, settings: SamplingSettings,
              overrides: list[str] | None = None, out: TextIO | None = None) -> list[dict[str, str]]:
     """Answer each prompt (one user turn each); print as they stream; return [{"prompt", side: answer}]."""
@@ -173,6 +174,7 @@ def generate(target: str, prompts: list[str], file: str | None, settings: Sampli
     return results
 
 
+@hide_library_deprecations
 def chat(target: str, settings: SamplingSettings, overrides: list[str] | None = None,
          stdin: TextIO | None = None, out: TextIO | None = None) -> None:
     """Multi-turn chat on ``stdin``: /reset starts over, /exit (or end of input) quits."""

@@ -3,12 +3,19 @@
 The page shows the config fields that differ between the runs, the metrics with a column per run, the
 training curves overlaid, and each held-out prompt's answers from every run side by side. Like the
 report, it reads only the run directories' files (through :func:`loralab.runs.readers.read_run`).
+
+When the runs differ in data, held-out set, eval settings or model, some of their metrics are not comparable:
+each such difference is a warning on stderr and in a box at the top of the page, naming those metrics.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import sys
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +46,8 @@ def run(run_dirs: Sequence[str | Path], out: str | Path) -> Path:
     if out.is_dir():
         raise LoralabError(f"--out {out} is a directory; give a file name such as {out / 'compare.html'}")
     runs = [read_run(Path(d)) for d in run_dirs]
+    for warning in comparability_warnings(runs):
+        print(f"loralab compare: warning: {warning}", file=sys.stderr)
     atomic_write_text(out, compare_page(runs))
     print(f"compare: {len(runs)} runs -> {out}")
     return out
@@ -85,6 +94,161 @@ def _show_value(value: Any) -> str:
     if isinstance(value, list):
         return ", ".join(map(str, value))
     return "null" if value is None else str(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparability: what makes metrics of two runs not comparable, and which ones
+
+EVERY_METRIC = "BLEU, ROUGE, the held-out loss and perplexity are not comparable between them, base or LoRA"
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """One way the runs differ that leaves some of their metrics not comparable: ``what`` differs, how it reads
+    in each run (``values``, in run order), and which metrics are then not comparable (``consequence``)."""
+
+    what: str
+    values: list[str]
+    consequence: str
+
+    def text(self, labels: Sequence[str]) -> str:
+        separator = "; " if any(", " in value for value in self.values) else ", "
+        shown = separator.join(f"{label}: {value}" for label, value in zip(labels, self.values, strict=True))
+        return f"runs differ in {self.what} ({shown}): {self.consequence}"
+
+
+def _get(config: dict, dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _differ(keys: Sequence[Any]) -> bool:
+    return any(key != keys[0] for key in keys[1:])
+
+
+def _short(value: Any, width: int = 12) -> str:
+    text = str(value)
+    return text if len(text) <= width + 2 else text[:width] + ".."
+
+
+def data_mismatch(runs: Sequence[RunFiles]) -> Mismatch | None:
+    """The runs' data files or formats differ. Files compare by the sha256 the prepare stage recorded when every
+    run has one (the same file under two paths is the same data), else by data.path and data.split; formats
+    only where known (a run that neither recorded nor set one read the same file the same way)."""
+    manifests = [r.manifest or {} for r in runs]
+    paths = [_show_value(_get(r.config, "data.path")) for r in runs]
+    splits = [_get(r.config, "data.split") for r in runs]
+    hashes = [m.get("data_sha256") for m in manifests]
+    files = hashes if all(hashes) else list(zip(paths, splits, strict=True))
+    # The format each run read its records as: the one prepare detected, else an explicit data.format.
+    formats = [m.get("data_format") or _get(r.config, "data.format") for m, r in zip(manifests, runs, strict=True)]
+    known = [fmt for fmt in formats if fmt not in (None, "auto")]
+    if not _differ(files) and not _differ(known):
+        return None
+    values = []
+    for path, split, digest, fmt in zip(paths, splits, hashes, formats, strict=True):
+        text = path + (f" split {split}" if _differ(splits) else "")
+        if digest and not str(digest).startswith("hub:"):
+            text += f" sha256 {_short(digest)}"
+        values.append(text + (f", format {fmt}" if _differ(known) else ""))
+    return Mismatch("data", values, EVERY_METRIC)
+
+
+def heldout_key(prediction: dict) -> tuple[str, str, str]:
+    """What identifies a held-out example whatever the model: its instruction, input and reference. The rendered
+    prompt is left out: each model's chat template renders the same record differently."""
+    return (prediction.get("instruction") or "", prediction.get("input") or "", prediction.get("reference") or "")
+
+
+HELDOUT_SETTINGS = ("data.seed", "data.num_examples", "data.eval_size", "eval.num_examples")
+
+
+def heldout_mismatch(runs: Sequence[RunFiles], labels: Sequence[str]) -> Mismatch | None:
+    """The runs were scored on different held-out examples: by their predictions when every run has them, else
+    by the settings that draw the held-out split from the data (seed, sizes)."""
+    if all(r.predictions for r in runs):
+        sets = [Counter(heldout_key(p) for p in r.predictions or []) for r in runs]
+        if not _differ(sets):
+            return None
+        values = [f"{sets[0].total()} held-out prompts"]
+        values += [f"{s.total()} held-out prompts, {(s & sets[0]).total()} of them also in {labels[0]}"
+                   for s in sets[1:]]
+        return Mismatch("held-out set", values, EVERY_METRIC)
+    settings = [[_get(r.config, key) for key in HELDOUT_SETTINGS] for r in runs]
+    if not _differ(settings):
+        return None
+    differing = [i for i, key in enumerate(HELDOUT_SETTINGS) if _differ([s[i] for s in settings])]
+    values = [", ".join(f"{HELDOUT_SETTINGS[i]} {_show_value(s[i])}" for i in differing) for s in settings]
+    return Mismatch("held-out set", values, "they draw different held-out examples, so " + EVERY_METRIC)
+
+
+def eval_setting_mismatches(runs: Sequence[RunFiles]) -> list[Mismatch]:
+    """Settings that change some metrics on the same held-out examples: the answer length cap (BLEU, ROUGE) and
+    the example length cap (the held-out loss)."""
+    out = []
+    caps = [_get(r.config, "eval.max_new_tokens") for r in runs]
+    if _differ(caps):
+        out.append(Mismatch("eval.max_new_tokens", [_show_value(c) for c in caps],
+                            "BLEU and ROUGE are not comparable between them (answers cut at different lengths); "
+                            "the held-out loss and perplexity still are"))
+    lengths = [_get(r.config, "data.max_length") for r in runs]
+    if _differ(lengths):
+        out.append(Mismatch("data.max_length", [_show_value(n) for n in lengths],
+                            "the held-out loss and perplexity are not comparable between them (held-out examples "
+                            "cut at different lengths); BLEU and ROUGE still are"))
+    return out
+
+
+def model_mismatch(runs: Sequence[RunFiles], same_examples: bool) -> Mismatch | None:
+    """The runs' base models differ: name, GGUF file or revision, or, when every run recorded them, the model
+    files' fingerprint (train stage) or the folder's origin (loralab_source.json, as the manifest copied it)."""
+    manifests = [r.manifest or {} for r in runs]
+    names = [tuple(_get(r.config, f"model.{key}") for key in ("name_or_path", "gguf_file", "revision")) for r in runs]
+    prints = [_get(m, "stages.train.inputs.model files") for m in manifests]
+    origins = [json.dumps(m.get("model_source"), sort_keys=True) if m.get("model_source") else None
+               for m in manifests]
+    keys = [list(n) for n in names]
+    for extra in (prints, origins):
+        if all(extra):
+            keys = [[*k, e] for k, e in zip(keys, extra, strict=True)]
+    if not _differ(keys):
+        return None
+    values = []
+    for (name, gguf_file, revision), fingerprint in zip(names, prints, strict=True):
+        text = str(name) + (f" {gguf_file}" if gguf_file else "") + (f"@{revision}" if revision else "")
+        if not _differ(names) and fingerprint:
+            text += f" model files {_short(fingerprint, 20)}"
+        values.append(text)
+    consequence = "the base columns differ: each run's base values are its own base model's"
+    consequence += ("; the LoRA gains (each run's change from its own base) still compare between them"
+                    if same_examples else ", and the data or held-out set differ too")
+    return Mismatch("model", values, consequence)
+
+
+def mismatches(runs: Sequence[RunFiles]) -> list[Mismatch]:
+    """Every difference between the runs that leaves some metrics not comparable, in the order: data, held-out
+    set, eval settings, model. The held-out set and eval settings are checked only when the data is the same
+    (different data already leaves no metric comparable)."""
+    labels = run_labels(runs)
+    found = []
+    if (data := data_mismatch(runs)) is not None:
+        found.append(data)
+    elif (heldout := heldout_mismatch(runs, labels)) is not None:
+        found.append(heldout)
+    else:
+        found += eval_setting_mismatches(runs)
+    same_examples = all(m.what not in ("data", "held-out set") for m in found)
+    if (model := model_mismatch(runs, same_examples)) is not None:
+        found.append(model)
+    return found
+
+
+def comparability_warnings(runs: Sequence[RunFiles]) -> list[str]:
+    """One line per :func:`mismatches` entry, naming each run by its label: stderr and the page show these."""
+    labels = run_labels(runs)
+    return [m.text(labels) for m in mismatches(runs)]
 
 
 def metric_rows(runs: Sequence[RunFiles]) -> list[list[web.Cell]]:
@@ -215,7 +379,10 @@ def compare_page(runs: Sequence[RunFiles]) -> str:
         if rows
         else web.paragraph("No run has `predictions.jsonl` yet; run the eval stage.")
     )
+    warnings = comparability_warnings(runs)
+    box = [web.warning_box("Not every metric is comparable between these runs", warnings)] if warnings else []
     sections = [
+        *box,
         web.section("Runs", listing, "runs-section"),
         web.section("Config fields that differ", config_body, "config"),
         web.section("Metrics", metrics_body, "results"),

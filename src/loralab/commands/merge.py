@@ -12,6 +12,7 @@ import datetime as _dt
 import time
 from pathlib import Path
 
+from loralab.errors import hide_library_deprecations
 from loralab.files import check_free_space, check_output_dir, replace_dir, write_json
 from loralab.models import card as model_card
 from loralab.models.adapters import (
@@ -29,6 +30,7 @@ MERGED_DIR = "merged"
 DISK_MARGIN = 1.05
 
 
+@hide_library_deprecations
 def run(target: str, out: str | None = None, overwrite: bool = False, overrides: list[str] | None = None) -> Path:
     """Merge the run's adapter into its base model and save the result to ``out`` (default <run>/merged)."""
     from transformers import AutoConfig

@@ -48,9 +48,9 @@ def resolve_target(target: str | Path, overrides: list[str] | None = None) -> Ta
     """An experiment YAML, a run directory or a model folder -> Target (errors say which of them is missing)."""
     path = Path(target).expanduser()
     if path.is_file():
-        return Target(model=(cfg := load_config(path, overrides)).model, cfg=cfg)
+        return Target(model=(cfg := load_config(path, overrides, warn=False)).model, cfg=cfg)
     if (path / CONFIG_FILE).is_file():
-        cfg = load_config(path / CONFIG_FILE, overrides)
+        cfg = load_config(path / CONFIG_FILE, overrides, warn=False)
         # The run directory is where it is now, whatever output_dir said when it was trained.
         cfg = dataclasses.replace(cfg, output_dir=str(path.resolve().parent), name=path.resolve().name)
         return Target(model=cfg.model, cfg=cfg)

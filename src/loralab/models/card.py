@@ -10,12 +10,14 @@ import json
 import re
 from pathlib import Path
 
-from loralab.config import ExperimentConfig
+from loralab.config import ExperimentConfig, ModelConfig
 from loralab.data import adds_bos, make_template
 from loralab.files import atomic_write_text, read_jsonl
 from loralab.models.adapters import require_adapter, resolve_target
+from loralab.models.gguf import SOURCE_FILE, model_source
 from loralab.models.loading import load_tokenizer, resolve_model_source
 from loralab.runs.layout import RunDir
+from loralab.sources import looks_local
 
 METRIC_NAMES = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
                 "eval_loss": "held-out loss", "perplexity": "perplexity"}
@@ -29,6 +31,53 @@ def base_license(model_source: str) -> str | None:
     front = re.match(r"---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.DOTALL)
     found = re.search(r"^license:\s*(\S+)", front.group(1), re.MULTILINE) if front else None
     return found.group(1).strip("'\"") if found else None
+
+
+# The keys of loralab_source.json (and of the manifest's copy, model_source) that name the model's hub id:
+# `loralab fetch --source hub` writes hub_id; from PyPI, the GGUF's original is hub_id_of_original.
+HUB_ID_KEYS = ("hub_id", "hub_id_of_original")
+
+
+def recorded_hub_id(source: object) -> str | None:
+    """The hub id a loralab_source.json record names, if it names one."""
+    if not isinstance(source, dict):
+        return None
+    for key in HUB_ID_KEYS:
+        value = source.get(key)
+        if isinstance(value, str) and value and not looks_local(value):
+            return value
+    return None
+
+
+def is_hub_id(model: ModelConfig) -> bool:
+    """Whether model.name_or_path is a hub id (not a local folder or GGUF file), as resolve_model_source reads it."""
+    name = model.name_or_path
+    return not model.gguf_file and not looks_local(name) and not Path(name).expanduser().exists()
+
+
+def resolve_base_model(model: ModelConfig, folder: str | None, manifest: dict) -> tuple[str, str]:
+    """The card's ``base_model`` and a sentence on where the trained-on weights came from ("" when none is needed).
+
+    The hub id when one is known: model.name_or_path itself, else the one the model folder's loralab_source.json
+    records, else the run manifest's copy of it (model_source). Only when none is known, the local path, and
+    the sentence says its hub id is unknown.
+    """
+    name = model.name_or_path
+    if is_hub_id(model):
+        return name, ""
+    sources = [model_source(folder) if folder else None, manifest.get("model_source")]
+    for source in sources:
+        if (hub_id := recorded_hub_id(source)) is None:
+            continue
+        note = f"loralab trained it on `{name}`, a local copy of `{hub_id}`"
+        gguf = source.get("gguf")
+        if isinstance(gguf, dict):
+            note += (f" de-quantised from the GGUF file `{gguf.get('file')}` ({gguf.get('quantization')}), "
+                     "so its weights differ slightly from the hub's")
+        return hub_id, note + "."
+    kind = "file" if Path(name).expanduser().is_file() else "folder"
+    return name, (f"The base model is a local {kind}, `{name}`, whose hub id is unknown (no {SOURCE_FILE} names "
+                  "one): set `base_model` above to the hub id before publishing this card.")
 
 
 def read_eval_table(path: Path) -> list[tuple[str, str, str]]:
@@ -84,6 +133,8 @@ def card_text(info: dict) -> str:
     lines = [f"# {info['name']}", "",
              f"LoRA fine-tune of `{info['base_model']}` made with loralab"
              + (" (the adapter merged into the base weights)." if info["merged"] else " (a PEFT adapter)."), ""]
+    if info.get("base_note"):
+        lines += [info["base_note"], ""]
     lines += ["## Data", "", f"- source: `{info['data_path']}`"]
     stats = info.get("stats") or {}
     for split in ("train", "eval"):
@@ -135,9 +186,11 @@ def gather(cfg: ExperimentConfig, merged_dir: Path | None) -> dict:
     if (wall := manifest.get("stages", {}).get("train", {}).get("wall_s")) is not None:
         settings["training time"] = f"{wall:.0f} s"
     stats = json.loads(rundir.stats_file.read_text(encoding="utf-8")) if rundir.stats_file.is_file() else {}
+    folder = resolve_model_source(cfg.model)
+    base_model, base_note = resolve_base_model(cfg.model, None if is_hub_id(cfg.model) else folder, manifest)
     return {
-        "name": cfg.name, "merged": merged_dir is not None, "base_model": cfg.model.name_or_path,
-        "license": base_license(resolve_model_source(cfg.model)), "data_path": cfg.data.path, "stats": stats,
+        "name": cfg.name, "merged": merged_dir is not None, "base_model": base_model, "base_note": base_note,
+        "license": base_license(folder), "data_path": cfg.data.path, "stats": stats,
         "max_length": cfg.data.max_length, "template": template.kind, "settings": settings,
         "eval": read_eval_table(rundir.eval_results_file), "bos_first": adds_bos(tokenizer, sample),
         "model_ref": str(merged_dir), "adapter_ref": None if merged_dir is not None else str(rundir.adapter_dir),

@@ -37,10 +37,6 @@ def inline_code(text: str) -> str:
     return re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(text))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Tables
-
-
 @dataclass(frozen=True)
 class Cell:
     """One table cell: ``text`` is shown (escaped); ``value``, when given, is what sorting uses and what
@@ -50,6 +46,12 @@ class Cell:
     value: float | None = None
     cls: str = ""
     html: bool = False  # ``text`` is already HTML
+
+
+def _heading(name: str) -> str:
+    """A column heading that wraps, when its column is narrow, between words and not inside one
+    ("ROUGE-L base" never as "ROUGE-" over "L base"); a long word may still break, so the table fits."""
+    return " ".join(f'<span class="word">{esc(w)}</span>' if 1 < len(w) <= 16 else esc(w) for w in name.split(" "))
 
 
 def _cell(cell: Cell | str, tag: str = "td") -> str:
@@ -81,9 +83,9 @@ def table(
     ths = []
     for i, name in enumerate(header):
         if i in sortable:
-            ths.append(f'<th data-sort="{i}" aria-sort="none"><button type="button">{esc(name)}</button></th>')
+            ths.append(f'<th data-sort="{i}" aria-sort="none"><button type="button">{_heading(name)}</button></th>')
         else:
-            ths.append(f"<th>{esc(name)}</th>")
+            ths.append(f"<th>{_heading(name)}</th>")
     body = "\n".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
     id_attr = f' id="{esc(table_id)}"' if table_id else ""
     out = f'<table{id_attr} class="data"><thead><tr>{"".join(ths)}</tr></thead>\n<tbody>\n{body}\n</tbody></table>'
@@ -251,6 +253,19 @@ def paragraph(text: str) -> str:
     return f"<p>{inline_code(text)}</p>"
 
 
+def details(summary: str, body: str, *, opened: bool = False, details_id: str = "", cls: str = "") -> str:
+    """A collapsible block: ``summary`` (HTML) is always shown, ``body`` (HTML) when opened (by a click, or
+    from the start with ``opened``). Closed, the body is not laid out: a long list costs one line."""
+    attrs = (f' id="{esc(details_id)}"' if details_id else "") + (f' class="{esc(cls)}"' if cls else "")
+    return f"<details{attrs}{' open' if opened else ''}><summary>{summary}</summary>\n{body}\n</details>"
+
+
+def warning_box(title: str, items: Sequence[str], box_id: str = "warnings") -> str:
+    """A box that stands out at the top of a page: ``title`` over one list item per warning (text, `code` spans)."""
+    lines = "".join(f"<li>{inline_code(item)}</li>" for item in items)
+    return f'<div class="warning" role="alert" id="{esc(box_id)}"><strong>{esc(title)}</strong><ul>{lines}</ul></div>'
+
+
 def page(title: str, subtitle: str, sections: Sequence[str]) -> str:
     """A whole HTML document: ``sections`` (HTML) under a header, with the CSS and script inline."""
     return (
@@ -276,10 +291,14 @@ header p { margin: 0; color: var(--muted); }
 main { padding: 4px 28px 40px; max-width: 1400px; }
 h2 { margin: 28px 0 10px; font-size: 19px; border-bottom: 1px solid var(--line); padding-bottom: 4px; }
 code { font: 13px ui-monospace, SFMono-Regular, Menlo, monospace; background: var(--bg-alt); padding: 0 3px; }
-.table-wrap { overflow-x: auto; }
+/* A table fits the page: long cells wrap, even inside a long word or URL; one that still cannot fit (many
+   runs side by side) scrolls inside its own box, never past the page's edge. */
+.table-wrap { overflow-x: auto; max-width: 100%; }
 table.data { border-collapse: collapse; margin: 6px 0 12px; }
-table.data th, table.data td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top; }
-table.data th { background: var(--bg-alt); white-space: nowrap; }
+table.data th, table.data td { border: 1px solid var(--line); padding: 4px 8px; text-align: left; vertical-align: top;
+  overflow-wrap: break-word; }
+table.data th { background: var(--bg-alt); }
+table.data th .word { white-space: nowrap; }
 table.data th button { all: unset; cursor: pointer; }
 table.data th[aria-sort="ascending"] button::after { content: " \\25B2"; }
 table.data th[aria-sort="descending"] button::after { content: " \\25BC"; }
@@ -289,7 +308,7 @@ td.up { color: var(--up); font-weight: 600; }
 td.down { color: var(--down); font-weight: 600; }
 small.up { color: var(--up); }
 small.down { color: var(--down); }
-td.long { white-space: pre-wrap; min-width: 14em; max-width: 30em; font-size: 14px; }
+table.data td.long { white-space: pre-wrap; overflow-wrap: anywhere; min-width: 9em; font-size: 14px; }
 tr.hidden { display: none; }
 .filter { margin: 6px 0; }
 .filter input { width: 22em; padding: 3px 6px; }
@@ -310,7 +329,22 @@ figure.chart figcaption { font-weight: 600; }
 .tip { position: absolute; top: 8px; pointer-events: none; background: rgba(255,255,255,.95);
   border: 1px solid var(--line); padding: 4px 8px; font-size: 13px; white-space: pre; box-shadow: 0 1px 3px #0002; }
 img { max-width: 100%; height: auto; }
-pre.md { background: var(--bg-alt); padding: 10px 12px; white-space: pre-wrap; font-size: 13px; }
+details { margin: 6px 0; }
+details > summary { cursor: pointer; font-weight: 600; padding: 3px 0; }
+details.prompt { border-left: 3px solid var(--line); padding: 0 0 0 12px; margin: 8px 0; }
+details.prompt[open] > summary { margin-bottom: 4px; }
+.md { overflow-wrap: anywhere; }
+.md h3 { font-size: 17px; margin: 14px 0 6px; }
+.md h4, .md h5, .md h6 { font-size: 15px; margin: 12px 0 4px; }
+.md p { margin: 6px 0; }
+.md blockquote { margin: 4px 0 10px; padding: 4px 12px; border-left: 3px solid #9aa4b1; background: var(--bg-alt); }
+.md pre { background: var(--bg-alt); padding: 8px 10px; white-space: pre-wrap; font-size: 13px; }
+.md blockquote pre { background: #fff; }
+.md pre code { background: none; padding: 0; }
+.md ul, .md ol { margin: 6px 0; padding-left: 24px; }
+.warning { margin: 18px 0 6px; padding: 10px 14px; border: 2px solid #b26a00; border-left-width: 8px;
+  background: #fff4e0; }
+.warning ul { margin: 6px 0 0; padding-left: 20px; }
 """
 
 # Hover readout for charts; click-to-sort and text filtering for tables. No library, no network.

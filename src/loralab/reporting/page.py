@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from loralab.reporting import html as web
-from loralab.reporting.tables import not_yet, setup_rows, stage_timing_rows
+from loralab.reporting.markdown import markdown, markdown_inline
+from loralab.reporting.tables import TOO_SHORT, not_yet, setup_rows, stage_timing_rows, too_short_lines
 from loralab.runs.layout import EVAL_RESULTS_FILE, EXAMPLES_FILE, PREDICTIONS_FILE
 from loralab.runs.readers import (
     LOWER_IS_BETTER,
@@ -21,6 +22,11 @@ from loralab.runs.readers import (
 
 # ---------------------------------------------------------------------------------------------------
 # report.html: the same run as one self-contained page, its numbers from the same files
+
+# Long lists fold: the held-out answers table is open up to this many rows (closed above it, one click away),
+# and the fixed prompts after the first few are closed, so 16 long answers make a page, not a scroll.
+OPEN_PREDICTION_ROWS = 8
+OPEN_FIXED_PROMPTS = 3
 
 
 def metric_cells(name: str, values: dict[str, float]) -> list[web.Cell]:
@@ -56,13 +62,16 @@ def report_page(run: RunFiles, flow_png: bytes | None) -> str:
     if flow_png:
         sections.append(web.section("How this run fits together", web.png_image(flow_png, "Data flow of this run"),
                                     "flow"))
-    examples = not_yet(EXAMPLES_FILE) if run.examples is None else run.examples.strip()
-    sections.append(web.section("Fixed prompts", f'<pre class="md">{web.esc(examples)}</pre>', "examples"))
+    sections.append(web.section("Fixed prompts", _html_examples(run.examples), "examples"))
     subtitle = (
         f"Every number on this page is read from the files of the run directory `{run.root}`: "
         + ", ".join(f"`{name}`" for name in run.sources)
         + "."
     )
+    too_short = too_short_lines(run.config)
+    if too_short:  # above everything: the numbers below are weak evidence
+        sections.insert(0, web.warning_box(f"{TOO_SHORT}: this run's settings make its numbers weak evidence",
+                                           too_short, "too-short"))
     return web.page(f"{run.name}: LoRA fine-tuning report", subtitle, sections)
 
 
@@ -142,7 +151,44 @@ def _html_predictions(predictions: list[dict] | None) -> str:
         "answered greedily by the base model and by base + LoRA. "
         "Click a column heading to sort (Change: where LoRA helped most, or hurt most); type to filter."
     )
-    return intro + "\n" + web.table(header, rows, table_id="predictions", sortable=(0, 5, 6, 7), filter_label="Filter")
+    table = web.table(header, rows, table_id="predictions", sortable=(0, 5, 6, 7), filter_label="Filter")
+    summary = f"All {len(rows)} held-out prompts: prompt, reference, both answers, per-example ROUGE-L"
+    return intro + "\n" + web.details(web.esc(summary), table, opened=len(rows) <= OPEN_PREDICTION_ROWS,
+                                      details_id="predictions-details")
+
+
+def split_examples(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """examples.md cut at its second-level headings (one per fixed prompt, as the eval stage writes it):
+    the text before the first, and each heading's text with the Markdown under it. A ``## `` line inside a
+    fenced code block is code, not a heading; the answers are quoted (``> ``), so theirs never start a line."""
+    preamble, prompts, fence = [], [], ""
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        if fence:
+            fence = "" if stripped.startswith(fence) and not stripped.strip(fence[0]).strip() else fence
+        elif stripped[:3] in ("```", "~~~"):
+            fence = stripped[: len(stripped) - len(stripped.lstrip(stripped[0]))]
+        elif line.startswith("## "):
+            prompts.append((line[3:].strip(), []))
+            continue
+        (prompts[-1][1] if prompts else preamble).append(line)
+    return "\n".join(preamble), [(title, "\n".join(body)) for title, body in prompts]
+
+
+def _html_examples(examples: str | None) -> str:
+    """examples.md rendered (its text is model output: escaped, only Markdown's structure becomes markup),
+    each fixed prompt a collapsible block, the first few open."""
+    if examples is None:
+        return f'<div class="md">{markdown(not_yet(EXAMPLES_FILE))}</div>'
+    preamble, prompts = split_examples(examples.strip())
+    parts = [markdown(preamble, heading_offset=2)]
+    if len(prompts) > OPEN_FIXED_PROMPTS:
+        parts.append(f"<p>The first {OPEN_FIXED_PROMPTS} of {len(prompts)} prompts are open; "
+                     "click a prompt to show or hide its answers.</p>")
+    parts += [web.details(markdown_inline(title), markdown(body, heading_offset=2),
+                          opened=i < OPEN_FIXED_PROMPTS, cls="prompt")
+              for i, (title, body) in enumerate(prompts)]
+    return '<div class="md">' + "\n".join(parts) + "</div>"
 
 
 def _html_setup(run: RunFiles) -> str:

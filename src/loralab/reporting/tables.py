@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from loralab.config import config_from_dict, run_warnings
+from loralab.errors import LoralabError
 from loralab.runs.layout import STATS_FILE
 from loralab.runs.readers import STAGE_ORDER, format_lr
 
@@ -141,3 +143,15 @@ def _data_cells(stats: dict | None) -> tuple[str, str]:
         f"{'n/a' if fraction is None else f'{fraction:.1%}'}"
     )
     return examples, tokens
+
+
+TOO_SHORT = "Too short to judge"
+
+
+def too_short_lines(config: dict) -> list[str]:
+    """Why the run of ``config`` (config.yaml as read) is too short to judge, one line each (config.run_warnings);
+    empty for a run long enough, or a config this version cannot read."""
+    try:
+        return run_warnings(config_from_dict(config))
+    except (LoralabError, TypeError, ValueError):
+        return []

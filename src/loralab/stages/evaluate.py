@@ -18,7 +18,7 @@ from loralab.config import ExperimentConfig
 from loralab.cpu.speed_path import inference_path
 from loralab.data import make_template, prompt_ids, reference_answer
 from loralab.devices import detect_device, probe
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, hide_library_deprecations
 from loralab.files import atomic_write_text, read_jsonl, write_jsonl
 from loralab.generation import cache_key, generate_greedy, load_cached, save_cached
 from loralab.loss import HELDOUT_ROW_TOKENS, heldout_loss
@@ -132,6 +132,7 @@ def _answers_and_losses(cfg, rundir, prompts, loss_examples, trained, gen, preci
     return base_ids, lora_ids, base_loss, lora_loss
 
 
+@hide_library_deprecations
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
     rundir = RunDir(cfg)
     keys = stage_keys(cfg)

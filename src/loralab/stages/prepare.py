@@ -16,6 +16,7 @@ from loralab.data import (
     select_and_split,
     split_sizes,
 )
+from loralab.errors import hide_library_deprecations
 from loralab.files import write_json, write_jsonl
 from loralab.models.loading import load_tokenizer
 from loralab.runs.fingerprints import prepare_key
@@ -42,6 +43,7 @@ def usable_records(cfg: ExperimentConfig, specials: list[str]) -> tuple[str, lis
     return data_format, [r for r, _ in escaped], counts
 
 
+@hide_library_deprecations
 def run(cfg: ExperimentConfig, force: bool = False) -> str:
     """Write data/train.jsonl, data/eval.jsonl and data/stats.json; return the stage hash."""
     rundir = RunDir(cfg)

@@ -20,11 +20,12 @@ from pathlib import Path
 import yaml
 
 from loralab.config import ExperimentConfig
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, hide_library_deprecations
 from loralab.files import atomic_write_text
 from loralab.reporting.page import report_page
 from loralab.reporting.plots import plot_lora_flow, plot_loss_curve
 from loralab.reporting.tables import (
+    TOO_SHORT,
     format_change,
     format_duration,
     not_yet,
@@ -32,6 +33,7 @@ from loralab.reporting.tables import (
     setup_rows,
     stage_timing_rows,
     table,
+    too_short_lines,
 )
 from loralab.runs.fingerprints import report_key
 from loralab.runs.layout import (
@@ -65,6 +67,7 @@ from loralab.runs.readers import (
 # The report
 
 
+@hide_library_deprecations
 def run(cfg: ExperimentConfig) -> Path:
     """The report stage: build the report in ``cfg``'s run directory and record the stage; return report.md's path."""
     rundir = RunDir(cfg)
@@ -87,6 +90,14 @@ def run(cfg: ExperimentConfig) -> Path:
     return path
 
 
+def _too_short_section(config: dict) -> list[str]:
+    lines = too_short_lines(config)
+    if not lines:
+        return []
+    return [f"## {TOO_SHORT}\n\nThis run's settings make its numbers weak evidence of what the fine-tune does:\n\n"
+            + "\n".join(f"- {line}" for line in lines)]
+
+
 def build_report(run_dir: Path) -> Path:
     """Write ``loss_curve.png``, ``lora_flow.png``, ``report.md`` and ``report.html`` into ``run_dir`` from
     its files; return report.md's path.
@@ -107,6 +118,7 @@ def build_report(run_dir: Path) -> Path:
             "Every number below is read from the files of this run directory: "
             + ", ".join(f"`{name}`" for name in run.sources)
             + ".",
+            *_too_short_section(run.config),
             _setup_section(run.config, run.manifest, run.stats),
             _results_section(run.eval_results, len(run.predictions) if run.predictions is not None else None),
             _training_section(run.rows),

@@ -19,6 +19,7 @@ import torch
 from loralab import decisions, devices
 from loralab.config import ExperimentConfig
 from loralab.cpu.onednn_weights import onednn_weights_available
+from loralab.errors import hide_library_deprecations
 from loralab.files import read_jsonl
 from loralab.launch import accelerate_cpu_started_one, launched_processes
 from loralab.models.gguf import model_source
@@ -54,6 +55,7 @@ class Training:
     manifest: dict = field(default_factory=dict)
 
 
+@hide_library_deprecations
 def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str:
     """Train LoRA adapters; write adapter/, metrics.jsonl and checkpoints/; return the stage hash.
 
