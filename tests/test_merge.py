@@ -67,7 +67,7 @@ def test_model_cards_carry_the_run_numbers(merged, trained_run):
     front = yaml.safe_load(card.split("---")[1])
     assert front["library_name"] == "transformers" and "loralab" in front["tags"]
     rows = [line.split(",") for line in (rd / "eval_results.csv").read_text().splitlines()[1:]]
-    for metric, base, lora in rows:
+    for metric, base, lora, *_change in rows:  # the change and its interval follow base and lora
         assert f"| {float(base):.4f} | {float(lora):.4f} |" in card, metric
     adapter_card = (rd / "adapter" / "README.md").read_text()
     assert yaml.safe_load(adapter_card.split("---")[1])["library_name"] == "peft"

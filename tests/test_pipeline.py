@@ -80,8 +80,12 @@ def test_eval_results_and_report_agree(run):
     _, rd = run
     results = read_eval_results(rd / "eval_results.csv")
     assert {"bleu", "rouge1", "rouge2", "rougeL", "perplexity"} <= set(results)
-    for _name, cols in results.items():
-        assert set(cols) == {"base", "lora"}
+    for name, cols in results.items():  # BLEU and ROUGE carry their 95% interval; the losses their change only
+        with_interval = name in ("bleu", "rouge1", "rouge2", "rougeL")
+        assert {"base", "lora", "change"} <= set(cols) and ("change_low" in cols) is with_interval
+        if with_interval:
+            assert cols["change_low"] <= cols["change"] <= cols["change_high"]
+            assert cols["lora_better"] + cols["lora_worse"] + cols["tied"] == pytest.approx(1.0, abs=2e-4)
     report = (rd / "report.md").read_text()
     for name in ("bleu", "rouge1", "rouge2", "rougeL"):
         assert format_metric(results[name]["base"]) in report and format_metric(results[name]["lora"]) in report

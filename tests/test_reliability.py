@@ -249,8 +249,6 @@ REFUSALS = [
     ("eval-missing-adapter", _cfg("eval"), remove(f"{RUN}/adapter"), "needs the outputs of 'train'"),
     ("train-truncated-split", _cfg("train"), truncate(f"{RUN}/data/train.jsonl"), "data/train.jsonl was changed"),
     ("eval-truncated-split", _cfg("eval"), truncate(f"{RUN}/data/eval.jsonl"), "data/eval.jsonl was changed"),
-    ("report-junk-manifest", _cfg("report"), replace_file(f"{RUN}/manifest.json", b"{"), "manifest.json"),
-    ("report-list-manifest", _cfg("report"), replace_file(f"{RUN}/manifest.json", b"[]"), "manifest.json is damaged"),
     ("report-junk-config-yaml", _cfg("report"), replace_file(f"{RUN}/config.yaml", b"a: [\n"), "cannot report"),
     ("train-truncated-model", _cfg("train", "train.max_steps=6"), truncate("model/model.safetensors"),
      "cannot load a model"),
@@ -392,6 +390,9 @@ RECOVERIES = [
     ("after-swap-before-manifest", _cfg("train"), killed_after_swap, "adapter taken from"),
     ("truncated-adapter", _cfg("train"), truncate(f"{RUN}/adapter/adapter_model.safetensors"), "adapter taken from"),
     ("missing-adapter", _cfg("train"), remove(f"{RUN}/adapter"), "adapter taken from"),
+    # A damaged manifest is moved aside and rebuilt from the run's files (tests/test_error_causes.py has the rest).
+    ("junk-manifest", _cfg("run"), replace_file(f"{RUN}/manifest.json", b"{"), "moved it to manifest.json.damaged"),
+    ("list-manifest", _cfg("run"), replace_file(f"{RUN}/manifest.json", b"[]"), "moved it to manifest.json.damaged"),
 ]
 
 

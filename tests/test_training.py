@@ -80,7 +80,9 @@ def test_an_adapter_taken_from_a_checkpoint_is_swapped_in_whole(tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"old")
+    (adapter / "README.md").write_text("---\nbase_model: org/model\n---\n# the card\n")
     adapter_from_checkpoint(checkpoint, adapter, step=4)
+    assert (adapter / "README.md").read_text().endswith("# the card\n")  # the model card is kept
     assert (adapter / "adapter_model.safetensors").read_bytes() == b"weights 4"
     assert json.loads((adapter / COMPLETE_FILE).read_text())["step"] == 4
     assert not (tmp_path / ".adapter-new").exists() and not (tmp_path / ".adapter-old").exists()

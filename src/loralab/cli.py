@@ -42,10 +42,14 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config field, e.g. --set train.max_steps=10 (repeatable)")
         if name in ("run", "prepare", "train", "eval", "report"):
-            p.add_argument("--force", action="store_true", help="redo the stage(s) even if the inputs are unchanged")
+            p.add_argument("--force", action="store_true",
+                           help="redo the stage(s) even if the inputs are unchanged; train afresh in place "
+                                "(without it, a retrain over a finished run trains beside it and replaces it only "
+                                "when it finishes)")
         if name == "train":
             p.add_argument("--resume", action="store_true",
-                           help="continue from the newest checkpoint in <run>/checkpoints/")
+                           help="continue from the newest checkpoint in <run>/checkpoints/ (or, for a retrain over a "
+                                "finished run, in <run>/.retrain/checkpoints/)")
         if name == "plan":
             p.add_argument("--device", default="auto",
                            help="device profile: a known GPU (t4, v100, a10g, l4, rtx3090, rtx4090, a100, a100-80gb, "

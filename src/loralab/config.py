@@ -42,14 +42,17 @@ class ModelConfig:
     revision: str | None = None
     """Hub revision (branch, tag or commit) to pin; ignored for local directories."""
     attn_implementation: str = "sdpa"
-    """transformers attention backend: "sdpa" (default, fast on CPU and GPU), "eager", "flash_attention_2"."""
+    """transformers attention backend: "sdpa" (default, fast on CPU and GPU), "eager", "flash_attention_2" (its
+    flash_attn package, on a CUDA GPU), "flash_attention_3", "flash_attention_4", "flex_attention", "paged|eager", or
+    a hub kernel ("org/repo"). Any other value is refused when the config loads."""
 
 
 @dataclass
 class DataConfig:
     path: str = "tatsu-lab/alpaca"
-    """Hub dataset id, or a local .json (a list of records) / .jsonl file (one record a line) in one of the
-    formats of data.format."""
+    """Hub dataset id, or a local data file in one of the formats of data.format: .json (a list of records),
+    .jsonl (one record a line), .parquet or .csv (one record a row; every CSV cell is read as text). JSON may
+    start with a UTF-8 BOM."""
     format: Literal["auto", "alpaca", "messages", "sharegpt", "prompt_completion", "text"] = "auto"
     """Record format. "alpaca": ``instruction``, optional ``input``, ``output`` (loss on the output).
     "messages": ``messages``, a list of ``{role, content}`` with roles system (optional, first), user and
@@ -76,6 +79,13 @@ class DataConfig:
     template: Literal["auto", "chat", "alpaca"] = "auto"
     """How records become text: "chat" uses the tokenizer's chat template, "alpaca" the classic Alpaca
     prompt (see loralab.data), "auto" the chat template when the tokenizer has one."""
+    dedupe: bool = False
+    """Drop exact duplicate records before the subset draw and the split, keeping the first of each. Exact
+    duplicates are records equal after reading their format and data.columns: the same fields with the same
+    strings (so a missing Alpaca ``input`` equals an empty one; a difference in case or spacing makes them
+    differ). Either way, data/stats.json counts the duplicates within the data and the held-out records that
+    are copies of a training record, and prepare warns about the latter (they make held-out metrics
+    measure memorisation)."""
 
 
 @dataclass
@@ -177,6 +187,11 @@ class EvalConfig:
     cache_base_generations: bool = True
     """Reuse the base model's generations and held-out loss across experiments with the same base, prompts
     (held-out examples) and settings."""
+    bootstrap_resamples: int = 1000
+    """Resamples of the held-out prompts for the 95% interval on each metric's change (a paired bootstrap: the
+    same prompts drawn for base and LoRA; loralab.intervals)."""
+    bootstrap_seed: int = 0
+    """Seed of the bootstrap's draws: the same seed, answers and resamples give the same intervals."""
 
 
 @dataclass
@@ -298,6 +313,18 @@ def _build(cls: type, values: Any, prefix: str) -> Any:
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt",
 )
+# transformers' attention backends (its AttentionInterface, and "eager"); a hub kernel ("org/repo") is left to it.
+ATTENTION_IMPLEMENTATIONS = (
+    "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention", "paged|eager",
+)
+
+
+def _check_attention(value: str) -> None:
+    """A backend transformers would refuse only once the model loads is refused here, as the setting it is."""
+    if value not in ATTENTION_IMPLEMENTATIONS and "/" not in str(value):
+        known = ", ".join(ATTENTION_IMPLEMENTATIONS)
+        raise ConfigError(f"config key 'model.attn_implementation' must be one of {known} or a hub kernel (org/repo); "
+                          f"got {value!r}")
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
@@ -313,6 +340,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
         "train.logging_steps": cfg.train.logging_steps,
         "train.save_steps": cfg.train.save_steps,
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
+        "eval.bootstrap_resamples": cfg.eval.bootstrap_resamples,
     }
     for key, value in positive.items():
         if not value > 0:  # also catches NaN
@@ -334,6 +362,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
     if cfg.train.lr_scheduler_type not in SCHEDULERS:
         raise ConfigError(f"config key 'train.lr_scheduler_type' must be one of {', '.join(SCHEDULERS)}; "
                           f"got {cfg.train.lr_scheduler_type!r}")
+    _check_attention(cfg.model.attn_implementation)
     for key in ("num_examples", "batch_size"):
         value = getattr(cfg.eval, key)
         if value is not None and value < 1:

@@ -9,6 +9,7 @@ the prompt/response boundary is found from character offsets, never by tokenisin
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -120,6 +121,20 @@ def select_and_split(n_records: int, num_examples: int | None, eval_size: int,
     chosen = rng.sample(range(n_records), take)
     eval_size = min(eval_size, take)
     return chosen[eval_size:], chosen[:eval_size]
+
+
+def record_key(record: dict) -> str:
+    """Equal for exact duplicates (data.dedupe): normalised records (format read, data.columns applied) with the
+    same fields holding the same values."""
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
+def dedupe(records: Sequence[dict]) -> list[dict]:
+    """The records without exact duplicates: the first of each kept, in order."""
+    unique: dict[str, dict] = {}
+    for record in records:
+        unique.setdefault(record_key(record), record)
+    return list(unique.values())
 
 
 @dataclass

@@ -73,7 +73,7 @@ def read_jsonl(path: Path) -> list[dict]:
         where, why = ((f" line {err.line}", "not valid JSON") if isinstance(err, JsonlError)
                       else ("", type(err).__name__))
         raise LoralabError(f"{path}{where} is damaged ({why}); run the stage that writes it again "
-                           f"with --force (or delete the run directory)") from None
+                           f"with --force") from None
     except OSError as err:
         raise LoralabError(f"cannot read {path} ({err.strerror or err}); check the file's permissions") from None
     return rows

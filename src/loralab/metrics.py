@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from functools import cache, lru_cache
 
+import numpy as np
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
@@ -49,6 +50,14 @@ def corpus_bleu(hypotheses: list[str], references: list[str], tokenize: str = "1
     """
     _check_pairs(hypotheses, references)
     return _unit(_bleu(tokenize, False).corpus_score(hypotheses, [references]).score)
+
+
+def bleu_statistics(hypotheses: list[str], references: list[str], tokenize: str = "13a") -> np.ndarray:
+    """Per-pair BLEU statistics, (pairs, 10): system length, reference length, matched and total 1- to 4-grams,
+    as corpus_bleu pools them (loralab.intervals recomputes corpus BLEU from resampled sums of these rows)."""
+    _check_pairs(hypotheses, references)
+    # sacrebleu's own extraction (a private method of its BLEU, stable through 2.x), so the n-grams are its own
+    return np.array(_bleu(tokenize, False)._extract_corpus_statistics(hypotheses, [references]), dtype=np.float64)
 
 
 def rouge_f1(hypotheses: list[str], references: list[str]) -> dict[str, float]:

@@ -22,6 +22,7 @@ from typing import Any
 from loralab.errors import LoralabError
 from loralab.files import atomic_write_text
 from loralab.reporting import html as web
+from loralab.reporting.tables import interval_text, noise_sentence
 from loralab.runs.readers import (
     LOWER_IS_BETTER,
     METRIC_LABELS,
@@ -264,9 +265,10 @@ def metric_rows(runs: Sequence[RunFiles]) -> list[list[web.Cell]]:
                 continue
             base, lora = values["base"], values["lora"]
             change = web.change_cell(base, lora, lower_is_better=name in LOWER_IS_BETTER)
+            interval = f", 95% {interval_text(values)}" if "change_low" in values else ""
             text = (
                 f'{web.esc(format_metric(lora))}<br><small class="{change.cls}">base {web.esc(format_metric(base))}, '
-                f"change {web.esc(change.text)}</small>"
+                f"change {web.esc(change.text)}{web.esc(interval)}</small>"
             )
             row.append(web.Cell(text, lora, "num", html=True))
         rows.append(row)
@@ -366,7 +368,10 @@ def compare_page(runs: Sequence[RunFiles]) -> str:
     metrics = metric_rows(runs)
     metrics_body = (
         web.table(["Metric", *labels], metrics, table_id="metrics")
-        + web.paragraph("Each cell: the run's LoRA value, with its own base model's value and the change from it.")
+        + web.paragraph("Each cell: the run's LoRA value, with its own base model's value and the change from it "
+                        "(and its 95% interval, a paired bootstrap over the run's held-out prompts, where recorded).")
+        + "".join(web.paragraph(f"{label}: {sentence}") for label, r in zip(labels, runs, strict=True)
+                  if (sentence := noise_sentence(r.eval_results, len(r.predictions or []) or None)))
         if metrics
         else web.paragraph("No run has `eval_results.csv` yet; run the eval stage.")
     )

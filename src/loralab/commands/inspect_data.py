@@ -24,6 +24,7 @@ from loralab.data import (
     DataError,
     Encoded,
     Template,
+    dedupe,
     encode_example,
     make_template,
     read_format,
@@ -219,6 +220,8 @@ def run(cfg: ExperimentConfig, num_examples: int = 3) -> list[Finding]:
                                        cfg.data.path)
     if not records:
         raise DataError(f"{cfg.data.path} holds no records")
+    if cfg.data.dedupe:  # as prepare draws its split: exact duplicates dropped first
+        records = dedupe(records)
     train_idx, eval_idx = select_and_split(len(records), cfg.data.num_examples, cfg.data.eval_size, cfg.data.seed)
     selected = [records[i] for i in train_idx + eval_idx]  # training examples first, in prepare's order
     tokenizer = load_tokenizer(cfg.model)

@@ -43,6 +43,7 @@ def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, on
     (cpu.catalogue.training_pieces; default: all) says which are on."""
     on = pieces or ALL_PIECES
     with contextlib.ExitStack() as undo:
+        undo.enter_context(hub_kernels_off(model))  # first in, last out: before any forward is swapped
         per_example = on.per_example_attention and attention.use_per_example_attention(base_model(model))
         undo.callback(attention.undo_per_example_attention, base_model(model))
         lora_layers = fused_lora.fuse_lora_layers(model) if on.fused_lora else 0
@@ -57,6 +58,28 @@ def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, on
             converted = undo.enter_context(onednn.onednn_weights(model, row_tokens))
             allocator.return_freed_memory()
         yield Switched(per_example, lora_layers, norms, threshold, converted)
+
+
+@contextlib.contextmanager
+def hub_kernels_off(model) -> Iterator[None]:
+    """transformers' hub kernels (the ``kernels`` package) off for the body, and back on after, for every model in
+    ``model`` that has them on.
+
+    transformers 5 turns them on in from_pretrained whenever ``kernels`` is installed (it is a dependency), and each
+    train() or eval() that changes the mode kernelizes the model again: every module of a class marked for a hub
+    kernel (Llama's, Mistral's and Qwen's RMSNorm among them) loses the forward set on it and takes its class's
+    back, there being no hub kernel for a CPU. The fused RMSNorms of the speed path were so dropped, without a word,
+    at the Trainer's model.train() on the first step of a resumed run and at the held-out loss's eval() and train()
+    in the middle of any run: a resumed run then took other roundings than an uninterrupted one (issue 26)."""
+    held = [(m, m.kernels_mode) for m in model.modules()
+            if hasattr(m, "set_use_kernels") and getattr(m, "use_kernels", False) is True]
+    for module, _ in held:
+        module.use_kernels = False  # kernelizes once more, every class's own forward: nothing is swapped yet
+    try:
+        yield
+    finally:
+        for module, mode in held:
+            module.set_use_kernels(True, mode=mode)
 
 
 def model_device_type(model) -> str:

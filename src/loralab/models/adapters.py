@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from loralab.config import ExperimentConfig, ModelConfig, load_config
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, first_sentence
 from loralab.models.loading import DTYPES, load_model, load_tokenizer, resolve_model_source
 from loralab.runs.layout import CONFIG_FILE
 
@@ -84,7 +84,8 @@ def check_adapter_base(adapter_dir: Path, model: ModelConfig) -> None:
         adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
         recorded = adapter_config.get("base_model_name_or_path")
     except (OSError, json.JSONDecodeError) as err:
-        raise LoralabError(f"cannot read {adapter_dir / 'adapter_config.json'} ({err}); train again") from None
+        raise LoralabError(f"cannot read {adapter_dir / 'adapter_config.json'} ({first_sentence(err)}); "
+                           f"train again") from None
     if not recorded or _same_model(recorded, model.name_or_path):
         return
     raise LoralabError(
@@ -156,11 +157,10 @@ def attach_adapter(base, adapter_dir: Path):
     try:
         return PeftModel.from_pretrained(base, str(adapter_dir))
     except (RuntimeError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()
-        fallback = first[0] if first else type(err).__name__
-        detail = next((line.strip() for line in first if "size mismatch" in line), fallback)
+        mismatch = next((line for line in str(err).splitlines() if "size mismatch" in line), None)
+        detail = first_sentence(mismatch or err)
         raise LoralabError(
-            f"the adapter in {adapter_dir} does not fit {base.name_or_path} ({detail[:200]}); "
+            f"the adapter in {adapter_dir} does not fit {base.name_or_path} ({detail}); "
             f"it was trained for another base model: set model.name_or_path to that model"
         ) from None
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import logging.handlers
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loralab.config import LoraSection, ModelConfig
-from loralab.errors import LoralabError
+from loralab.config import ConfigError, LoraSection, ModelConfig
+from loralab.errors import LoralabError, first_sentence
 from loralab.hub import prepare_hub_access, why_not_loaded
 from loralab.models.gguf import cached_model_folder
 from loralab.sources import looks_local
@@ -42,16 +47,80 @@ def _hub_error(name: str, err: Exception) -> LoralabError:
     )
 
 
+# Load errors that name a config value: the setting is wrong, not the model's files.
+_ATTENTION = re.compile(r"attn_implementation|flash ?attention|flex[_ ]attention|attention implementation", re.I)
+_MODEL_TYPE = re.compile(r"model type `([^`]*)` but Transformers does not recognize")
+
+
+def _unknown_model_type(source: str, model_type: str) -> LoralabError:
+    import transformers
+
+    where = Path(source) / "config.json" if Path(source).is_dir() else f"the config.json of '{source}'"
+    return LoralabError(f"{where} has model_type '{model_type}', an architecture transformers "
+                        f"{transformers.__version__} does not know; correct model_type there if it is wrong, or "
+                        f"upgrade transformers (`pip install -U transformers`) if the model is newer than it")
+
+
+def _check_model_type(source: str) -> None:
+    """A local model folder whose config.json names an architecture transformers does not know is refused before
+    transformers reads it (it would warn, then fail as if the files were damaged)."""
+    try:
+        model_type = json.loads((Path(source) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return  # a hub id, or a damaged config.json: transformers' own error names it
+    from transformers import CONFIG_MAPPING
+
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        raise _unknown_model_type(source, model_type)
+
+
+def _config_cause(err: Exception, model: ModelConfig, source: str) -> LoralabError | None:
+    """The config setting a load error is about, as that setting being wrong; None when it names none."""
+    text = str(err)
+    if found := _MODEL_TYPE.search(text):
+        return _unknown_model_type(source, found.group(1))
+    if _ATTENTION.search(text):
+        return ConfigError(f"config key 'model.attn_implementation' is {model.attn_implementation!r}, which cannot "
+                           f"load {source} here ({first_sentence(err)}); set it to \"sdpa\" (the default) or \"eager\"")
+    return None
+
+
+@contextlib.contextmanager
+def _library_notes_held():
+    """Hold back transformers' log lines and the warnings raised inside; pass them on only when the block succeeds.
+    When it fails, loralab's one-line error says what is wrong: a library line printed before it would speak of
+    the same thing less clearly, or of something else."""
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger()  # transformers' root logger: its modules' loggers propagate to it
+    held = logging.handlers.BufferingHandler(capacity=1 << 16)
+    saved = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [held], False
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            yield
+    finally:
+        logger.handlers, logger.propagate = saved
+    for record in held.buffer:
+        logger.handle(record)
+    for w in caught:  # they passed the filters when raised: shown as they would have been
+        warnings.showwarning(w.message, w.category, w.filename, w.lineno, w.file, w.line)
+
+
 def load_tokenizer(model: ModelConfig):
     from transformers import AutoTokenizer
 
     source = resolve_model_source(model)
+    _check_model_type(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=model.revision)
+        with _library_notes_held():
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=model.revision)
     except Exception as err:  # noqa: BLE001 - damaged tokenizer files raise many types; all one line
+        if cause := _config_cause(err, model, source):
+            raise cause from None
         if source == model.name_or_path and not Path(source).exists():
             raise _hub_error(model.name_or_path, err) from None
-        raise LoralabError(f"cannot load a tokenizer from {source} ({_first_line(err)}); check or download its "
+        raise LoralabError(f"cannot load a tokenizer from {source} ({first_sentence(err)}); check or download its "
                            f"tokenizer files again") from None
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss; any id will do, EOS is conventional.
@@ -70,6 +139,7 @@ def load_model(model: ModelConfig, precision: str, device: str, in_memory: bool 
     from transformers import AutoModelForCausalLM
 
     source = resolve_model_source(model)
+    _check_model_type(source)
     extra: dict = {"disable_mmap": True} if in_memory else {}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -79,22 +149,20 @@ def load_model(model: ModelConfig, precision: str, device: str, in_memory: bool 
             bnb_4bit_compute_dtype=DTYPES[precision])
         extra["device_map"] = {"": torch.cuda.current_device()}
     try:
-        net = AutoModelForCausalLM.from_pretrained(
-            source, revision=model.revision, dtype=DTYPES[precision], attn_implementation=model.attn_implementation,
-            **extra,
-        )
+        with _library_notes_held():
+            net = AutoModelForCausalLM.from_pretrained(
+                source, revision=model.revision, dtype=DTYPES[precision],
+                attn_implementation=model.attn_implementation, **extra,
+            )
     except Exception as err:  # noqa: BLE001 - truncated safetensors, refused pickles, shape errors: all one line
+        if cause := _config_cause(err, model, source):
+            raise cause from None
         if source == model.name_or_path and not Path(source).exists():
             raise _hub_error(model.name_or_path, err) from None
-        raise LoralabError(f"cannot load a model from {source} ({_first_line(err)}); its files are damaged, incomplete "
-                           f"or unsafe (only safetensors and weights-only checkpoints load): download the model "
-                           f"again") from None
+        raise LoralabError(f"cannot load a model from {source} ({first_sentence(err)}); its files are damaged, "
+                           f"incomplete or unsafe (only safetensors and weights-only checkpoints load): download the "
+                           f"model again") from None
     return net if load_in_4bit else net.to(device)  # a quantised model is placed by device_map
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return (text.splitlines()[0][:200] if text else type(err).__name__)
 
 
 def lora_config(lora: LoraSection):
@@ -123,8 +191,8 @@ def add_lora(model, lora: LoraSection):
         return get_peft_model(model, lora_config(lora), autocast_adapter_dtype=True)
     except ValueError as err:
         names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
-        raise LoralabError(f"lora.target_modules {lora.target_modules} do not match this model ({err}); "
-                           f"linear layers here: {', '.join(names)}") from None
+        raise LoralabError(f"lora.target_modules {lora.target_modules} do not match this model "
+                           f"({first_sentence(err)}); linear layers here: {', '.join(names)}") from None
 
 
 @dataclass

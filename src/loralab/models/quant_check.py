@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from loralab.data import conversation_prompt_ids
+from loralab.errors import first_sentence
 from loralab.generation import generate_greedy
 from loralab.models.adapters import load_base
 
@@ -132,8 +133,9 @@ def check_fine_tune(tgt, merged_answers: list[list[int]], prompts: list[list[int
         try:
             answers = gguf_answers(path, prompts, max_new_tokens, eos_token_ids)
         except (ValueError, RuntimeError, OSError) as err:  # llama-cpp-python: "Failed to load model from file"
-            print(f"export-gguf: warning: llama.cpp could not run {path.name} ({str(err)[:200]}); it was not checked")
-            record["quants"][quant] = {"error": str(err)[:200]}
+            print(f"export-gguf: warning: llama.cpp could not run {path.name} ({first_sentence(err)}); it was not "
+                  f"checked")
+            record["quants"][quant] = {"error": first_sentence(err)}
             continue
         summary = survival_summary(base_answers, merged_answers, answers)
         for line in survival_lines(quant, summary, tgt.cfg.eval.prompts):

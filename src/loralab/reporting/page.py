@@ -6,7 +6,16 @@ import math
 
 from loralab.reporting import html as web
 from loralab.reporting.markdown import markdown, markdown_inline
-from loralab.reporting.tables import TOO_SHORT, not_yet, setup_rows, stage_timing_rows, too_short_lines
+from loralab.reporting.tables import (
+    TOO_SHORT,
+    has_intervals,
+    interval_text,
+    noise_sentence,
+    not_yet,
+    setup_rows,
+    stage_timing_rows,
+    too_short_lines,
+)
 from loralab.runs.layout import EVAL_RESULTS_FILE, EXAMPLES_FILE, PREDICTIONS_FILE
 from loralab.runs.readers import (
     LOWER_IS_BETTER,
@@ -78,15 +87,21 @@ def report_page(run: RunFiles, flow_png: bytes | None) -> str:
 def _html_results(run: RunFiles) -> str:
     if run.eval_results is None:
         return web.paragraph(not_yet(EVAL_RESULTS_FILE).strip("_"))
-    rows = [metric_cells(name, values) for name, values in run.eval_results.items()]
+    intervals = has_intervals(run.eval_results)
+    rows = [metric_cells(name, values) + ([web.Cell(interval_text(values), values.get("change_low"), "num")]
+                                          if intervals else [])
+            for name, values in run.eval_results.items()]
     parts = [
         web.paragraph(
             "BLEU is corpus BLEU (sacrebleu), ROUGE the mean F1 over held-out prompts (rouge-score); "
             "both on a 0-1 scale. "
             "Change is LoRA minus base; green where it is a gain."
         ),
-        web.table(["Metric", "Base", "LoRA", "Change"], rows, table_id="metrics"),
+        web.table(["Metric", "Base", "LoRA", "Change", *(["95% interval"] if intervals else [])], rows,
+                  table_id="metrics"),
     ]
+    if intervals:
+        parts.append(web.paragraph(noise_sentence(run.eval_results, len(run.predictions or []) or None)))
     if run.predictions:
         parts.append(web.paragraph(win_loss_line(run.predictions)))
     parts.append(

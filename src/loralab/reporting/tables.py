@@ -155,3 +155,31 @@ def too_short_lines(config: dict) -> list[str]:
         return run_warnings(config_from_dict(config))
     except (LoralabError, TypeError, ValueError):
         return []
+
+
+def has_intervals(eval_results: dict | None) -> bool:
+    """Whether eval_results.csv carries the paired-bootstrap intervals (files written before them do not)."""
+    return bool(eval_results) and any("change_low" in v for v in eval_results.values())
+
+
+def interval_text(values: dict) -> str:
+    """A change's 95% interval, ``[-0.0091, +0.0080]``, or n/a where the metric has no per-prompt score."""
+    if "change_low" not in values:
+        return "n/a"
+    return f"[{values['change_low']:+.4f}, {values['change_high']:+.4f}]"
+
+
+def noise_sentence(eval_results: dict | None, prompts: int | None) -> str | None:
+    """In words, which changes are not distinguishable from noise on this many prompts (interval holds 0)."""
+    if not has_intervals(eval_results):
+        return None
+    from_runs = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
+    noisy = [from_runs.get(name, name) for name, v in eval_results.items()
+             if "change_low" in v and v["change_low"] <= 0.0 <= v["change_high"]]
+    many = f"{prompts:,} held-out prompts" if prompts else "these held-out prompts"
+    if not noisy:
+        return (f"Every 95% interval (a paired bootstrap over the {many}) excludes 0: each change in BLEU and ROUGE "
+                f"is larger than the noise of resampling these prompts.")
+    what = ", ".join(noisy)
+    return (f"The change in {what} is not distinguishable from noise on {many}: its 95% interval (a paired "
+            f"bootstrap, the same resampled prompts for base and LoRA) holds 0.")

@@ -12,7 +12,7 @@ from loralab.config import ExperimentConfig
 from loralab.data import DataError
 from loralab.files import file_sha256
 from loralab.runs.protocol import StageKey, stage_hash, stage_inputs
-from loralab.sources import looks_local
+from loralab.sources import looks_local, no_data_file
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "*.jinja")
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")
@@ -27,7 +27,7 @@ def source_fingerprint(cfg: ExperimentConfig) -> str:
         except OSError as err:
             raise DataError(f"cannot read data file {path} ({err.strerror or err}); check its permissions") from None
     if path.exists() or looks_local(cfg.data.path):
-        raise DataError(f"data file not found: {path}; set data.path to a .json/.jsonl file or a hub dataset id")
+        raise no_data_file(path)
     return f"hub:{cfg.data.path}:{cfg.data.split}"
 
 

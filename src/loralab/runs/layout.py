@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from loralab import __version__
 from loralab.config import ExperimentConfig, dump_config
 from loralab.errors import LoralabError
-from loralab.files import atomic_write_text, write_json
+from loralab.files import atomic_write_text, completeness, folder_hashes, write_json
+from loralab.launch import launched_processes
 
 # The run directory's file names (RunDir's paths, the report and compare read them by these names).
 CONFIG_FILE = "config.yaml"
@@ -23,6 +26,9 @@ LOSS_CURVE_FILE = "loss_curve.png"
 FLOW_FILE = "lora_flow.png"
 REPORT_FILE = "report.md"
 HTML_REPORT_FILE = "report.html"
+DAMAGED_MANIFEST = MANIFEST_FILE + ".damaged"  # where a damaged manifest.json is moved, beside the rebuilt one
+UNVERIFIED = "unverified"  # a stage record rebuilt from the run's files, not yet matched to a config
+RETRAIN_DIR = ".retrain"  # a retrain beside a finished run, swapped in when it finishes (runs/recovery.py)
 
 
 class RunDir:
@@ -62,6 +68,12 @@ class RunDir:
         return self.root / METRICS_FILE
 
     @property
+    def retrain_dir(self) -> Path:
+        """Where a retrain over a finished run writes its own checkpoints/, metrics.jsonl, tensorboard/, adapter/
+        and manifest, laid out as the run directory is, until it finishes and is swapped in."""
+        return self.root / RETRAIN_DIR
+
+    @property
     def manifest_file(self) -> Path:
         return self.root / MANIFEST_FILE
 
@@ -91,16 +103,47 @@ class RunDir:
 
     # Manifest ------------------------------------------------------------------------------------
     def manifest(self) -> dict:
+        """manifest.json ({} before the first stage); a damaged one is moved aside and rebuilt (rebuild_manifest)."""
         if not self.manifest_file.exists():
             return {}
         try:
             manifest = json.loads(self.manifest_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise LoralabError(f"cannot read {self.manifest_file} ({type(err).__name__}); it is damaged: "
-                               f"delete the run directory {self.root} to start this run afresh") from None
+        except OSError as err:
+            raise LoralabError(f"cannot read {self.manifest_file} ({err.strerror or err}); check the file's "
+                               f"permissions") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            manifest = None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("stages", {}), dict):
-            raise LoralabError(f"{self.manifest_file} is damaged (not a loralab manifest); "
-                               f"delete the run directory {self.root} to start this run afresh")
+            return self.rebuild_manifest()
+        return manifest
+
+    def rebuild_manifest(self) -> dict:
+        """Move a damaged manifest.json aside (DAMAGED_MANIFEST: nothing is deleted) and rebuild its stage records
+        from the run's files: each stage whose outputs are all there is recorded UNVERIFIED with their sha256, and
+        train with the hash and step its adapter's completion marker records when the adapter is whole. The stage
+        protocol (runs.protocol) takes train as done once that hash is the config's, and with it prepare, whose
+        hash train's chains; every stage it cannot match to the config is redone, never trusted."""
+        if launched_processes()[0] != 0:  # under torchrun only the main process writes the run directory
+            raise LoralabError(f"{self.manifest_file} is damaged; run a loralab command on {self.root} in one "
+                               f"process first: it rebuilds the manifest from the run's files")
+        aside = self.manifest_file.with_name(DAMAGED_MANIFEST)
+        for n in range(2, 1000):  # an earlier damaged copy is kept too
+            if not aside.exists():
+                break
+            aside = self.manifest_file.with_name(f"{DAMAGED_MANIFEST}-{n}")
+        os.replace(self.manifest_file, aside)
+        stages = {stage: {"status": UNVERIFIED, "outputs": folder_hashes(self.root, rels)}
+                  for stage, rels in self.STAGE_OUTPUTS.items()
+                  if stage != "report" and all((self.root / rel).is_file() for rel in rels)}
+        adapter, _ = completeness(self.adapter_dir)
+        if "train" in stages and adapter is not None:
+            stages["train"].update(hash=adapter.get("train_hash"), steps=adapter.get("step"),
+                                   upstream=outputs_digest(stages.get("prepare", {})))
+        manifest = {"rebuilt_from": aside.name, "stages": stages}
+        write_json(self.manifest_file, manifest)
+        kept = "its adapter is whole and kept, " if "hash" in stages.get("train", {}) else ""
+        print(f"note: {self.manifest_file} was damaged: moved it to {aside.name} and rebuilt it from the run's "
+              f"files; {kept}a stage that cannot be matched to the config is redone by `loralab run CONFIG`")
         return manifest
 
     def update_manifest(self, **fields: Any) -> dict:
@@ -116,6 +159,12 @@ class RunDir:
 
     def write_config(self) -> None:
         atomic_write_text(self.root / CONFIG_FILE, dump_config(self.cfg))
+
+
+def outputs_digest(record: dict) -> str | None:
+    """Names one attempt of a stage by what it wrote: the digest of its outputs' sha256."""
+    outputs = record.get("outputs")
+    return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16] if outputs else None
 
 
 def environment_info() -> dict[str, Any]:

@@ -16,11 +16,16 @@ import os
 from typing import Any, NamedTuple
 
 from loralab.config import ExperimentConfig
-from loralab.errors import LoralabError
+from loralab.errors import LoralabError, first_sentence
 from loralab.files import file_sha256, folder_hashes
-from loralab.runs.layout import RunDir
+from loralab.launch import launched_processes
+from loralab.runs.layout import UNVERIFIED, RunDir, outputs_digest
 
 STAGES = ("prepare", "train", "eval", "report")
+# A stage recorded unverified (RunDir.rebuild_manifest), and what to do about it.
+UNVERIFIED_PROBLEM = "could not be verified after a damaged manifest.json was rebuilt from the run's files"
+REBUILT_ADVICE = ("run `loralab run CONFIG`: it redoes what cannot be verified and keeps an adapter made from "
+                  "this config")
 
 # Config sections (and top-level keys) each stage's outputs depend on, besides the stage before it.
 STAGE_INPUTS = {
@@ -85,12 +90,6 @@ def _short(value: Any) -> str:
 
 
 
-def outputs_digest(record: dict) -> str | None:
-    """Names one attempt of a stage by what it wrote: the digest of its outputs' sha256."""
-    outputs = record.get("outputs")
-    return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16] if outputs else None
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -111,6 +110,12 @@ class StageRecords:
 
     def outputs_exist(self, stage: str) -> bool:
         return all((self.rundir.root / rel).exists() for rel in self.rundir.STAGE_OUTPUTS[stage])
+
+    def finished_whole(self, stage: str) -> bool:
+        """The stage's last attempt finished and its outputs are as it wrote them, whatever config made them: a run
+        to keep until another attempt of the stage has finished."""
+        record = self.stage_record(stage)
+        return bool(record) and self.outputs_exist(stage) and self._record_problem(record) is None
 
     def problem(self, stage: str, expected_hash: str, current_inputs: dict | None = None) -> str | None:
         """Why ``stage``'s outputs cannot be used with this config, or None when they can. In order: missing,
@@ -143,7 +148,8 @@ class StageRecords:
         if status != "done":
             error = f": {record['error']}" if record.get("error") else ""
             return {"running": "was stopped before it finished (the process was killed)",
-                    "interrupted": "was interrupted (Ctrl-C)"}.get(status, f"failed{error}")
+                    "interrupted": "was interrupted (Ctrl-C)",
+                    UNVERIFIED: UNVERIFIED_PROBLEM}.get(status, f"failed{error}")
         for rel, digest in (record.get("outputs") or {}).items():
             path = self.rundir.root / rel
             try:
@@ -185,10 +191,25 @@ class StageRecords:
                 f"run `loralab {stage} CONFIG` (or `loralab run CONFIG`) first"
             )
         if problem is not None:
-            raise LoralabError(
-                f"the '{stage}' outputs in {self.rundir.root} cannot be used: the last {stage} {problem}; "
-                f"run `loralab {stage} CONFIG` again (or `loralab run CONFIG`) before {for_stage}"
-            )
+            redo = (REBUILT_ADVICE if UNVERIFIED_PROBLEM in problem
+                    else f"run `loralab {stage} CONFIG` again (or `loralab run CONFIG`) before {for_stage}")
+            raise LoralabError(f"the '{stage}' outputs in {self.rundir.root} cannot be used: "
+                               f"the last {stage} {problem}; {redo}")
+
+    def confirm_rebuilt(self, key: StageKey, upstream: StageKey | None) -> None:
+        """After manifest.json was rebuilt from the run's files (RunDir.rebuild_manifest): a stage recorded unverified
+        whose hash, read from its own files (train: its adapter's completion marker), is ``key``'s was made from this
+        config, and so was the stage before it, whose hash that one chains: both are recorded done with this config's
+        inputs. Anything else stays unverified, to be redone."""
+        stages = self.rundir.manifest().get("stages", {})
+        record = stages.get(key.name)
+        if not isinstance(record, dict) or record.get("status") != UNVERIFIED or record.get("hash") != key.hash:
+            return
+        stages[key.name] = {**record, "status": "done", "inputs": key.inputs}
+        before = stages.get(upstream.name) if upstream is not None else None
+        if isinstance(before, dict) and before.get("status") == UNVERIFIED:
+            stages[upstream.name] = {**before, "status": "done", "hash": upstream.hash, "inputs": upstream.inputs}
+        self.rundir.update_manifest(stages=stages)
 
     def _set_stage(self, stage: str, record: dict) -> None:
         stages = self.rundir.manifest().get("stages", {})
@@ -209,7 +230,8 @@ class StageRecords:
         except BaseException as err:
             record = self.stage_record(stage)
             if record.get("status") != "done":  # an error after mark_done leaves the finished record alone
-                self._set_stage(stage, {**record, "status": "failed", "ended_at": _now(), "error": str(err)[:300]})
+                self._set_stage(stage, {**record, "status": "failed", "ended_at": _now(),
+                                        "error": first_sentence(err, 300)})
             raise
 
     def mark_done(self, stage: str, stage_hash_: str, wall_s: float, inputs: dict | None = None,
@@ -266,11 +288,17 @@ class Stage:
         return self.key.hash
 
     def require_upstream(self) -> None:
+        self._confirm_rebuilt()
         if self.upstream is not None:
             self.records.require_current(self.upstream.name, self.upstream.hash, self.name, self.upstream.inputs)
 
     def up_to_date(self, force: bool = False) -> bool:
+        self._confirm_rebuilt()
         return not force and self.records.is_current(self.name, self.hash)
+
+    def _confirm_rebuilt(self) -> None:
+        if launched_processes()[0] == 0:  # only the main process writes the run directory
+            self.records.confirm_rebuilt(self.key, self.upstream)
 
     def attempt(self):
         return self.records.attempt(self.name, self.hash)

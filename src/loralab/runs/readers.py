@@ -32,6 +32,9 @@ METRIC_LABELS = {
     "eval_loss": "Held-out loss (lower is better)",
 }
 LOWER_IS_BETTER = frozenset({"perplexity", "eval_loss"})
+# eval_results.csv's columns after metric, base, lora (files written before them have none): the change, its 95%
+# paired-bootstrap interval, and the shares of held-out prompts where LoRA is better, worse or tied
+CHANGE_COLUMNS = ("change", "change_low", "change_high", "lora_better", "lora_worse", "tied")
 STAGE_ORDER = ("prepare", "train", "eval")
 
 
@@ -49,13 +52,17 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def read_eval_results(path: Path) -> dict[str, dict[str, float]]:
-    """``eval_results.csv`` as ``{metric: {"base": value, "lora": value}}`` in file order; empty cells read as NaN."""
+    """``eval_results.csv`` as ``{metric: {"base": value, "lora": value, ...}}`` in file order; empty base/lora cells
+    read as NaN; the CHANGE_COLUMNS a file has are added where filled."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = {"metric", "base", "lora"} - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path}: the header needs columns metric,base,lora; missing {', '.join(sorted(missing))}")
-        return {row["metric"]: {"base": _parse_cell(row["base"]), "lora": _parse_cell(row["lora"])} for row in reader}
+        extra = [c for c in CHANGE_COLUMNS if c in (reader.fieldnames or ())]
+        return {row["metric"]: {"base": _parse_cell(row["base"]), "lora": _parse_cell(row["lora"]),
+                                **{c: _parse_cell(row[c]) for c in extra if (row[c] or "").strip()}}
+                for row in reader}
 
 
 def _parse_cell(text: str | None) -> float:

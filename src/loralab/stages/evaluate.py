@@ -18,9 +18,10 @@ from loralab.config import ExperimentConfig
 from loralab.cpu.speed_path import inference_path
 from loralab.data import make_template, prompt_ids, reference_answer
 from loralab.devices import detect_device, probe
-from loralab.errors import LoralabError, hide_library_deprecations
+from loralab.errors import LoralabError, first_sentence, hide_library_deprecations
 from loralab.files import atomic_write_text, read_jsonl, write_jsonl
 from loralab.generation import cache_key, generate_greedy, load_cached, save_cached
+from loralab.intervals import Change, metric_changes
 from loralab.loss import HELDOUT_ROW_TOKENS, heldout_loss
 from loralab.metrics import example_scores, score_corpus
 from loralab.models.loading import load_model, load_tokenizer
@@ -28,16 +29,22 @@ from loralab.precision import choose_precision
 from loralab.runs.fingerprints import model_fingerprint, stage_keys
 from loralab.runs.layout import RunDir
 from loralab.runs.protocol import Stage
+from loralab.runs.readers import CHANGE_COLUMNS
 
 METRICS = ("bleu", "rouge1", "rouge2", "rougeL")
 
 
-def eval_results_csv(base: dict[str, float], lora: dict[str, float]) -> str:
+def eval_results_csv(base: dict[str, float], lora: dict[str, float], changes: dict[str, Change] | None = None) -> str:
+    """eval_results.csv: metric, base, lora (as ever), then each metric's change with its 95% interval and the
+    shares of prompts where LoRA is better, worse or tied (blank where there is no per-prompt score)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["metric", "base", "lora"])
+    writer.writerow(["metric", "base", "lora", *CHANGE_COLUMNS])
     for name in base:
-        writer.writerow([name, f"{base[name]:.6f}", f"{lora[name]:.6f}"])
+        c = (changes or {}).get(name)
+        extra = ([f"{c.delta:.6f}", f"{c.low:.6f}", f"{c.high:.6f}", f"{c.better:.4f}", f"{c.worse:.4f}",
+                  f"{c.tied:.4f}"] if c else [f"{lora[name] - base[name]:.6f}", "", "", "", "", ""])
+        writer.writerow([name, f"{base[name]:.6f}", f"{lora[name]:.6f}", *extra])
     return out.getvalue()
 
 
@@ -151,9 +158,9 @@ def _load_adapter(model, adapter_dir):
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir))
     except Exception as err:  # noqa: BLE001 - PEFT raises RuntimeError (shapes), ValueError, KeyError, SafetensorError
-        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise LoralabError(f"cannot load the adapter in {adapter_dir} onto the base model ({first}); it was trained "
-                           f"for another model or is damaged: run `loralab train CONFIG --force`") from None
+        raise LoralabError(f"cannot load the adapter in {adapter_dir} onto the base model ({first_sentence(err)}); "
+                           f"it was trained for another model or is damaged: run `loralab train CONFIG --force`"
+                           ) from None
 
 
 def _evaluate(cfg: ExperimentConfig, rundir: RunDir, stage: Stage) -> None:
@@ -192,14 +199,18 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, stage: Stage) -> None:
     n = len(records)
     base_scores = score_corpus(base_text[:n], references) if n else dict.fromkeys(METRICS, float("nan"))
     lora_scores = score_corpus(lora_text[:n], references) if n else dict.fromkeys(METRICS, float("nan"))
+    scores = {side: [example_scores(t, r) for t, r in zip(texts[:n], references, strict=True)]
+              for side, texts in (("base", base_text), ("lora", lora_text))}
+    changes = (metric_changes(base_text[:n], lora_text[:n], references, cfg.eval.bootstrap_resamples,
+                              cfg.eval.bootstrap_seed, scores=scores) if n else {})
     base_scores.update(eval_loss=base_loss, perplexity=math.exp(base_loss))
     lora_scores.update(eval_loss=lora_loss, perplexity=math.exp(lora_loss))
 
-    predictions = _predictions(tokenizer, prompts, records, references, base_text, lora_text)
+    predictions = _predictions(tokenizer, prompts, records, references, base_text, lora_text, scores)
     with stage.attempt():  # the outputs change together, or the manifest says they did not
         write_jsonl(rundir.predictions_file, predictions)
         atomic_write_text(rundir.examples_file, examples_markdown(cfg.eval.prompts, base_text[n:], lora_text[n:]))
-        atomic_write_text(rundir.eval_results_file, eval_results_csv(base_scores, lora_scores))
+        atomic_write_text(rundir.eval_results_file, eval_results_csv(base_scores, lora_scores, changes))
         stage.done(time.perf_counter() - start, prompts=n,
                    answer_tokens=sum(map(len, base_ids)) + sum(map(len, lora_ids)))
     print(
@@ -211,7 +222,7 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, stage: Stage) -> None:
 
 
 def _predictions(tokenizer, prompts: list[list[int]], records: list[dict], references: list[str],
-                 base_text: list[str], lora_text: list[str]) -> list[dict]:
+                 base_text: list[str], lora_text: list[str], scores: dict[str, list[dict]]) -> list[dict]:
     """predictions.jsonl's rows: each held-out prompt, its reference, both answers and their scores."""
     return [
         {
@@ -221,8 +232,7 @@ def _predictions(tokenizer, prompts: list[list[int]], records: list[dict], refer
             "reference": references[i],
             "base": base_text[i],
             "lora": lora_text[i],
-            "scores": {"base": example_scores(base_text[i], references[i]),
-                       "lora": example_scores(lora_text[i], references[i])},
+            "scores": {"base": scores["base"][i], "lora": scores["lora"][i]},
         }
         for i, record in enumerate(records)
     ]

@@ -9,10 +9,12 @@ from loralab.config import ExperimentConfig
 from loralab.data import (
     DataError,
     answer_text,
+    dedupe,
     encode_split,
     escape_special_tokens,
     make_template,
     read_format,
+    record_key,
     select_and_split,
     split_sizes,
 )
@@ -26,8 +28,9 @@ from loralab.sources import read_records
 
 
 def usable_records(cfg: ExperimentConfig, specials: list[str]) -> tuple[str, list[dict], dict]:
-    """(format, the source's records normalised, counts): records whose answer is empty dropped, special-token
-    strings escaped (data.escape_special_tokens), both counted for stats.json."""
+    """(format, the source's records normalised, counts): records whose answer is empty dropped, exact duplicates
+    dropped when data.dedupe is set, special-token strings escaped (data.escape_special_tokens), all counted for
+    stats.json."""
     where = cfg.data.path
     data_format, records = read_format(read_records(cfg.data.path, cfg.data.split), cfg.data.format, cfg.data.columns,
                                        where)
@@ -37,10 +40,29 @@ def usable_records(cfg: ExperimentConfig, specials: list[str]) -> tuple[str, lis
     if not kept:
         raise DataError(f"every one of the {len(records)} records of {where} has an empty answer: there is nothing "
                         f"to train on; fill in the answers")
-    escaped = [escape_special_tokens(r, specials) for r in kept]
+    unique = dedupe(kept)
+    escaped = [escape_special_tokens(r, specials) for r in (unique if cfg.data.dedupe else kept)]
     counts = {"source_records": len(records), "empty_outputs": len(records) - len(kept),
+              "duplicates_within_data": len(kept) - len(unique),
+              "duplicates_dropped": len(kept) - len(unique) if cfg.data.dedupe else 0,
               "escaped_special_tokens": sum(n for _, n in escaped)}
     return data_format, [r for r, _ in escaped], counts
+
+
+def split_records(cfg: ExperimentConfig, records: list[dict]) -> tuple[list[dict], list[dict], int]:
+    """(train, held-out) records as data.num_examples, eval_size and seed draw them, and how many held-out
+    records are exact copies of a training record; the warnings printed."""
+    for warning in split_sizes(len(records), cfg.data.num_examples, cfg.data.eval_size, cfg.data.path):
+        print(f"prepare: warning: {warning}")
+    train_idx, eval_idx = select_and_split(len(records), cfg.data.num_examples, cfg.data.eval_size, cfg.data.seed)
+    train, held_out = [records[i] for i in train_idx], [records[i] for i in eval_idx]
+    trained = {record_key(r) for r in train}
+    copies = sum(record_key(r) in trained for r in held_out)
+    if copies:
+        print(f"prepare: warning: {copies} of the {len(held_out)} held-out records are exact duplicates of "
+              f"training records in {cfg.data.path}, so held-out metrics measure memorisation; set data.dedupe: "
+              f"true to drop duplicate records before the split")
+    return train, held_out, copies
 
 
 @hide_library_deprecations
@@ -56,22 +78,21 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
     tokenizer = load_tokenizer(cfg.model)
     data_format, records, counts = usable_records(cfg, list(tokenizer.all_special_tokens))
     template = make_template(tokenizer, cfg.data.template, data_format)
-    for warning in split_sizes(len(records), cfg.data.num_examples, cfg.data.eval_size, cfg.data.path):
-        print(f"prepare: warning: {warning}")
-    train_idx, eval_idx = select_and_split(len(records), cfg.data.num_examples, cfg.data.eval_size, cfg.data.seed)
+    train_records, eval_records, copies = split_records(cfg, records)
     turns = cfg.data.assistant_turns
-    train, train_stats = encode_split(tokenizer, template, [records[i] for i in train_idx], cfg.data.max_length, turns)
-    evals, eval_stats = encode_split(tokenizer, template, [records[i] for i in eval_idx], cfg.data.max_length, turns)
+    train, train_stats = encode_split(tokenizer, template, train_records, cfg.data.max_length, turns)
+    evals, eval_stats = encode_split(tokenizer, template, eval_records, cfg.data.max_length, turns)
     if not train:
         raise DataError(
-            f"no training examples left after filtering {len(train_idx)} records "
+            f"no training examples left after filtering {len(train_records)} records "
             f"(truncated: {train_stats['truncated']}, "
             f"dropped with no trained token: {train_stats['dropped']}); raise data.max_length or check the data"
         )
     total_tokens = train_stats["tokens"] + eval_stats["tokens"]
     stats = {
         **counts,
-        "selected": len(train_idx) + len(eval_idx),
+        "selected": len(train_records) + len(eval_records),
+        "duplicates_across_split": copies,
         "format": data_format,
         "template": template.kind,
         "train": train_stats,
@@ -88,6 +109,7 @@ def run(cfg: ExperimentConfig, force: bool = False) -> str:
                                seeds={"data": cfg.data.seed, "train": cfg.train.seed})
         stage.done(time.perf_counter() - start)
     notes = [f"{counts[k]} {what}" for k, what in (("empty_outputs", "records with an empty answer dropped"),
+             ("duplicates_dropped", "duplicate records dropped (data.dedupe)"),
              ("escaped_special_tokens", "special-token strings in the text escaped to train as text")) if counts[k]]
     print(
         f"prepare: {len(train)} train / {len(evals)} eval examples ({data_format}), {stats['truncated']} truncated, "

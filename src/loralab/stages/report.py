@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from loralab.config import ExperimentConfig
-from loralab.errors import LoralabError, hide_library_deprecations
+from loralab.errors import LoralabError, first_sentence, hide_library_deprecations
 from loralab.files import atomic_write_text
 from loralab.reporting.page import report_page
 from loralab.reporting.plots import plot_lora_flow, plot_loss_curve
@@ -28,6 +28,9 @@ from loralab.reporting.tables import (
     TOO_SHORT,
     format_change,
     format_duration,
+    has_intervals,
+    interval_text,
+    noise_sentence,
     not_yet,
     section,
     setup_rows,
@@ -80,7 +83,7 @@ def run(cfg: ExperimentConfig) -> Path:
     try:
         path = build_report(rundir.root)
     except (ValueError, UnicodeDecodeError, yaml.YAMLError) as err:  # a run file damaged after its stage recorded it
-        raise LoralabError(f"cannot report on {rundir.root}: {str(err).splitlines()[0]}; run the stage that writes "
+        raise LoralabError(f"cannot report on {rundir.root}: {first_sentence(err)}; run the stage that writes "
                            f"that file again with --force") from None
     # Always rebuilt (about a second), from whatever the earlier stages last wrote; the hash records which eval.
     # config.yaml is the stages' that consumed the config; the report only reads it.
@@ -164,9 +167,10 @@ def _setup_section(config: dict, manifest: dict | None, stats: dict | None) -> s
 def _results_section(eval_results: dict | None, n_predictions: int | None) -> str:
     if eval_results is None:
         return f"## Results\n\n{not_yet(EVAL_RESULTS_FILE)}"
+    intervals = has_intervals(eval_results)
     rows = [
         [METRIC_LABELS.get(name, name), format_metric(v["base"]), format_metric(v["lora"]),
-         format_change(v["base"], v["lora"])]
+         format_change(v["base"], v["lora"]), *([interval_text(v)] if intervals else [])]
         for name, v in eval_results.items()
     ]
     scope = (
@@ -178,7 +182,8 @@ def _results_section(eval_results: dict | None, n_predictions: int | None) -> st
         [
             "## Results",
             scope + "BLEU is corpus BLEU (sacrebleu), ROUGE the mean F1 over prompts; both on a 0-1 scale.",
-            table(["Metric", "Base", "LoRA", "Change"], rows),
+            table(["Metric", "Base", "LoRA", "Change", *(["95% interval"] if intervals else [])], rows),
+            *([noise_sentence(eval_results, n_predictions)] if intervals else []),
             "BLEU and ROUGE reward n-gram overlap with a single reference answer. They do not measure whether "
             "an answer is correct or helpful, and they score a correct paraphrase low, so read them next to "
             "the examples below.",

@@ -9,6 +9,7 @@ the run directory is touched. Under torchrun or accelerate launch every process 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,15 @@ import torch
 from loralab import decisions, devices
 from loralab.config import ExperimentConfig
 from loralab.cpu.onednn_weights import onednn_weights_available
-from loralab.errors import hide_library_deprecations
-from loralab.files import read_jsonl
+from loralab.errors import LoralabError, hide_library_deprecations
+from loralab.files import read_jsonl, write_json
 from loralab.launch import accelerate_cpu_started_one, launched_processes
 from loralab.models.gguf import model_source
 from loralab.models.loading import add_lora, count_parameters, load_model, read_model_config, resolve_model_source
 from loralab.runs.fingerprints import stage_keys
 from loralab.runs.layout import RunDir, environment_info
 from loralab.runs.protocol import Stage
+from loralab.runs.recovery import swap_in_retrain
 from loralab.switches import Switches
 from loralab.training.callbacks import MetricsLog, StopOnInterrupt
 from loralab.training.checkpoints import (
@@ -60,7 +62,8 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     """Train LoRA adapters; write adapter/, metrics.jsonl and checkpoints/; return the stage hash.
 
     A finished checkpoint completes an adapter that is missing or damaged (and --resume on a finished run does
-    nothing)."""
+    nothing). Over a finished run the new one trains beside it, in <run>/.retrain/, and replaces it only once it
+    has finished (``force``: afresh in place)."""
     rundir = RunDir(cfg)
     keys = stage_keys(cfg)
     stage = Stage(rundir, keys.train, upstream=keys.prepare)
@@ -75,28 +78,102 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
         state = "the run has already finished" if resume else "up to date"
         _say(f"train: {state} (step {steps}, {rundir.adapter_dir})" + ("; nothing to resume" if resume else ""))
         return stage.hash
-    resume_from = checkpoint_to_resume(rundir.checkpoints_dir, stage.hash, required=resume) if resume or not force \
+    out = _training_dir(rundir, stage, force, resume)
+    work = stage if out is rundir else Stage(out, keys.train, upstream=keys.prepare)
+    resume_from = checkpoint_to_resume(out.checkpoints_dir, stage.hash, required=resume) if resume or not force \
         else None
     if resume_from is not None and step_of(resume_from) >= cfg.train.max_steps \
-            and log_reaches(rundir.metrics_file, step_of(resume_from)):
+            and log_reaches(out.metrics_file, step_of(resume_from)):
         if main:
-            _finish_from_checkpoint(rundir, stage, resume_from)
+            _begin(rundir, out, resume_from)
+            _finish_from_checkpoint(out, work, resume_from)
+            _swap_in(rundir, out)
         return stage.hash
     if not resume:
         resume_from = None
     per_process = decisions.per_process_examples(cfg.train, processes)  # before anything is loaded or written
 
     start = time.perf_counter()
-    training = setup(cfg, rundir, stage.hash, processes, per_process)
-    with stage.attempt() if main else contextlib.nullcontext():
+    training = setup(cfg, out, stage.hash, processes, per_process)
+    if main:
+        _begin(rundir, out, resume_from)
+    with work.attempt() if main else contextlib.nullcontext(), _keeping(rundir, out):
         if main:
-            rundir.update_manifest(**training.manifest)
-        step = fit(cfg, rundir, stage.hash, training, resume_from)
+            out.update_manifest(**training.manifest)
+        step = fit(cfg, out, stage.hash, training, resume_from)
         if main:
-            save_adapter(training.model, rundir.adapter_dir, train_hash=stage.hash, step=step)
-            stage.done(time.perf_counter() - start, steps=step)
+            save_adapter(training.model, out.adapter_dir, train_hash=stage.hash, step=step)
+            work.done(time.perf_counter() - start, steps=step)
+    if main:
+        _swap_in(rundir, out)
     _say(f"train: adapter saved to {rundir.adapter_dir}")
     return stage.hash
+
+
+class Retrain(RunDir):
+    """The run directory as a retrain over a finished run writes it: its checkpoints/, metrics.jsonl, tensorboard/,
+    adapter/, config.yaml and manifest (the attempt's own record) in RunDir.retrain_dir, laid out as the run is,
+    until runs.recovery.swap_in_retrain moves them in; the prepared data read from the run."""
+
+    def __init__(self, run: RunDir):
+        super().__init__(run.cfg)
+        self.run, self.root = run, run.retrain_dir
+
+    @property
+    def data_dir(self) -> Path:
+        return self.run.data_dir
+
+
+def _training_dir(rundir: RunDir, stage: Stage, force: bool, resume: bool) -> RunDir:
+    """Where this attempt trains: in place for a first train, over a run that did not finish or with --force;
+    beside a finished run (its files whole) in <run>/.retrain/, so that a failed or killed attempt leaves it as
+    it was."""
+    if force or not stage.records.finished_whole("train"):
+        return rundir
+    out, steps = Retrain(rundir), stage.records.stage_record("train").get("steps")
+    if resume and not out.checkpoints_dir.is_dir():
+        made = " was made with a different config," if stage.records.recorded_hash("train") != stage.hash else ""
+        raise LoralabError(f"--resume: the finished run in {rundir.root} (step {steps}){made} and no retrain was "
+                           f"started beside it (in {out.root}); run `loralab train CONFIG` to retrain (the finished "
+                           f"run is kept until the new one finishes)")
+    _say(f"train: the finished run in {rundir.root} (step {steps}) stays as it is until this one finishes; "
+         f"training in {out.root} (--force: afresh in place)")
+    return out
+
+
+def _begin(rundir: RunDir, out: RunDir, resume_from: Path | None) -> None:
+    """A retrain's staging area, afresh unless it resumes, with a copy of the run's manifest (the stages before
+    train, and the facts a resumed attempt recorded) for the attempt to record itself in."""
+    if out is rundir:
+        return
+    staged = {}
+    if resume_from is None:
+        shutil.rmtree(out.root, ignore_errors=True)
+    else:
+        with contextlib.suppress(LoralabError):  # the attempt's own record only: the run's manifest is what counts
+            staged = out.manifest()
+    out.root.mkdir(exist_ok=True)
+    write_json(out.manifest_file, {**rundir.manifest(), **{k: v for k, v in staged.items() if k != "stages"}})
+
+
+@contextlib.contextmanager
+def _keeping(rundir: RunDir, out: RunDir):
+    """A retrain that stops before it finishes says that the finished run is still there, and how to go on."""
+    try:
+        yield
+    except BaseException:
+        if out is not rundir:
+            _say(f"train: the finished run in {rundir.root} is kept as it was; this retrain's checkpoints are in "
+                 f"{out.checkpoints_dir} (`loralab train CONFIG --resume` with the same settings continues it)")
+        raise
+
+
+def _swap_in(rundir: RunDir, out: RunDir) -> None:
+    """A finished retrain replaces the run: adapter, checkpoints, logs, config.yaml and manifest (recoverable at
+    every instant: runs.recovery.swap_in_retrain)."""
+    if out is not rundir:
+        swap_in_retrain(out.root, rundir.root)
+        print(f"train: the new run replaced the previous one in {rundir.root}")
 
 
 def decide(cfg: ExperimentConfig, train_examples: list[dict]) -> Switches:
@@ -162,7 +239,8 @@ def fit(cfg: ExperimentConfig, rundir: RunDir, train_hash: str, training: Traini
     if launched_processes()[0] == 0:
         start_logs(rundir.checkpoints_dir, rundir.metrics_file, rundir.root / "tensorboard", train_hash, resume_from)
     # The TensorBoard writer opens its event file at once: made after start_logs cleared the old ones.
-    for callback in tracker_callbacks(cfg, rundir.root, step_of(resume_from) if resume_from else 0):
+    for callback in tracker_callbacks(cfg, cfg.run_dir, step_of(resume_from) if resume_from else 0,
+                                      tensorboard_dir=rundir.root / "tensorboard"):
         trainer.add_callback(callback)
     try:
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

@@ -12,6 +12,7 @@ from loralab.errors import LoralabError
 from loralab.files import COMPLETE_FILE, completeness, mark_complete, read_jsonl, write_jsonl
 from loralab.runs.recovery import NEW_ADAPTER, swap_in_adapter
 
+MODEL_CARD = "README.md"  # an adapter folder's model card (loralab.models.card writes it)
 HASH_FILE = "train_hash.txt"  # which config the checkpoints beside it belong to
 
 
@@ -112,12 +113,16 @@ def log_reaches(metrics_file: Path, step: int) -> bool:
 
 
 def adapter_from_checkpoint(checkpoint: Path, adapter_dir: Path, **info) -> None:
-    """Swap in the adapter files of a complete ``checkpoint`` as the run's adapter (as save_adapter does)."""
+    """Swap in the adapter files of a complete ``checkpoint`` as the run's adapter (as save_adapter does), keeping
+    the model card (README.md) the adapter folder had: `loralab card`, merge and export-gguf wrote it there."""
     new = adapter_dir.with_name(NEW_ADAPTER)
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir()
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copy2(checkpoint / name, new / name)
+    card = adapter_dir / MODEL_CARD
+    if card.is_file():
+        shutil.copy2(card, new / MODEL_CARD)
     mark_complete(new, **info)
     swap_in_adapter(new, adapter_dir)
 

@@ -22,9 +22,11 @@ def check_trackers(cfg: ExperimentConfig) -> None:
                                f"{TRACKER_PACKAGES[name]} (or remove {name} from train.report_to)")
 
 
-def tracker_callbacks(cfg: ExperimentConfig, run_root: Path, resume_step: int = 0) -> list:
-    """The Trainer's TensorBoard callback writing into <run>/tensorboard/ (main process only), and environment
-    defaults that keep MLflow and W&B in the run directory (W&B offline without an API key) unless set."""
+def tracker_callbacks(cfg: ExperimentConfig, run_root: Path, resume_step: int = 0,
+                      tensorboard_dir: Path | None = None) -> list:
+    """The Trainer's TensorBoard callback writing into <run>/tensorboard/ (or ``tensorboard_dir``: a retrain's
+    staging area) on the main process only, and environment defaults that keep MLflow and W&B in the run directory
+    (W&B offline without an API key) unless set."""
     callbacks = []
     main_process = launched_processes()[0] == 0
     if "tensorboard" in cfg.train.report_to and main_process:
@@ -32,7 +34,7 @@ def tracker_callbacks(cfg: ExperimentConfig, run_root: Path, resume_step: int = 
         from transformers.integrations import TensorBoardCallback
 
         # purge_step: TensorBoard hides what an interrupted run logged after the checkpoint resumed from
-        writer = SummaryWriter(log_dir=str(run_root / "tensorboard"),
+        writer = SummaryWriter(log_dir=str(tensorboard_dir or run_root / "tensorboard"),
                                purge_step=resume_step + 1 if resume_step else None)
         callbacks.append(TensorBoardCallback(writer))
     if "mlflow" in cfg.train.report_to:
