@@ -86,3 +86,18 @@ def test_an_adapter_taken_from_a_checkpoint_is_swapped_in_whole(tmp_path):
     assert (adapter / "adapter_model.safetensors").read_bytes() == b"weights 4"
     assert json.loads((adapter / COMPLETE_FILE).read_text())["step"] == 4
     assert not (tmp_path / ".adapter-new").exists() and not (tmp_path / ".adapter-old").exists()
+
+
+def test_a_resumed_runs_runtime_counts_every_process(tmp_path):
+    from loralab.training.callbacks import MetricsLog
+    from loralab.training.checkpoints import train_seconds
+
+    checkpoint = _checkpoint(tmp_path / "checkpoints", 4)
+    assert train_seconds(checkpoint) == 0.0 and train_seconds(None) == 0.0
+    mark_complete(checkpoint, step=4, train_seconds=12.5)
+    assert train_seconds(checkpoint) == 12.5
+    log = MetricsLog(tmp_path / "metrics.jsonl", "fp32", 0, earlier_seconds=12.5)
+    state = type("State", (), {"global_step": 8, "is_world_process_zero": True})()
+    log.on_log(None, state, None, logs={"train_runtime": 10.0, "train_loss": 1.0})
+    summary = read_jsonl(tmp_path / "metrics.jsonl")[-1]
+    assert summary["train_runtime"] == 22.5 and summary["train_runtime_last_process"] == 10.0

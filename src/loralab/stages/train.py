@@ -39,6 +39,7 @@ from loralab.training.checkpoints import (
     save_adapter,
     start_logs,
     step_of,
+    train_seconds,
 )
 from loralab.training.trackers import check_trackers, tracker_callbacks
 from loralab.training.trainer import ResponseOnlyTrainer, build_trainer
@@ -94,7 +95,7 @@ def run(cfg: ExperimentConfig, resume: bool = False, force: bool = False) -> str
     per_process = decisions.per_process_examples(cfg.train, processes)  # before anything is loaded or written
 
     start = time.perf_counter()
-    training = setup(cfg, out, stage.hash, processes, per_process)
+    training = setup(cfg, out, stage.hash, processes, per_process, resume_from)
     if main:
         _begin(rundir, out, resume_from)
     with work.attempt() if main else contextlib.nullcontext(), _keeping(rundir, out):
@@ -198,7 +199,8 @@ def build_model(cfg: ExperimentConfig, switches: Switches):
     return add_lora(base, cfg.lora)
 
 
-def setup(cfg: ExperimentConfig, rundir: RunDir, train_hash: str, processes: int, per_process: int) -> Training:
+def setup(cfg: ExperimentConfig, rundir: RunDir, train_hash: str, processes: int, per_process: int,
+          resume_from: Path | None = None) -> Training:
     """Everything that can fail on the config, the data or the model, in dependency order, before any file is
     touched."""
     check_trackers(cfg)  # a missing tracker package is said before any weight is loaded
@@ -214,10 +216,11 @@ def setup(cfg: ExperimentConfig, rundir: RunDir, train_hash: str, processes: int
         _say(f"train: {processes} processes x {per_process} examples = {processes * per_process} examples per "
              f"optimizer step (train.per_device_train_batch_size x gradient_accumulation_steps, split over the "
              f"processes)")
+    earlier = train_seconds(resume_from)  # a resumed run's runtime counts its earlier processes too
     log = MetricsLog(rundir.metrics_file, switches.precision, cfg.train.eval_loss_steps,
-                     lora_alpha=cfg.lora.lora_alpha, learning_rate=cfg.train.learning_rate)
+                     lora_alpha=cfg.lora.lora_alpha, learning_rate=cfg.train.learning_rate, earlier_seconds=earlier)
     stop = StopOnInterrupt()
-    guard = CheckpointGuard(rundir.checkpoints_dir, train_hash, cfg.train.save_total_limit)
+    guard = CheckpointGuard(rundir.checkpoints_dir, train_hash, cfg.train.save_total_limit, earlier_seconds=earlier)
     trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, [log, stop, guard], switches,
                             eval_examples)
     manifest = {

@@ -58,13 +58,14 @@ class MetricsLog(TrainerCallback):
     covers the whole run, not only its resumed part."""
 
     def __init__(self, path: Path, precision: str, eval_every: int, lora_alpha: float = 0.0,
-                 learning_rate: float = 0.0):
+                 learning_rate: float = 0.0, earlier_seconds: float = 0.0):
         self.path = path
         self.precision = precision
         self.eval_every = eval_every
         self.failure: LoralabError | None = None
         self.lora_alpha, self.learning_rate = lora_alpha, learning_rate  # named in stall messages
         self.rows: list[dict] = []
+        self.earlier_seconds = earlier_seconds  # trained by earlier processes of a resumed run
         self.main_process = True  # under torchrun/accelerate only rank 0 writes (on_train_begin)
 
     def _write(self, row: dict) -> None:
@@ -113,6 +114,9 @@ class MetricsLog(TrainerCallback):
                 control.should_evaluate = False
         elif "train_runtime" in logs:
             summary = {"step": state.global_step, **{k: logs[k] for k in ("train_runtime", "train_loss") if k in logs}}
+            if self.earlier_seconds and "train_runtime" in summary:  # every process of the run, not the last alone
+                summary["train_runtime_last_process"] = summary["train_runtime"]
+                summary["train_runtime"] = round(summary["train_runtime"] + self.earlier_seconds, 4)
             losses = ([r["loss"] for r in training_rows(read_jsonl(self.path))]
                       if self.main_process and self.path.exists() else [])
             if losses:

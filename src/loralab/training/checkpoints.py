@@ -4,6 +4,7 @@ complete first for --resume; and the adapter saved so that an old one is never h
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -51,15 +52,21 @@ class CheckpointGuard(TrainerCallback):
     kill at any instant leaves the previous complete checkpoint in place. A checkpoint saved outside the
     Trainer's save loop (on Ctrl-C, say) counts for --resume only once this on_save has run for it."""
 
-    def __init__(self, checkpoints_dir: Path, train_hash: str, keep: int):
+    def __init__(self, checkpoints_dir: Path, train_hash: str, keep: int, earlier_seconds: float = 0.0):
         self.checkpoints_dir, self.train_hash, self.keep = checkpoints_dir, train_hash, keep
+        self.earlier_seconds, self.started = earlier_seconds, time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
             return
         folder = self.checkpoints_dir / f"checkpoint-{state.global_step}"
         if folder.is_dir():
-            mark_complete(folder, train_hash=self.train_hash, step=state.global_step)
+            # train_seconds: training time up to this checkpoint over every process of the run (a resume adds on)
+            seconds = round(self.earlier_seconds + time.perf_counter() - self.started, 3)
+            mark_complete(folder, train_hash=self.train_hash, step=state.global_step, train_seconds=seconds)
         complete = 0
         for older in checkpoints(self.checkpoints_dir):
             whole = (older / COMPLETE_FILE).is_file()
@@ -142,3 +149,11 @@ def start_logs(checkpoints_dir: Path, metrics_file: Path, tensorboard_dir: Path,
             if step_of(newer) > step_of(resume_from):
                 shutil.rmtree(newer)
         truncate_metrics(metrics_file, step_of(resume_from))
+
+
+def train_seconds(checkpoint: Path | None) -> float:
+    """Training time up to ``checkpoint`` over the processes that made it (its completion record), 0 without one."""
+    if checkpoint is None:
+        return 0.0
+    record, _ = completeness(checkpoint)
+    return float((record or {}).get("train_seconds") or 0.0)
