@@ -286,3 +286,11 @@ def test_a_run_too_short_to_judge_says_so_in_both_reports(tmp_path):
     (long_enough / "config.yaml").write_text(yaml.safe_dump(config))
     assert "Too short to judge" not in build_report(long_enough).read_text()
     assert 'id="too-short"' not in (long_enough / "report.html").read_text()
+
+
+def test_a_report_before_eval_names_the_command_to_run(tmp_path):
+    run = write_run_dir(tmp_path / "run", eval_results=False, examples=False)
+    text = build_report(run).read_text()
+    results = text.split("## Results\n\n")[1].split("\n## ")[0]
+    assert "eval_results.csv" in results and "`loralab eval CONFIG`" in results
+    assert "loralab eval CONFIG" in (run / "report.html").read_text().split('id="results"')[1].split("</section>")[0]
