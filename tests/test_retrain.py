@@ -10,7 +10,6 @@ it. The diverging and killed retrains are real processes (`python -m loralab`), 
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+import test_reliability as reliability
 import yaml
+from test_reliability import RUN
 
 import loralab
 from loralab import cli
@@ -27,42 +28,8 @@ from loralab.runs import recovery
 from loralab.runs.layout import RETRAIN_DIR
 from loralab.runs.lock import LOCK_FILE
 
-RUN = Path("runs/t")
-CONFIG = {
-    "name": "t",
-    "output_dir": "runs",
-    "model": {"name_or_path": "./model"},
-    "data": {"path": "./data.json", "num_examples": None, "eval_size": 4, "max_length": 128},
-    "train": {"max_steps": 4, "logging_steps": 1, "save_steps": 2, "gradient_accumulation_steps": 2, "warmup_steps": 1,
-              "device": "cpu", "save_total_limit": 2},
-    "eval": {"max_new_tokens": 4, "num_examples": 2, "prompts": ["Name a colour."]},
-}
-
-
-@pytest.fixture(scope="session")
-def finished(tmp_path_factory, tiny_model_dir, alpaca_records) -> Path:
-    """A folder holding model/, data.json, exp.yaml and runs/t/, a run finished by `loralab run` (trained in place:
-    a first train has no finished run to keep)."""
-    base = tmp_path_factory.mktemp("retrain")
-    shutil.copytree(tiny_model_dir, base / "model")
-    (base / "data.json").write_text(json.dumps(alpaca_records[:24]))
-    (base / "exp.yaml").write_text(yaml.safe_dump(CONFIG))
-    cwd = os.getcwd()
-    os.chdir(base)
-    try:
-        assert cli.main(["run", "exp.yaml"]) == 0
-    finally:
-        os.chdir(cwd)
-    assert not (base / RUN / RETRAIN_DIR).exists()
-    return base
-
-
-@pytest.fixture
-def work(finished, tmp_path, monkeypatch) -> Path:
-    copy = tmp_path / "w"
-    shutil.copytree(finished, copy, symlinks=True)
-    monkeypatch.chdir(copy)
-    return copy
+# The same finished tiny run (built once), and a private copy of it per case, as test_reliability's.
+finished, work = reliability.finished, reliability.work  # pytest fixtures
 
 
 def run_files(run: Path) -> dict[str, str]:
