@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                            help="redo the stage(s) even if the inputs are unchanged; train afresh in place "
                                 "(without it, a retrain over a finished run trains beside it and replaces it only "
                                 "when it finishes)")
+        if name == "run":
+            p.add_argument("--seeds", type=int, default=1, metavar="N",
+                           help="train the config under N seeds (train.seed, +1, ...), each into its own run "
+                                "directory <name>-seed<S>, and write <output_dir>/<name>-seeds.md: mean ± sd")
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest checkpoint in <run>/checkpoints/ (or, for a retrain over a "
@@ -165,7 +169,12 @@ def _dispatch(args: argparse.Namespace) -> None:
 def _run_stage(args: argparse.Namespace, cfg) -> None:
     if args.command == "run":
         from loralab.stages import pipeline
-        pipeline.run_all(cfg, force=args.force)
+        if args.seeds < 1:
+            raise LoralabError(f"--seeds {args.seeds}: give 1 or more seeds")
+        if args.seeds > 1:
+            pipeline.run_seeds(cfg, args.seeds, force=args.force)
+        else:
+            pipeline.run_all(cfg, force=args.force)
     elif args.command == "prepare":
         from loralab.stages import prepare
         prepare.run(cfg, force=args.force)

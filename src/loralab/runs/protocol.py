@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from loralab.config import ExperimentConfig
 from loralab.errors import LoralabError, first_sentence
-from loralab.files import file_sha256, folder_hashes
+from loralab.files import atomic_write_bytes, file_sha256, folder_hashes
 from loralab.launch import launched_processes
 from loralab.runs.layout import UNVERIFIED, RunDir, outputs_digest
 
@@ -211,6 +211,10 @@ class StageRecords:
             stages[upstream.name] = {**before, "status": "done", "hash": upstream.hash, "inputs": upstream.inputs}
         self.rundir.update_manifest(stages=stages)
 
+    def set_record(self, stage: str, record: dict) -> None:
+        """Record ``stage`` as ``record`` says (copy_stage gives a run the record of an identical stage)."""
+        self._set_stage(stage, record)
+
     def _set_stage(self, stage: str, record: dict) -> None:
         stages = self.rundir.manifest().get("stages", {})
         stages[stage] = record
@@ -306,3 +310,18 @@ class Stage:
     def done(self, wall_s: float, write_config: bool = True, **extra: Any) -> None:
         self.records.mark_done(self.name, self.hash, wall_s, inputs=self.key.inputs, write_config=write_config,
                                **extra)
+
+
+def copy_stage(source: RunDir, dest: RunDir, stage: str) -> bool:
+    """Give ``dest`` the finished ``stage`` of ``source`` (its output files and its manifest record) when the stage
+    is done and whole there and not yet done in ``dest``: what a stage that would compute the same files again can
+    share. Returns whether it copied."""
+    record = StageRecords(source).stage_record(stage)
+    if StageRecords(source).problem(stage, record.get("hash", "")) is not None:
+        return False
+    if StageRecords(dest).stage_record(stage).get("status") == "done":
+        return False
+    for rel in dest.STAGE_OUTPUTS[stage]:
+        atomic_write_bytes(dest.root / rel, (source.root / rel).read_bytes())
+    StageRecords(dest).set_record(stage, record)
+    return True
