@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loralab.data import DataError
+from loralab.errors import first_sentence
 from loralab.files import JsonlError, parse_jsonl
 from loralab.hub import prepare_hub_access, why_not_loaded
 
@@ -51,13 +52,8 @@ def read_local_records(path: Path) -> list:
         return _read_table(path, suffix[1:])
     try:
         text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: a BOM (Windows editors write one) is skipped
-    except FileNotFoundError:
-        raise no_data_file(path) from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                        f"save it as UTF-8") from None
-    except OSError as err:
-        raise DataError(f"cannot read data file {path} ({err.strerror or err}); check its permissions") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise _unreadable(path, err) from None
     try:
         return _parse_records(path, text)
     except RecursionError:
@@ -109,18 +105,22 @@ def _read_table(path: Path, kind: str) -> list[dict]:
             return [dict(r) for r in rows]
     except DataError:
         raise
-    except FileNotFoundError:
-        raise no_data_file(path) from None
-    except UnicodeDecodeError as err:
-        raise DataError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                        f"save it as UTF-8") from None
-    except OSError as err:
-        raise DataError(f"cannot read data file {path} ({err.strerror or err}); check its permissions") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise _unreadable(path, err) from None
     except Exception as err:  # pyarrow and pandas raise many types for a damaged file
         while err.__cause__ or err.__context__:  # datasets wraps the reader's error: name the reader's
             err = err.__cause__ or err.__context__
-        why = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise DataError(f"cannot read data file {path} as {name} ({why}); check that it is a {name} file") from None
+        raise DataError(f"cannot read data file {path} as {name} ({first_sentence(err)}); check that it is a "
+                        f"{name} file") from None
+
+
+def _unreadable(path: Path, err: OSError | UnicodeDecodeError) -> DataError:
+    """The one line for a data file that cannot be read: missing, not UTF-8, or refused by the system."""
+    if isinstance(err, FileNotFoundError):
+        return no_data_file(path)
+    if isinstance(err, UnicodeDecodeError):
+        return DataError(f"data file {path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8")
+    return DataError(f"cannot read data file {path} ({err.strerror or err}); check its permissions")
 
 
 def _csv_options(path: Path) -> dict:

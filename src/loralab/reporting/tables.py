@@ -8,7 +8,7 @@ from typing import Any
 from loralab.config import config_from_dict, run_warnings
 from loralab.errors import LoralabError
 from loralab.runs.layout import STATS_FILE
-from loralab.runs.readers import STAGE_ORDER, format_lr
+from loralab.runs.readers import METRIC_LABELS, STAGE_ORDER, format_lr
 
 
 def format_change(base: float, lora: float) -> str:
@@ -173,8 +173,7 @@ def noise_sentence(eval_results: dict | None, prompts: int | None) -> str | None
     """In words, which changes are not distinguishable from noise on this many prompts (interval holds 0)."""
     if not has_intervals(eval_results):
         return None
-    from_runs = {"bleu": "BLEU", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L"}
-    noisy = [from_runs.get(name, name) for name, v in eval_results.items()
+    noisy = [METRIC_LABELS.get(name, name) for name, v in eval_results.items()
              if "change_low" in v and v["change_low"] <= 0.0 <= v["change_high"]]
     many = f"{prompts:,} held-out prompts" if prompts else "these held-out prompts"
     if not noisy:

@@ -211,10 +211,6 @@ class StageRecords:
             stages[upstream.name] = {**before, "status": "done", "hash": upstream.hash, "inputs": upstream.inputs}
         self.rundir.update_manifest(stages=stages)
 
-    def set_record(self, stage: str, record: dict) -> None:
-        """Record ``stage`` as ``record`` says (copy_stage gives a run the record of an identical stage)."""
-        self._set_stage(stage, record)
-
     def _set_stage(self, stage: str, record: dict) -> None:
         stages = self.rundir.manifest().get("stages", {})
         stages[stage] = record
@@ -323,5 +319,5 @@ def copy_stage(source: RunDir, dest: RunDir, stage: str) -> bool:
         return False
     for rel in dest.STAGE_OUTPUTS[stage]:
         atomic_write_bytes(dest.root / rel, (source.root / rel).read_bytes())
-    StageRecords(dest).set_record(stage, record)
+    StageRecords(dest)._set_stage(stage, record)
     return True
