@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from loralab import IGNORE_INDEX
-from loralab.loss import heldout_loss
+from loralab.loss import heldout_example_losses, heldout_loss
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +26,38 @@ def examples(model):
     return out
 
 
-def reference_loss(model, examples) -> float:
-    """Each example alone through the model's own forward and full logits: token-weighted mean CE."""
-    total, count = 0.0, 0
+def reference_example_losses(model, examples) -> list[tuple[float, int]]:
+    """Each example alone through the model's own forward and full logits: its summed CE and trained tokens."""
+    out = []
     with torch.no_grad():
         for ex in examples:
             logits = model(torch.tensor([ex["input_ids"]])).logits[0, :-1]  # (L-1, vocab)
             targets = torch.tensor(ex["labels"][1:])
-            total += F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
-            count += int((targets != IGNORE_INDEX).sum())
-    return total / count
+            out.append((F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum").item(),
+                        int((targets != IGNORE_INDEX).sum())))
+    return out
+
+
+def reference_loss(model, examples) -> float:
+    """Token-weighted mean CE of reference_example_losses."""
+    pairs = reference_example_losses(model, examples)
+    return sum(s for s, _ in pairs) / sum(c for _, c in pairs)
 
 
 @pytest.mark.parametrize("max_tokens", [1, 64, 100, 4096])
 def test_heldout_loss_equals_the_per_example_full_logits_loss(model, examples, max_tokens):
     expected = reference_loss(model, examples)
     assert heldout_loss(model, examples, "cpu", max_tokens=max_tokens) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 64, 4096])
+def test_per_example_losses_are_each_examples_own_however_they_are_packed(model, examples, max_tokens):
+    """The sums the held-out loss's interval resamples: one per example, in order, packed or not."""
+    got = heldout_example_losses(model, examples, "cpu", max_tokens=max_tokens)
+    expected = reference_example_losses(model, examples)
+    trained = [sum(label != IGNORE_INDEX for label in ex["labels"][1:]) for ex in examples]
+    assert [c for _, c in got] == [c for _, c in expected] == trained
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in expected], rel=1e-5)
 
 
 def test_heldout_loss_progress_bar_counts_tokens_and_restores_training_mode(model, examples, capsys):
@@ -70,10 +86,10 @@ def test_eval_heldout_loss_runs_on_onednn_prepacked_weights_and_puts_them_back(m
 
     def recording(model_, *args, **kwargs):
         layouts.append(sum(onednn_of(m) is not None for m in model_.modules()))
-        return loss.heldout_loss(model_, *args, **kwargs)
+        return loss.heldout_example_losses(model_, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "heldout_loss", recording)
-    value = evaluate._heldout_loss(model, examples, "cpu", "held-out check")
+    monkeypatch.setattr(evaluate, "heldout_example_losses", recording)
+    value = loss.mean_loss(evaluate._heldout_losses(model, examples, "cpu", "held-out check"))
     linears = sum(type(m) is torch.nn.Linear for m in model.modules())
     assert not model.config.tie_word_embeddings and layouts == [linears]  # every linear, the head too
     assert value == pytest.approx(reference_loss(model, examples), rel=1e-5)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from loralab.intervals import corpus_bleu_from_statistics, metric_changes
+from loralab.intervals import corpus_bleu_from_statistics, loss_changes, metric_changes
 from loralab.metrics import bleu_statistics, corpus_bleu
 from loralab.runs.readers import read_eval_results
 from loralab.stages.evaluate import eval_results_csv
@@ -72,3 +72,42 @@ def test_eval_results_keep_their_columns_and_gain_the_interval(tmp_path):
     assert "| Metric | Base | LoRA | Change | 95% interval |" in report
     assert "not distinguishable from noise on 8 held-out prompts" in report  # write_run_dir's 8 predictions
     assert "95% interval" in (run / "report.html").read_text()
+
+
+def _example_losses(n: int, seed: int) -> list[tuple[float, int]]:
+    rng = random.Random(seed)
+    counts = [rng.randint(5, 200) for _ in range(n)]
+    return [(c * rng.uniform(1.0, 3.0), c) for c in counts]
+
+
+def test_the_held_out_loss_interval_covers_a_known_change():
+    """LoRA's loss 0.3 lower on every token: every resample's change is -0.3 (the interval is that point); on half
+    the examples only, the interval holds the token-weighted change and not 0."""
+    base = _example_losses(50, 0)
+    lower = [(s - 0.3 * c, c) for s, c in base]
+    change = loss_changes(base, lower)["eval_loss"]
+    assert (change.delta, change.low, change.high) == pytest.approx((-0.3, -0.3, -0.3))
+    assert (change.better, change.worse, change.tied) == (1.0, 0.0, 0.0)
+    half = [(s - 0.3 * c, c) if i % 2 else (s, c) for i, (s, c) in enumerate(base)]
+    expected = -0.3 * sum(c for i, (_, c) in enumerate(base) if i % 2) / sum(c for _, c in base)
+    change = loss_changes(base, half, seed=5)["eval_loss"]
+    assert change.delta == pytest.approx(expected)
+    assert change.low < expected < change.high < 0 and change.distinguishable
+    assert (change.better, change.worse, change.tied) == (0.5, 0.0, 0.5)
+    perplexity = loss_changes(base, half, seed=5)["perplexity"]
+    assert perplexity.high < 0 and perplexity.better == 0.5
+
+
+def test_identical_losses_give_the_point_interval_zero_and_the_bootstrap_repeats_under_its_seed():
+    base, other = _example_losses(30, 1), _example_losses(30, 2)
+    other = [(s, c) for (s, _), (_, c) in zip(other, base, strict=True)]  # same token counts, other sums
+    same = loss_changes(base, list(base))["eval_loss"]
+    assert (same.delta, same.low, same.high, same.tied) == (0.0, 0.0, 0.0, 1.0) and not same.distinguishable
+    assert loss_changes(base, other, seed=4) == loss_changes(base, other, seed=4)
+    assert loss_changes(base, other, seed=4) != loss_changes(base, other, seed=5)
+
+
+def test_the_held_out_loss_interval_refuses_examples_that_do_not_pair():
+    base = _example_losses(5, 0)
+    with pytest.raises(ValueError, match="same token counts"):
+        loss_changes(base, [(s, c + 1) for s, c in base])

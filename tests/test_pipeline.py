@@ -8,6 +8,8 @@ import torch
 from conftest import write_config
 
 from loralab import cli
+from loralab.files import read_jsonl
+from loralab.intervals import loss_changes
 from loralab.runs.readers import format_metric, read_eval_results, read_metrics
 
 
@@ -80,12 +82,10 @@ def test_eval_results_and_report_agree(run):
     _, rd = run
     results = read_eval_results(rd / "eval_results.csv")
     assert {"bleu", "rouge1", "rouge2", "rougeL", "perplexity"} <= set(results)
-    for name, cols in results.items():  # BLEU and ROUGE carry their 95% interval; the losses their change only
-        with_interval = name in ("bleu", "rouge1", "rouge2", "rougeL")
-        assert {"base", "lora", "change"} <= set(cols) and ("change_low" in cols) is with_interval
-        if with_interval:
-            assert cols["change_low"] <= cols["change"] <= cols["change_high"]
-            assert cols["lora_better"] + cols["lora_worse"] + cols["tied"] == pytest.approx(1.0, abs=2e-4)
+    for cols in results.values():  # every metric, the held-out loss and perplexity too, carries its 95% interval
+        assert {"base", "lora", "change", "change_low"} <= set(cols)
+        assert cols["change_low"] <= cols["change"] <= cols["change_high"]
+        assert cols["lora_better"] + cols["lora_worse"] + cols["tied"] == pytest.approx(1.0, abs=2e-4)
     report = (rd / "report.md").read_text()
     for name in ("bleu", "rouge1", "rouge2", "rougeL"):
         assert format_metric(results[name]["base"]) in report and format_metric(results[name]["lora"]) in report
@@ -148,6 +148,15 @@ def test_eval_reuses_the_held_out_losses_training_measured(run):
     assert results["eval_loss"]["base"] == pytest.approx(losses[0], abs=1e-6)
     assert results["eval_loss"]["lora"] == pytest.approx(losses[4], abs=1e-6)
     assert results["eval_loss"]["lora"] < results["eval_loss"]["base"]
+    # with the interval, from the per-example losses training logged at those two steps (and no others)
+    per_example = {r["step"]: r["eval_example_losses"] for r in read_metrics(rd / "metrics.jsonl")
+                   if "eval_example_losses" in r}
+    assert sorted(per_example) == [0, 4] and len(per_example[0]) == len(read_jsonl(rd / "data" / "eval.jsonl"))
+    expected = loss_changes(per_example[0], per_example[4])["eval_loss"]
+    assert results["eval_loss"]["change_low"] == pytest.approx(expected.low, abs=1e-6)
+    assert results["eval_loss"]["change_high"] == pytest.approx(expected.high, abs=1e-6)
+    ppl = results["perplexity"]
+    assert ppl["change_low"] <= ppl["change"] <= ppl["change_high"]
 
 
 def test_eval_of_a_subset_measures_its_own_held_out_losses(run, capsys):

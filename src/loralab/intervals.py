@@ -3,7 +3,8 @@
 Each resample draws the prompts with replacement, the same draw for base and LoRA, and recomputes every metric
 on it; the 95% interval of a change is the 2.5th to 97.5th percentile of its resampled changes. Corpus BLEU is
 recomputed from per-prompt n-gram statistics pooled per resample (one matrix product), ROUGE as the mean of
-per-prompt F1s. Pure functions, numpy only: scipy.stats.bootstrap would add scipy, not otherwise a dependency,
+per-prompt F1s, the held-out loss as the token-weighted mean of the drawn examples' loss sums (perplexity its exp).
+Pure functions, numpy only: scipy.stats.bootstrap would add scipy, not otherwise a dependency,
 for a percentile interval this short, and it would recompute corpus BLEU one resample at a time.
 """
 
@@ -28,7 +29,7 @@ class Change:
     low: float
     high: float
     better: float
-    """Share of prompts where LoRA's score is higher (for every metric here, higher is better)."""
+    """Share of prompts where LoRA does better: a higher score, or (held-out loss, perplexity) a lower loss."""
     worse: float
     tied: float
     prompts: int
@@ -69,13 +70,14 @@ def resample_weights(n: int, resamples: int = RESAMPLES, seed: int = 0) -> np.nd
 
 
 def _change(base_stat: np.ndarray, lora_stat: np.ndarray, full_delta: float, per_base: np.ndarray,
-            per_lora: np.ndarray, confidence: float) -> Change:
+            per_lora: np.ndarray, confidence: float, lower_is_better: bool = False) -> Change:
     deltas = lora_stat - base_stat
     tail = 100.0 * (1.0 - confidence) / 2.0
     low, high = np.percentile(deltas, [tail, 100.0 - tail])
     n = len(per_base)
-    return Change(float(full_delta), float(low), float(high), float(np.sum(per_lora > per_base) / n),
-                  float(np.sum(per_lora < per_base) / n), float(np.sum(per_lora == per_base) / n), n)
+    higher, lower = float(np.sum(per_lora > per_base) / n), float(np.sum(per_lora < per_base) / n)
+    better, worse = (lower, higher) if lower_is_better else (higher, lower)
+    return Change(float(full_delta), float(low), float(high), better, worse, float(np.sum(per_lora == per_base) / n), n)
 
 
 def metric_changes(base: list[str], lora: list[str], references: list[str], resamples: int = RESAMPLES,
@@ -101,3 +103,28 @@ def metric_changes(base: list[str], lora: list[str], references: list[str], resa
         b, lo = (np.array([s[key] for s in per[side]]) for side in ("base", "lora"))
         changes[key] = _change(weights @ b / n, weights @ lo / n, float(lo.mean() - b.mean()), b, lo, confidence)
     return changes
+
+
+def loss_changes(base: list[tuple[float, int]], lora: list[tuple[float, int]], resamples: int = RESAMPLES,
+                 seed: int = 0, confidence: float = CONFIDENCE) -> dict[str, Change]:
+    """The change of the held-out loss and perplexity from base to LoRA, each with its paired-bootstrap interval.
+    ``base`` and ``lora``: each held-out example's (summed response loss, trained tokens), in the same order; a
+    resample's loss is the token-weighted mean over the examples it draws, as the held-out loss itself is. Per
+    example, LoRA is better where its mean loss on that example is lower. Deterministic under ``seed``."""
+    n = len(base)
+    if not n or len(lora) != n or any(b[1] != lo[1] for b, lo in zip(base, lora, strict=True)):
+        raise ValueError("loss_changes needs the same examples, with the same token counts, on both sides")
+    sums = {side: np.array([s for s, _ in pairs], dtype=np.float64) for side, pairs in (("base", base), ("lora", lora))}
+    counts = np.array([c for _, c in base], dtype=np.float64)
+    weights = resample_weights(n, resamples, seed)
+    drawn = np.maximum(weights @ counts, 1.0)
+    loss = {side: weights @ s / drawn for side, s in sums.items()}
+    full = {side: float(s.sum() / max(counts.sum(), 1.0)) for side, s in sums.items()}
+    per = {side: s / np.maximum(counts, 1.0) for side, s in sums.items()}
+    return {
+        "eval_loss": _change(loss["base"], loss["lora"], full["lora"] - full["base"], per["base"], per["lora"],
+                             confidence, lower_is_better=True),
+        "perplexity": _change(np.exp(loss["base"]), np.exp(loss["lora"]),
+                              float(np.exp(full["lora"]) - np.exp(full["base"])), per["base"], per["lora"], confidence,
+                              lower_is_better=True),
+    }

@@ -54,6 +54,18 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         return grad * grad_total.to(grad.dtype), None, None, None
 
 
+@torch.no_grad()
+def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, onednn=None) -> torch.Tensor:
+    """CE(hidden_i @ W^T, target_i) for each position i, fp32 (K,), CHUNK_ROWS positions at a time: the per-token
+    terms FrozenHeadCrossEntropy sums, for the held-out loss's per-example sums (no gradient)."""
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], CHUNK_ROWS):
+        h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
+        logits = (h @ weight.t() if onednn is None else onednn_weights.linear(h, onednn)).float()  # (c, vocab)
+        out[start : start + len(t)] = torch.logsumexp(logits, 1) - logits.gather(1, t[:, None]).squeeze(1)
+    return out
+
+
 def frozen_plain_head(model):
     """(decoder, head) when the loss may bypass the model's own head: a CPU model of a type whose
     forward applies the LM head and nothing else, the head a frozen bias-free Linear; else None. Never under

@@ -177,7 +177,7 @@ def noise_sentence(eval_results: dict | None, prompts: int | None) -> str | None
              if "change_low" in v and v["change_low"] <= 0.0 <= v["change_high"]]
     many = f"{prompts:,} held-out prompts" if prompts else "these held-out prompts"
     if not noisy:
-        return (f"Every 95% interval (a paired bootstrap over the {many}) excludes 0: each change in BLEU and ROUGE "
+        return (f"Every 95% interval (a paired bootstrap over the {many}) excludes 0: every change "
                 f"is larger than the noise of resampling these prompts.")
     what = ", ".join(noisy)
     return (f"The change in {what} is not distinguishable from noise on {many}: its 95% interval (a paired "

@@ -21,8 +21,8 @@ from loralab.devices import detect_device, probe
 from loralab.errors import LoralabError, first_sentence, hide_library_deprecations
 from loralab.files import atomic_write_text, read_jsonl, write_jsonl
 from loralab.generation import cache_key, generate_greedy, load_cached, save_cached
-from loralab.intervals import Change, metric_changes
-from loralab.loss import HELDOUT_ROW_TOKENS, heldout_loss
+from loralab.intervals import Change, loss_changes, metric_changes
+from loralab.loss import HELDOUT_ROW_TOKENS, heldout_example_losses, mean_loss
 from loralab.metrics import example_scores, score_corpus
 from loralab.models.loading import load_model, load_tokenizer
 from loralab.precision import choose_precision
@@ -81,38 +81,46 @@ def _cached(cache_dir, key: str, compute, what: str):
     return value
 
 
-def _losses_from_training(rundir: RunDir, precision: str, device: str) -> tuple[float | None, float | None]:
-    """The (base, LoRA) held-out losses `loralab train` logged over the whole eval split, where it did: the
-    step-0 row (LoRA's B is still zero, so that is the base model) and the row at its last step. None for
-    each it did not log, or when it trained on another device or in another precision."""
+ExampleLosses = list[tuple[float, int]]  # per held-out example: (summed response loss, trained tokens)
+
+
+def _losses_from_training(rundir: RunDir, precision: str, device: str) -> tuple[ExampleLosses | None, ...]:
+    """The (base, LoRA) held-out losses per example that `loralab train` logged over the whole eval split, where it
+    did: the step-0 row (LoRA's B is still zero, so that is the base model) and the row at its last step. None for
+    each it did not log (runs trained before it logged them per example), or when it trained on another device or
+    in another precision."""
     manifest = rundir.manifest()
     steps = manifest.get("stages", {}).get("train", {}).get("steps")
     if steps is None or manifest.get("precision") != precision or manifest.get("device") != device:
         return None, None
-    rows = {r["step"]: r["eval_loss"] for r in read_jsonl(rundir.metrics_file) if "eval_loss" in r and "step" in r}
-    return rows.get(0), rows.get(steps)
+    rows = {r["step"]: r["eval_example_losses"] for r in read_jsonl(rundir.metrics_file)
+            if "eval_example_losses" in r and "step" in r}
+    found = [rows.get(0), rows.get(steps)]
+    return tuple([(float(s), int(c)) for s, c in pairs] if pairs is not None else None for pairs in found)
 
 
-def _heldout_loss(model, examples: list[dict], device: str, desc: str, measured: float | None = None) -> float:
-    """Mean response loss over ``examples`` (NaN without any), with a progress bar; ``measured`` when training
-    already measured it (said so, not recomputed).
+def _heldout_losses(model, examples: list[dict], device: str, desc: str,
+                    measured: ExampleLosses | None = None) -> ExampleLosses:
+    """Each example's response loss sum and token count, with a progress bar; ``measured`` when training already
+    measured them on these examples (said so, not recomputed).
 
     On the CPU speed path's inference pieces (cpu.speed_path.inference_path): packed rows attended one example at a
     time, as in training, and the linear weights prepacked for oneDNN for the pass (put back bit for bit after).
     """
     if not examples:
-        return float("nan")
-    if measured is not None:
-        print(f"{desc}: {measured:.4f}, as loralab train measured it (metrics.jsonl)")
+        return []
+    if measured is not None and len(measured) == len(examples):
+        print(f"{desc}: {mean_loss(measured):.4f}, as loralab train measured it (metrics.jsonl)")
         return measured
     with inference_path(model, rows_hint=HELDOUT_ROW_TOKENS):
-        return heldout_loss(model, examples, device, progress=True, desc=desc)
+        return heldout_example_losses(model, examples, device, progress=True, desc=desc)
 
 
 def _answers_and_losses(cfg, rundir, prompts, loss_examples, trained, gen, precision, device):
-    """(base answers, LoRA answers, base loss, LoRA loss): the base model loaded once, then merged with the adapter.
+    """(base answers, LoRA answers, base losses, LoRA losses; the losses per example): the base model loaded once,
+    then merged with the adapter.
 
-    The base model's answers and loss come from the cache when they are there (eval.cache_base_generations);
+    The base model's answers and losses come from the cache when they are there (eval.cache_base_generations);
     ``trained`` holds the (base, LoRA) losses loralab train already measured on these examples, or Nones.
     """
     model = load_model(cfg.model, precision, device)
@@ -122,21 +130,22 @@ def _answers_and_losses(cfg, rundir, prompts, loss_examples, trained, gen, preci
     cache_dir = rundir.cache_dir if cfg.eval.cache_base_generations else None
     base_ids = _cached(cache_dir, cache_key(fingerprint, prompts, settings),
                        lambda: generate_greedy(model, prompts, desc="eval: base", **gen), "base generations")
-    loss_settings = {"quantity": "heldout_loss", "precision": precision, "device": device,
+    loss_settings = {"quantity": "heldout_example_losses", "precision": precision, "device": device,
                      "revision": cfg.model.revision}
     loss_inputs = [[e["input_ids"], e["labels"]] for e in loss_examples]
-    base_loss = _cached(cache_dir, cache_key(fingerprint, loss_inputs, loss_settings),
-                        lambda: _heldout_loss(model, loss_examples, device, "eval: base held-out loss", trained[0]),
-                        "base held-out loss")
+    base_losses = _cached(cache_dir, cache_key(fingerprint, loss_inputs, loss_settings),
+                          lambda: _heldout_losses(model, loss_examples, device, "eval: base held-out loss",
+                                                  trained[0]), "base held-out loss")
+    base_losses = [(float(s), int(c)) for s, c in base_losses]  # the cache gives JSON lists
 
     # Merged first: the LoRA model's loss and answers then cost what the base model's did.
     model = _load_adapter(model, rundir.adapter_dir).merge_and_unload()
-    lora_loss = _heldout_loss(model, loss_examples, device, "eval: LoRA held-out loss", trained[1])
+    lora_losses = _heldout_losses(model, loss_examples, device, "eval: LoRA held-out loss", trained[1])
     lora_ids = generate_greedy(model, prompts, desc="eval: LoRA", **gen)
     model = None  # freed before the cache is emptied
     if device == "cuda":
         torch.cuda.empty_cache()
-    return base_ids, lora_ids, base_loss, lora_loss
+    return base_ids, lora_ids, base_losses, lora_losses
 
 
 @hide_library_deprecations
@@ -190,7 +199,7 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, stage: Stage) -> None:
         batch_size=cfg.eval.batch_size,
     )
 
-    base_ids, lora_ids, base_loss, lora_loss = _answers_and_losses(
+    base_ids, lora_ids, base_losses, lora_losses = _answers_and_losses(
         cfg, rundir, prompts, loss_examples, trained, gen, precision, device
     )
 
@@ -203,6 +212,9 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, stage: Stage) -> None:
               for side, texts in (("base", base_text), ("lora", lora_text))}
     changes = (metric_changes(base_text[:n], lora_text[:n], references, cfg.eval.bootstrap_resamples,
                               cfg.eval.bootstrap_seed, scores=scores) if n else {})
+    if base_losses:
+        changes.update(loss_changes(base_losses, lora_losses, cfg.eval.bootstrap_resamples, cfg.eval.bootstrap_seed))
+    base_loss, lora_loss = (mean_loss(x) if x else float("nan") for x in (base_losses, lora_losses))
     base_scores.update(eval_loss=base_loss, perplexity=math.exp(base_loss))
     lora_scores.update(eval_loss=lora_loss, perplexity=math.exp(lora_loss))
 

@@ -223,6 +223,7 @@ def setup(cfg: ExperimentConfig, rundir: RunDir, train_hash: str, processes: int
     guard = CheckpointGuard(rundir.checkpoints_dir, train_hash, cfg.train.save_total_limit, earlier_seconds=earlier)
     trainer = build_trainer(cfg, model, train_examples, rundir.checkpoints_dir, [log, stop, guard], switches,
                             eval_examples)
+    log.example_losses = lambda: trainer.example_losses
     manifest = {
         **environment_info(), "model_source": model_source(resolve_model_source(cfg.model)),
         "device": switches.device, "device_name": name, "precision": switches.precision,

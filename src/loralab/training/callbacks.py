@@ -8,6 +8,7 @@ import math
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -67,6 +68,8 @@ class MetricsLog(TrainerCallback):
         self.rows: list[dict] = []
         self.earlier_seconds = earlier_seconds  # trained by earlier processes of a resumed run
         self.main_process = True  # under torchrun/accelerate only rank 0 writes (on_train_begin)
+        # the trainer's last held-out pass per example, (loss sum, tokens) each (set by the train stage)
+        self.example_losses: Callable[[], list[tuple[float, int]]] | None = None
 
     def _write(self, row: dict) -> None:
         if not self.main_process:
@@ -85,7 +88,11 @@ class MetricsLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         logs = logs or {}
         if "eval_loss" in logs:
-            self._write({"step": state.global_step, "eval_loss": logs["eval_loss"]})
+            row = {"step": state.global_step, "eval_loss": logs["eval_loss"]}
+            if state.global_step in (0, state.max_steps) and self.example_losses is not None:
+                # the untrained and the final adapter's, which loralab eval reuses with their interval
+                row["eval_example_losses"] = [[round(s, 6), c] for s, c in self.example_losses()]
+            self._write(row)
         elif "loss" in logs:
             row = {
                 "step": state.global_step,

@@ -14,7 +14,7 @@ from loralab import decisions
 from loralab.config import ExperimentConfig
 from loralab.cpu.speed_path import speed_path
 from loralab.launch import launched_processes
-from loralab.loss import heldout_loss, response_loss_sum
+from loralab.loss import heldout_example_losses, mean_loss, response_loss_sum
 from loralab.packing import RowCollator
 from loralab.precision import loss_scaling
 from loralab.switches import Switches
@@ -33,6 +33,7 @@ class ResponseOnlyTrainer(Trainer):
     def __init__(self, *args, switches: Switches, **kwargs):
         super().__init__(*args, **kwargs)
         self.switches = switches
+        self.example_losses: list[tuple[float, int]] = []  # the last held-out pass's, per example (evaluate)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         rows = inputs["rows"]
@@ -71,7 +72,9 @@ class ResponseOnlyTrainer(Trainer):
         examples = list(eval_dataset if eval_dataset is not None else self.eval_dataset or [])
         metrics = {}
         if examples and self.is_world_process_zero():
-            metrics = {f"{metric_key_prefix}_loss": round(heldout_loss(self.model, examples, self.args.device), 6)}
+            # per example too: the eval stage's interval on the held-out loss (MetricsLog keeps them)
+            self.example_losses = heldout_example_losses(self.model, examples, self.args.device)
+            metrics = {f"{metric_key_prefix}_loss": round(mean_loss(self.example_losses), 6)}
             self.log(dict(metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
