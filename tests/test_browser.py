@@ -14,6 +14,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import yaml
 from matplotlib.image import imread
 from report_runs import EXAMPLES, make_run
 from test_report_html import long_run
@@ -276,3 +277,80 @@ def test_long_sections_fold(window_1300, long_pages):
     browser.execute_script("document.querySelectorAll('details').forEach(d => { d.open = true; })")
     unfolded = browser.execute_script("return document.documentElement.scrollHeight")
     assert folded < unfolded / 2, (folded, unfolded)  # folded, the long lists cost a line each
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sweep page (loralab sweep): 2 x 2 cells, 2 seeds each, read back from the runs' eval_results.csv.
+
+SWEEP_METRICS = ("eval_loss", "bleu", "rouge1", "rouge2", "rougeL")
+
+
+def _sweep_run(path, r: int, lr: str, seed: int):
+    run = make_run(path, r=r, name=path.name)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["train"].update(seed=seed, learning_rate=float(lr))
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    loss = 2.0 - r / 40 - float(lr) * 1000 + seed / 500  # every cell and seed different; r=16, lr=2e-4 lowest
+    lines = ["metric,base,lora,change,change_low,change_high,lora_better,lora_worse,tied"]
+    for i, name in enumerate(SWEEP_METRICS):
+        base, lora = (2.1, loss) if name == "eval_loss" else (0.1 * i, 0.1 * i + r / 400 + seed / 1000)
+        lines.append(f"{name},{base},{lora:.6f},{lora - base:.6f},{lora - base - 0.01:.6f},{lora - base + 0.01:.6f},"
+                     f"0.5,0.3,0.2")
+    (run / "eval_results.csv").write_text("\n".join(lines) + "\n")
+    return run
+
+
+@pytest.fixture(scope="module")
+def sweep_html(tmp_path_factory):
+    from loralab.reporting.sweep import SweepCell, sweep_page
+
+    root = tmp_path_factory.mktemp("sweep")
+    cells = []
+    for r in (8, 16):
+        for lr in ("1e-4", "2e-4"):
+            label = f"r{r}-learning_rate{lr}"
+            runs = [_sweep_run(root / f"s-{label}-seed{seed}", r, lr, seed) for seed in (42, 43)]
+            cells.append(SweepCell(label, (("lora.r", str(r)), ("train.learning_rate", lr)),
+                                   tuple(read_run(run) for run in runs), 2))
+    page = root / "sweep.html"
+    atomic_write_text(page, sweep_page("s", ["lora.r", "train.learning_rate"], cells, "loralab sweep s.yaml"))
+    return page, cells
+
+
+def test_sweep_page_loads_without_console_errors_and_its_charts_render(browser, sweep_html):
+    open_page(browser, sweep_html[0])
+    browser.find_element("css selector", "#chart-loss svg").click()
+    charts = browser.find_elements("css selector", "figure.chart .plot svg")
+    assert len(charts) == 1 + 2 * 2  # every run's curves; held-out loss and ROUGE-L against each swept key
+    for svg in charts:
+        assert svg.size["width"] > 300 and svg.size["height"] > 100
+        line = svg.find_element("css selector", "polyline")
+        box = browser.execute_script("const b = arguments[0].getBBox(); return [b.width, b.height];", line)
+        assert box[0] > 100
+        assert drawn_pixels(svg.screenshot_as_png) > 2000
+    assert severe_logs(browser) == []
+
+
+def test_sweep_table_equals_the_cells_eval_results(browser, sweep_html):
+    page, cells = sweep_html
+    open_page(browser, page)
+    rows = browser.execute_script(
+        "return Array.from(document.querySelectorAll('#cells tbody tr')).map(r => "
+        "Array.from(r.cells).map(c => [c.textContent, c.getAttribute('data-value')]))")
+    assert len(rows) == len(cells)
+    means = []
+    for row, cell in zip(rows, cells, strict=True):
+        assert [row[1][0], row[2][0], row[3][0]] == [cell.settings[0][1], cell.settings[1][1], "2 of 2"]
+        files = []
+        for run in cell.runs:
+            with open(run.root / "eval_results.csv", newline="") as f:
+                files.append({r["metric"]: float(r["lora"]) for r in csv.DictReader(f)})
+        for j, name in enumerate(SWEEP_METRICS):
+            values = [f[name] for f in files]
+            mean = sum(values) / len(values)
+            assert float(row[4 + j][1]) == pytest.approx(mean, abs=1e-12)
+            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+            assert row[4 + j][0].startswith(f"{format_metric(mean)} ± {format_metric(sd)}")
+        means.append(sum(f["eval_loss"] for f in files) / len(files))
+    best = means.index(min(means))
+    assert [r[0][0] for r in rows] == [f"{i + 1} (best)" if i == best else str(i + 1) for i in range(len(rows))]

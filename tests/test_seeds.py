@@ -35,3 +35,9 @@ def test_seeds_train_in_sibling_runs_that_share_prepare_and_are_summarised(tmp_p
     assert all(f"{c:+.4f}" in row for c in changes)
     assert cli.main(["run", str(cfg), "--seeds", "0"]) == 2
     assert "--seeds 0: give 1 or more seeds" in capsys.readouterr().err
+    # train.seeds in the config asks for the same runs: both seeds up to date, nothing trained again
+    assert cli.main(["run", str(cfg), "--set", "train.seeds=2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("train: up to date") == 2 and "run: 2 seeds done" in out
+    assert cli.main(["run", str(cfg), "--set", "train.seeds=0"]) == 2
+    assert "config key 'train.seeds' must be positive, got 0" in capsys.readouterr().err

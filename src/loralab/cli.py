@@ -16,6 +16,7 @@ STAGE_HELP = {
     "report": "draw the plots and write <run>/report.md and <run>/report.html",
     "plan": "predict peak memory and time for the config on a device, before training",
     "inspect": "show rendered examples with trained tokens marked, and dataset-wide checks",
+    "sweep": "run the config over a grid of settings (--grid section.key=v1,v2), resumable, into one sweep page",
 }
 
 # Commands that use a fine-tune after training; TARGET is a config, a run directory or (for generate, chat and
@@ -41,15 +42,18 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="experiment YAML file (see configs/)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a config field, e.g. --set train.max_steps=10 (repeatable)")
-        if name in ("run", "prepare", "train", "eval", "report"):
+        if name in ("run", "prepare", "train", "eval", "report", "sweep"):
             p.add_argument("--force", action="store_true",
                            help="redo the stage(s) even if the inputs are unchanged; train afresh in place "
                                 "(without it, a retrain over a finished run trains beside it and replaces it only "
                                 "when it finishes)")
-        if name == "run":
-            p.add_argument("--seeds", type=int, default=1, metavar="N",
-                           help="train the config under N seeds (train.seed, +1, ...), each into its own run "
-                                "directory <name>-seed<S>, and write <output_dir>/<name>-seeds.md: mean ± sd")
+        if name in ("run", "sweep", "plan"):
+            _add_seeds(p, name)
+        if name in ("sweep", "plan"):
+            p.add_argument("--grid", action="append", default=[], metavar="SECTION.KEY=V1,V2,...",
+                           help="a swept config key and its values, comma-separated (repeatable; the cells are the "
+                                "product), e.g. --grid lora.r=4,8,16" + (" (required)" if name == "sweep" else
+                                                                         ": plan every cell and the sweep's total"))
         if name == "train":
             p.add_argument("--resume", action="store_true",
                            help="continue from the newest checkpoint in <run>/checkpoints/ (or, for a retrain over a "
@@ -82,6 +86,20 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="outputs/demo",
                       help="folder for the demo's model, data and run (default outputs/demo)")
     return parser
+
+
+def _add_seeds(p: argparse.ArgumentParser, command: str) -> None:
+    what = {"run": "the config", "sweep": "each cell", "plan": "each run (with --grid: each cell)"}[command]
+    p.add_argument("--seeds", type=int, default=None, metavar="N",
+                   help=f"train {what} under N seeds (train.seed, +1, ...), each into its own run directory "
+                        "<name>-seed<S>, with mean ± sd over them (default: the config's train.seeds, 1)")
+
+
+def _seeds(args: argparse.Namespace, cfg) -> int:
+    seeds = cfg.train.seeds if args.seeds is None else args.seeds
+    if seeds < 1:
+        raise LoralabError(f"--seeds {seeds}: give 1 or more seeds")
+    return seeds
 
 
 def _add_use_command(sub, name: str, help_text: str) -> None:
@@ -148,16 +166,13 @@ def _dispatch(args: argparse.Namespace) -> None:
         from loralab.commands import compare
         compare.run(args.run_dirs, args.out)
         return
-    from loralab.config import ConfigWarning, load_config
+    if args.command == "sweep":
+        _sweep(args)
+        return
     from loralab.launch import launched_processes
     from loralab.runs.lock import run_lock
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConfigWarning)
-        cfg = load_config(args.config, args.overrides)
-    for warning in caught:
-        if issubclass(warning.category, ConfigWarning) and launched_processes()[0] == 0:
-            print(f"loralab: warning: {warning.message}")
+    cfg = _load_config(args)
     # Under torchrun/accelerate only the main process (RANK 0) writes the run directory, so only it holds the lock.
     if args.command in WRITES_RUN_DIR and launched_processes()[0] == 0:
         with run_lock(cfg.run_dir, args.command):  # one process per run directory
@@ -166,13 +181,35 @@ def _dispatch(args: argparse.Namespace) -> None:
         _run_stage(args, cfg)
 
 
+def _load_config(args: argparse.Namespace):
+    """The command's config with its --set overrides; each ConfigWarning printed as one line (main process only)."""
+    from loralab.config import ConfigWarning, load_config
+    from loralab.launch import launched_processes
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConfigWarning)
+        cfg = load_config(args.config, args.overrides)
+    for warning in caught:
+        if issubclass(warning.category, ConfigWarning) and launched_processes()[0] == 0:
+            print(f"loralab: warning: {warning.message}")
+    return cfg
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from loralab.commands import sweep
+
+    _load_config(args)
+    command = " ".join(["loralab sweep", args.config, *(f"--grid {g}" for g in args.grid),
+                        *(f"--set {o}" for o in args.overrides), *([f"--seeds {args.seeds}"] if args.seeds else [])])
+    sweep.run(args.config, args.grid, args.overrides, args.seeds, force=args.force, command=command)
+
+
 def _run_stage(args: argparse.Namespace, cfg) -> None:
     if args.command == "run":
         from loralab.stages import pipeline
-        if args.seeds < 1:
-            raise LoralabError(f"--seeds {args.seeds}: give 1 or more seeds")
-        if args.seeds > 1:
-            pipeline.run_seeds(cfg, args.seeds, force=args.force)
+        seeds = _seeds(args, cfg)
+        if seeds > 1:
+            pipeline.run_seeds(cfg, seeds, force=args.force)
         else:
             pipeline.run_all(cfg, force=args.force)
     elif args.command == "prepare":
@@ -189,7 +226,11 @@ def _run_stage(args: argparse.Namespace, cfg) -> None:
         report.run(cfg)
     elif args.command == "plan":
         from loralab.commands import plan
-        plan.run(cfg, device=args.device, calibrate=args.calibrate, processes=args.nproc)
+        if args.grid:
+            plan.run_sweep(args.config, args.grid, args.overrides, args.seeds, device=args.device,
+                           calibrate=args.calibrate, processes=args.nproc)
+        else:
+            plan.run(cfg, device=args.device, calibrate=args.calibrate, processes=args.nproc)
     elif args.command == "inspect":
         from loralab.commands import inspect_data
         inspect_data.run(cfg, num_examples=args.num_examples)

@@ -143,6 +143,11 @@ class TrainConfig:
     """Checkpoints kept on disk (the newest ones)."""
     seed: int = 42
     """Seed of LoRA initialisation, dropout and example order."""
+    seeds: int = 1
+    """`loralab run` and `loralab sweep`: train under this many seeds (train.seed, train.seed + 1, ...), each into its
+    own run directory `<name>-seed<S>` sharing the prepared split, with mean ± sd over them in
+    `<output_dir>/<name>-seeds.md` (--seeds N overrides it). The single stages (`loralab train`, ...) train under
+    train.seed alone. Not part of any stage's hash."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Compute precision; "auto" picks per device (see loralab.precision.choose_precision)."""
     gradient_checkpointing: bool | Literal["auto"] = "auto"
@@ -339,6 +344,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
         "train.max_steps": cfg.train.max_steps,
         "train.logging_steps": cfg.train.logging_steps,
         "train.save_steps": cfg.train.save_steps,
+        "train.seeds": cfg.train.seeds,
         "eval.max_new_tokens": cfg.eval.max_new_tokens,
         "eval.bootstrap_resamples": cfg.eval.bootstrap_resamples,
     }

@@ -9,6 +9,7 @@ from dataclasses import replace
 from loralab import decisions
 from loralab.config import ExperimentConfig
 from loralab.files import read_jsonl
+from loralab.grid import PlannedCell, plan_sweep
 from loralab.models.loading import read_model_config
 from loralab.planning.inputs import PlanInputs
 from loralab.planning.measure import resolve_profile
@@ -90,12 +91,13 @@ def format_plan(plan: Plan, source: str = "") -> str:
     return "\n".join(lines)
 
 
-def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False, processes: int = 1) -> Plan:
-    """Print the plan for ``cfg`` on ``device``, per device when ``processes`` share each step (DDP); return it."""
-    profile = resolve_profile(device, calibrate)
+def plan_config(cfg: ExperimentConfig, profile, processes: int = 1,
+                lengths: tuple[list[int], list[int], str] | None = None) -> tuple[Plan, str]:
+    """The plan of ``cfg`` on the device ``profile``, per device when ``processes`` share each step (DDP), and where
+    its example lengths came from (``lengths``: given, else read_lengths)."""
     precision = profile.default_precision if cfg.train.precision == "auto" else cfg.train.precision
     model_config = read_model_config(cfg.model)
-    lengths, trained, source = read_lengths(cfg)
+    lengths, trained, source = lengths or read_lengths(cfg)
     # Under DDP each device holds the whole model and trains its share of every step's examples.
     train = replace(cfg.train, per_device_train_batch_size=1,
                     gradient_accumulation_steps=decisions.per_process_examples(cfg.train, processes))
@@ -108,6 +110,53 @@ def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False, pr
         plan.notes.append(f"{processes} processes (DDP): memory and time are per device, each training "
                           f"{train.gradient_accumulation_steps} of the {processes * train.gradient_accumulation_steps} "
                           f"examples of a step; the all-reduce of {plan.trainable_params:,} gradients is not counted")
+    return plan, source
+
+
+def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False, processes: int = 1) -> Plan:
+    """Print the plan for ``cfg`` on ``device``, per device when ``processes`` share each step (DDP); return it."""
+    plan, source = plan_config(cfg, resolve_profile(device, calibrate), processes)
     print(format_plan(plan, source))
     return plan
 
+
+def _sweep_lengths(cells: list[PlannedCell]) -> dict[int, tuple[list[int], list[int], str]]:
+    """Each cell's example lengths: its own prepared split, else that of a cell with the same data settings
+    (the sweep shares it), else read_lengths' assumption."""
+    found: dict[int, tuple[list[int], list[int], str]] = {}
+    for i, c in enumerate(cells):
+        found[i] = read_lengths(c.run_configs[0])
+    for i, c in enumerate(cells):
+        if not RunDir(c.run_configs[0]).train_file.exists():
+            same = [j for j, d in enumerate(cells) if d.config.data == c.config.data
+                    and d.config.model == c.config.model and RunDir(d.run_configs[0]).train_file.exists()]
+            if same:
+                found[i] = found[same[0]]
+    return found
+
+
+def run_sweep(config_path: str, grid: list[str], overrides: list[str], seeds: int | None, device: str = "auto",
+              calibrate: bool = False, processes: int = 1) -> float:
+    """Print each cell's predicted peak memory and training time, and the sweep's total; return the total seconds
+    of the runs not yet evaluated (a rerun sweep skips the others)."""
+    sweep = plan_sweep(config_path, grid, overrides, seeds)
+    profile = resolve_profile(device, calibrate)
+    lengths = _sweep_lengths(sweep.cells)
+    lines, total, left = [], 0.0, 0.0
+    for i, c in enumerate(sweep.cells):
+        plan, _ = plan_config(c.config, profile, processes, lengths[i])
+        done = sum(RunDir(r).eval_results_file.exists() for r in c.run_configs)
+        seconds = plan.run_seconds * c.seeds
+        total += seconds
+        left += plan.run_seconds * (c.seeds - done)
+        settings = ", ".join(f"{k}={t}" for k, _, t in c.cell.settings)
+        verdict = "fits" if plan.fits else "DOES NOT FIT"
+        lines.append(f"  {settings}: peak {_fmt_bytes(plan.peak_bytes)} ({verdict}), {_fmt_seconds(plan.run_seconds)} "
+                     f"per run x {c.seeds} = {_fmt_seconds(seconds)}" + (f"; {done} done" if done else ""))
+    print(f"sweep plan for {profile.description} [{profile.name}]: {len(sweep.cells)} cells x "
+          f"{sweep.cells[0].seeds} seed(s) = {sweep.runs} runs")
+    print(f"lengths: {lengths[0][2]}")
+    print("\n".join(lines))
+    print(f"total: {_fmt_seconds(total)} of training" + (f", {_fmt_seconds(left)} of it still to run" if left != total
+                                                          else "") + " (prepare, eval and model loads not counted)")
+    return left

@@ -35,6 +35,18 @@ STAGE_INPUTS = {
     "report": (),
 }
 
+# Settings that choose how many runs to make, not what one run computes: left out of every stage's hash (runs
+# made before they existed keep their hashes).
+UNHASHED = ("train.seeds",)
+
+
+def _hashed(as_dict: dict) -> dict:
+    """The config mapping without the UNHASHED keys."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in as_dict.items()}
+    for dotted in UNHASHED:
+        section, key = dotted.split(".")
+        out.get(section, {}).pop(key, None)
+    return out
 
 
 def _lookup(cfg: dict, dotted: str) -> Any:
@@ -46,7 +58,7 @@ def _lookup(cfg: dict, dotted: str) -> Any:
 
 def stage_hash(cfg: ExperimentConfig, stage: str, upstream_hash: str | None, extra: dict | None = None) -> str:
     """Hash of what ``stage``'s outputs depend on."""
-    as_dict = cfg.to_dict()
+    as_dict = _hashed(cfg.to_dict())
     payload = {
         "stage": stage,
         "inputs": {key: _lookup(as_dict, key) for key in STAGE_INPUTS[stage]},
@@ -71,7 +83,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 def stage_inputs(cfg: ExperimentConfig, stage: str, fingerprints: dict[str, str] | None = None) -> dict[str, Any]:
     """Every setting ``stage``'s outputs depend on, its upstream stages' included, as dotted keys, plus the
     content fingerprints (data file, model files) the caller passes: what a refusal names when they differ."""
-    flat = flatten(cfg.to_dict())
+    flat = flatten(_hashed(cfg.to_dict()))
     prefixes = [key for s in STAGES[: STAGES.index(stage) + 1] for key in STAGE_INPUTS[s]]
     chosen = {k: v for k, v in flat.items() if any(k == p or k.startswith(p + ".") for p in prefixes)}
     return {**chosen, **(fingerprints or {})}

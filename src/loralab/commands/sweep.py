@@ -1,0 +1,84 @@
+"""`loralab sweep CONFIG --grid section.key=v1,v2 [--grid ...] [--seeds N]`: the config over the product of the grids,
+one cell after another, each cell an ordinary run directory (`<name>-<cell>`, or `<name>-<cell>-seed<S>` per seed).
+
+Every cell's config is built, and so checked, before anything runs: a bad grid (an unknown key, a value of the wrong
+type, an empty list) is one line and nothing run. The sweep holds the lock of its folder `<output_dir>/<name>-sweep/`,
+each run the lock of its own directory. It is resumable: a finished cell's stages are up to date and skipped, and a
+cell killed in training resumes from its newest checkpoint. Cells share what does not depend on the grid: the
+prepared split (when data and tokenizer settings are the same) and the base model's cached answers and held-out
+loss (`<output_dir>/.cache`). After each cell the sweep page `<name>-sweep/sweep.html` is rewritten.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from loralab.config import ExperimentConfig
+from loralab.files import atomic_write_text
+from loralab.grid import PlannedCell, Sweep, plan_sweep
+from loralab.reporting.sweep import SweepCell, best_cell, sweep_page
+from loralab.runs.lock import run_lock
+from loralab.runs.readers import MissingRunFile, read_run
+from loralab.stages import pipeline
+
+PAGE, SPEC = "sweep.html", "sweep.json"
+
+
+def cell_runs(planned: PlannedCell) -> SweepCell:
+    """What the cell's run directories hold so far, for the page."""
+    runs = []
+    for cfg in planned.run_configs:
+        try:
+            runs.append(read_run(cfg.run_dir))
+        except (MissingRunFile, ValueError):
+            pass  # not trained yet (or mid-way): the page says "not yet"
+    settings = tuple((key, text) for key, _, text in planned.cell.settings)
+    return SweepCell(planned.cell.label, settings, tuple(runs), planned.seeds)
+
+
+def write_page(sweep: Sweep, command: str = "") -> Path:
+    cells = [cell_runs(c) for c in sweep.cells]
+    path = sweep.folder / PAGE
+    atomic_write_text(path, sweep_page(sweep.base.name, [a.key for a in sweep.axes], cells, command))
+    return path
+
+
+def _spec(sweep: Sweep, command: str) -> str:
+    return json.dumps({
+        "command": command, "name": sweep.base.name, "seeds": sweep.cells[0].seeds,
+        "grid": [{"key": a.key, "values": list(a.texts)} for a in sweep.axes],
+        "cells": [{"label": c.cell.label, "settings": dict((k, t) for k, _, t in c.cell.settings),
+                   "run_dirs": [str(cfg.run_dir) for cfg in c.run_configs]} for c in sweep.cells],
+    }, indent=2) + "\n"
+
+
+def _run_cell(planned: PlannedCell, first: ExperimentConfig, force: bool) -> None:
+    configs = planned.run_configs
+    with run_lock(configs[0].run_dir, "run"):
+        pipeline.share_prepare(first, configs[0])
+        if planned.seeds == 1:
+            pipeline.run_all(configs[0], force=force, resume=True)
+    if planned.seeds > 1:
+        pipeline.run_seeds(planned.config, planned.seeds, force=force, resume=True)
+
+
+def run(config_path: str | Path, grid: list[str], overrides: list[str] | None = None, seeds: int | None = None,
+        force: bool = False, command: str = "") -> Path:
+    """Run every cell of the sweep in order (see the module docstring); returns the sweep page's path."""
+    sweep = plan_sweep(config_path, grid, overrides, seeds)
+    start = time.perf_counter()
+    with run_lock(sweep.folder, "sweep"):
+        atomic_write_text(sweep.folder / SPEC, _spec(sweep, command))
+        first = sweep.cells[0].run_configs[0]
+        for i, planned in enumerate(sweep.cells, 1):
+            settings = ", ".join(f"{k}={t}" for k, _, t in planned.cell.settings)
+            print(f"sweep: cell {i} of {len(sweep.cells)}: {settings} -> {planned.config.run_dir}"
+                  + (f" ({planned.seeds} seeds)" if planned.seeds > 1 else ""))
+            _run_cell(planned, first, force)
+            page = write_page(sweep, command)
+    best = best_cell([cell_runs(c) for c in sweep.cells])
+    print(f"sweep: {len(sweep.cells)} cells ({sweep.runs} runs) done in {time.perf_counter() - start:.0f} s; "
+          f"best by held-out loss: {best.label if best else 'none'}; page: {page}")
+    return page
