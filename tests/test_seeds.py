@@ -32,7 +32,8 @@ def test_seeds_train_in_sibling_runs_that_share_prepare_and_are_summarised(tmp_p
     assert changes[0] != changes[1]  # the seeds trained differently: a real spread
     row = next(line for line in summary.splitlines() if line.startswith("| Held-out loss"))
     assert f"{statistics.fmean(changes):+.4f} ± {statistics.stdev(changes):.4f}" in row
-    assert all(f"{c:+.4f}" in row for c in changes)
+    assert all(f"{c:+.4f} [{r['eval_loss']['change_low']:+.4f}, {r['eval_loss']['change_high']:+.4f}]" in row
+               for c, r in zip(changes, results, strict=True))  # each seed's change with its interval
     assert cli.main(["run", str(cfg), "--seeds", "0"]) == 2
     assert "--seeds 0: give 1 or more seeds" in capsys.readouterr().err
     # train.seeds in the config asks for the same runs: both seeds up to date, nothing trained again

@@ -61,3 +61,14 @@ def summary_lines(summary: dict) -> list[str]:
         (f"- Training speed: {summary['tokens_per_s']:.1f} tokens/s ({summary['trained_tokens_per_s']:.1f} trained "
          f"response tokens/s) over the trainer's {summary['train_runtime_s'] / 60:.1f} min"),
     ]
+
+
+def speed_table(seeds: list[int], summaries: list[dict]) -> str:
+    """A markdown table of each seed's run facts: wall time in all and in training, and training speed."""
+    lines = ["| seed | wall time in all | train | eval | tokens/s (trained response tokens/s) |",
+             "|---|---|---|---|---|"]
+    for seed, s in zip(seeds, summaries, strict=True):
+        wall = s["wall_s"]
+        lines.append(f"| {seed} | {sum(wall.values()) / 60:.1f} min | {wall['train'] / 60:.1f} min | "
+                     f"{wall['eval'] / 60:.1f} min | {s['tokens_per_s']:.1f} ({s['trained_tokens_per_s']:.1f}) |")
+    return "\n".join(lines)
