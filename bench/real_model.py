@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -119,15 +118,6 @@ def run_side(side: str, root: Path, model: Path, data: Path, precision: str, ste
                                    "load": [load, os.getloadavg()[0]]}
 
 
-def in_subprocess(job: dict) -> dict:
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
-                          env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{job['side']} worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the SmolLM2 model folder")
@@ -143,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         job = json.loads(args.worker)
-        print(json.dumps(run_side(job["side"], Path(job["root"]), Path(job["model"]), Path(job["data"]),
+        print(json.dumps(run_side(job["kind"], Path(job["root"]), Path(job["model"]), Path(job["data"]),
                                   job["precision"], job["steps"])))
         return 0
     if not (args.model / "config.json").exists():
@@ -159,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {tt.cpu_description()}; precision {precision}", flush=True)
     started, results = time.perf_counter(), {}
     for side in args.sides.split(","):
-        job = {"side": side, "root": str(root), "model": str(args.model), "data": str(args.data),
+        job = {"kind": side, "root": str(root), "model": str(args.model), "data": str(args.data),
                "precision": precision, "steps": args.steps}
-        r = results[side] = in_subprocess(job)
+        r = results[side] = tt.in_subprocess(job, __file__)
         print(f"  {side:<8} {r['tokens_per_s']:7.1f} tokens/s, peak RSS {r['peak_rss'] / 1e9:.2f} GB, "
               f"{r['precision']}, load average {r['load'][0]:.1f} -> {r['load'][1]:.1f}", flush=True)
     print(f"\n== SmolLM2-135M-Instruct, {args.steps} optimizer steps x {tt.EXAMPLES_PER_STEP} Alpaca examples, whole "

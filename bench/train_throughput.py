@@ -358,9 +358,10 @@ def worker(job: dict) -> dict:
 # ---------------------------------------------------------------- orchestration (parent process)
 
 
-def in_subprocess(job: dict) -> dict:
+def in_subprocess(job: dict, script: str = __file__) -> dict:
+    """``job`` run by ``script --worker JOB`` in a fresh process (its own peak RSS); its last stdout line, parsed."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, script, "--worker", json.dumps(job)], capture_output=True, text=True,
                           env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{job['kind']} worker failed:\n{proc.stderr[-4000:]}")

@@ -41,6 +41,14 @@ def tiny_model_dir(tmp_path_factory, alpaca_records) -> Path:
     return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), texts, vocab_size=1000)
 
 
+def subprocess_env() -> dict:
+    """The environment for a loralab subprocess: this checkout's src first on its path."""
+    import loralab
+
+    src = str(Path(loralab.__file__).resolve().parents[1])
+    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
 def write_config(path: Path, **sections) -> Path:
     """Write a YAML experiment config; ``sections`` are merged over a small, fast CPU setup."""
     cfg = {

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import subprocess_env
 
-import loralab
 from loralab import cli, files
 from loralab.runs import lock, recovery
 from loralab.training import checkpoints, trainer
@@ -505,11 +505,6 @@ def test_a_smaller_dataset_than_asked_is_said(work, capsys):
 # ---------------------------------------------------------------------------------------------------
 # Real processes: kill -9 during a checkpoint save, two trains at once, Ctrl-C.
 
-def _env() -> dict:
-    src = str(Path(loralab.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 KILL_DURING_SAVE = """
 import os, signal, sys
 import transformers
@@ -525,8 +520,8 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def test_kill_9_during_a_checkpoint_save_then_resume(work, finished, capsys):
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "train", "exp.yaml", "--force"], env=_env(),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, "train", "exp.yaml", "--force"],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     ckpt4 = work / RUN / "checkpoints/checkpoint-4"
     assert ckpt4.is_dir() and not (ckpt4 / "trainer_state.json").exists()
@@ -550,7 +545,7 @@ def _wait_for(predicate, timeout: float = 600.0) -> None:
 def _start(argv: list[str], log: Path) -> subprocess.Popen:
     """A loralab process whose output goes to a file (a pipe nobody reads would stall it on progress bars)."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", "loralab", *argv], env=_env(), stdout=f,
+        return subprocess.Popen([sys.executable, "-m", "loralab", *argv], env=subprocess_env(), stdout=f,
                                 stderr=subprocess.STDOUT)
 
 
@@ -558,8 +553,8 @@ def test_two_trains_at_once(work, tmp_path):
     argv = ["train", "exp.yaml", "--force"]
     first = _start(argv, tmp_path / "first.log")
     _wait_for(lambda: (work / RUN / lock.LOCK_FILE).is_file() or first.poll() is not None)
-    second = subprocess.run([sys.executable, "-m", "loralab", *argv], env=_env(), capture_output=True, text=True,
-                            timeout=600)
+    second = subprocess.run([sys.executable, "-m", "loralab", *argv], env=subprocess_env(), capture_output=True,
+                            text=True, timeout=600)
     assert first.wait(timeout=900) == 0, (tmp_path / "first.log").read_text()
     assert second.returncode == 2
     assert_one_line(second.stderr, f"is in use by `loralab train` (PID {first.pid} on ")

@@ -4,17 +4,14 @@ model's cache, summarised on one page; and `loralab plan --grid`, its predicted 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import write_config
+from conftest import subprocess_env, write_config
 
-import loralab
 from loralab import cli
 from loralab.commands import plan as plan_command
 from loralab.config import ConfigError
@@ -98,11 +95,6 @@ def test_plan_on_a_grid_prints_each_cell_and_the_total(sweep_config, capsys):
     assert "total: " in capsys.readouterr().out
 
 
-def _env() -> dict:
-    src = str(Path(loralab.__file__).resolve().parents[1])
-    return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-
-
 # The sweep in a real process, killed (SIGKILL) in the second cell's fourth step, its step-2 checkpoint complete.
 KILL_IN_SECOND_CELL = """
 import os, signal, sys
@@ -121,7 +113,7 @@ sys.exit(cli.main(sys.argv[1:]))
 def test_a_killed_sweep_reruns_only_what_is_missing(sweep_config, tmp_path, capsys):
     argv = ["sweep", str(sweep_config), "--grid", "lora.r=4,8", "--seeds", "1"]
     with open(tmp_path / "killed.log", "w") as log:
-        proc = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_CELL, *argv], env=_env(), stdout=log,
+        proc = subprocess.run([sys.executable, "-c", KILL_IN_SECOND_CELL, *argv], env=subprocess_env(), stdout=log,
                               stderr=subprocess.STDOUT, timeout=900)
     killed = (tmp_path / "killed.log").read_text()
     assert proc.returncode == -signal.SIGKILL, killed

@@ -102,13 +102,7 @@ def mean_loss(example_losses: list[tuple[float, int]]) -> float:
     return sum(s for s, _ in example_losses) / max(sum(c for _, c in example_losses), 1)
 
 
-def heldout_loss(
-    model,
-    examples: list[dict],
-    device: str | torch.device,
-    max_tokens: int = HELDOUT_ROW_TOKENS,
-    progress: bool = False,
-    desc: str = "held-out loss",
-) -> float:
-    """Token-weighted mean response loss over ``examples`` (heldout_example_losses, then mean_loss)."""
-    return mean_loss(heldout_example_losses(model, examples, device, max_tokens, progress, desc))
+def heldout_loss(model, examples: list[dict], device: str | torch.device, **options) -> float:
+    """Token-weighted mean response loss over ``examples``: heldout_example_losses (``options``: its max_tokens,
+    progress, desc), then mean_loss."""
+    return mean_loss(heldout_example_losses(model, examples, device, **options))
