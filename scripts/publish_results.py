@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from loralab.files import atomic_write_text, read_jsonl
+from loralab.files import atomic_write_text
 from loralab.reporting.seeds import seeds_markdown, seeds_table
-from loralab.runs.readers import read_eval_results
-from loralab.runs.results import metric_table, run_summary, speed_table, summary_lines
+from loralab.runs.readers import read_eval_results, read_published_summary
+from loralab.runs.results import metric_table, speed_table, summary_lines
 
 FILES = ("eval_results.csv", "examples.md", "loss_curve.png", "manifest.json", "metrics.jsonl", "config.yaml",
          "data/stats.json")
@@ -33,14 +33,7 @@ def copy_run(run_dir: Path, dest: Path) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         shutil.copyfile(run_dir / name, dest / Path(name).name)
-    return summary_of(dest)
-
-
-def summary_of(dest: Path) -> dict:
-    config = yaml.safe_load((dest / "config.yaml").read_text())
-    per_step = config["train"]["per_device_train_batch_size"] * config["train"]["gradient_accumulation_steps"]
-    return run_summary(json.loads((dest / "manifest.json").read_text()), read_jsonl(dest / "metrics.jsonl"),
-                       json.loads((dest / "stats.json").read_text()), per_step)
+    return read_published_summary(dest)
 
 
 def main(run_dirs: list[Path], dest: Path) -> None:

@@ -93,6 +93,8 @@ def test_plan_on_a_grid_prints_each_cell_and_the_total(sweep_config, capsys):
     assert f"total: {plan_command._fmt_seconds(total)} of training" in out
     assert cli.main(["plan", str(sweep_config), "--grid", "lora.r=4,8", "--device", "cpu"]) == 0
     assert "total: " in capsys.readouterr().out
+    assert cli.main(["plan", str(sweep_config), "--device", "cpu"]) == 0  # no grid: one run, x train.seeds
+    assert f"2 seeds: {plan_command._fmt_seconds(2 * per_run[1])} of training in all" in capsys.readouterr().out
 
 
 # The sweep in a real process, killed (SIGKILL) in the second cell's fourth step, its step-2 checkpoint complete.

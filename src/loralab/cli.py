@@ -230,7 +230,7 @@ def _run_stage(args: argparse.Namespace, cfg) -> None:
             plan.run_sweep(args.config, args.grid, args.overrides, args.seeds, device=args.device,
                            calibrate=args.calibrate, processes=args.nproc)
         else:
-            plan.run(cfg, device=args.device, calibrate=args.calibrate, processes=args.nproc)
+            plan.run(cfg, device=args.device, calibrate=args.calibrate, processes=args.nproc, seeds=_seeds(args, cfg))
     elif args.command == "inspect":
         from loralab.commands import inspect_data
         inspect_data.run(cfg, num_examples=args.num_examples)

@@ -113,10 +113,14 @@ def plan_config(cfg: ExperimentConfig, profile, processes: int = 1,
     return plan, source
 
 
-def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False, processes: int = 1) -> Plan:
-    """Print the plan for ``cfg`` on ``device``, per device when ``processes`` share each step (DDP); return it."""
+def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False, processes: int = 1,
+        seeds: int = 1) -> Plan:
+    """Print the plan for ``cfg`` on ``device``, per device when ``processes`` share each step (DDP), and the
+    training time of ``seeds`` runs of it (`loralab run --seeds`); return the plan."""
     plan, source = plan_config(cfg, resolve_profile(device, calibrate), processes)
     print(format_plan(plan, source))
+    if seeds > 1:
+        print(f"{seeds} seeds: {_fmt_seconds(plan.run_seconds * seeds)} of training in all (one run after another)")
     return plan
 
 

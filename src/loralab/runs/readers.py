@@ -22,6 +22,7 @@ from loralab.runs.layout import (
     PREDICTIONS_FILE,
     STATS_FILE,
 )
+from loralab.runs.results import run_summary
 
 METRIC_LABELS = {
     "bleu": "BLEU",
@@ -92,6 +93,16 @@ def summary_row(rows: list[dict]) -> dict | None:
 
 class MissingRunFile(LoralabError, FileNotFoundError):
     """A file the report cannot do without is missing from the run directory; the message names the stage to run."""
+
+
+def read_published_summary(folder: Path) -> dict:
+    """runs.results.run_summary of a published run's files (results/NAME/: config.yaml, manifest.json,
+    metrics.jsonl, stats.json side by side, as scripts/publish_results.py copies them)."""
+    config = yaml.safe_load((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    per_step = config["train"]["per_device_train_batch_size"] * config["train"]["gradient_accumulation_steps"]
+    return run_summary(json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8")),
+                       read_metrics(folder / METRICS_FILE),
+                       json.loads((folder / Path(STATS_FILE).name).read_text(encoding="utf-8")), per_step)
 
 
 def _require(run_dir: Path, name: str, stage: str, why: str) -> Path:
