@@ -42,6 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "models" / "smollm2-135m-instruct"
 STEPS, WARMUP = 20, 2
 TARGETS = {"bf16": 5.0, "fp32": 2.0}  # loralab over TRL, whole-step tokens/s (issue 27)
+# the largest per-step loss difference loralab vs TRL that is rounding: bf16's 8-bit mantissa over ~1,000 tokens a step
+LOSS_TOLERANCE = {"bf16": 0.05, "fp32": 0.005}
 SIDES = ("loralab", "trl", "seed")
 
 
@@ -169,9 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     if "loralab" in results and "trl" in results:
         gap = max(abs(a - b) for a, b in zip(results["loralab"]["losses"], results["trl"]["losses"], strict=False))
         speedup = results["loralab"]["tokens_per_s"] / results["trl"]["tokens_per_s"]
-        ok = speedup >= TARGETS[precision]
-        print(f"   largest loss difference loralab vs trl: {gap:.4f}; target loralab >= {TARGETS[precision]:.0f}x TRL "
-              f"({precision}): {speedup:.2f}x {'met' if ok else 'MISSED'}")
+        ok = speedup >= TARGETS[precision] and gap <= LOSS_TOLERANCE[precision]
+        print(f"   largest loss difference loralab vs trl: {gap:.4f} (must be <= {LOSS_TOLERANCE[precision]}: "
+              f"{'agree' if gap <= LOSS_TOLERANCE[precision] else 'DIFFER'}); target loralab >= "
+              f"{TARGETS[precision]:.0f}x TRL ({precision}): {speedup:.2f}x "
+              f"{'met' if speedup >= TARGETS[precision] else 'MISSED'}")
     print(f"   (whole benchmark {time.perf_counter() - started:.0f} s)")
     return 0 if ok else 1
 

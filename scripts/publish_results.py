@@ -6,7 +6,10 @@
 
 One run: its files go into results/NAME/. Several (one config under several seeds, `loralab run --seeds`): each
 into results/NAME/seed<S>/, with results/NAME/seeds.md, the mean ± sd table. tests/test_results.py checks that the
-README shows exactly these numbers.
+README shows exactly these numbers. A sweep (`loralab sweep`, one seed per cell): its page and spec, and each
+cell's files into results/NAME/<cell>/:
+
+    python scripts/publish_results.py --sweep outputs/smollm2-200steps-sweep results/smollm2-r-sweep
 """
 
 import json
@@ -56,7 +59,34 @@ def main(run_dirs: list[Path], dest: Path) -> None:
     print(speed_table(seeds, summaries))
 
 
+def publish_sweep(sweep_dir: Path, dest: Path) -> None:
+    """The sweep's page and spec, and each cell's files (one run per cell) in dest/<cell>/; prints each cell's
+    held-out loss and ROUGE-L with their change and interval."""
+    spec = json.loads((sweep_dir / "sweep.json").read_text())
+    # the run directories as sweep.json names them: relative to where the sweep ran (run this from there)
+    unfinished = [c["label"] for c in spec["cells"] for d in c["run_dirs"] if not (Path(d) / "report.md").is_file()]
+    if unfinished:
+        sys.exit(f"cells not finished (or not found from here): {', '.join(unfinished)}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("sweep.html", "sweep.json"):
+        shutil.copyfile(sweep_dir / name, dest / name)
+    for cell in spec["cells"]:
+        if len(cell["run_dirs"]) != 1:
+            sys.exit("publish a sweep of one seed per cell (or publish each cell's seeds as runs)")
+        summary = copy_run(Path(cell["run_dirs"][0]), dest / cell["label"])
+        results = read_eval_results(dest / cell["label"] / "eval_results.csv")
+        for metric in ("eval_loss", "rougeL"):
+            r = results[metric]
+            print(f"{cell['label']} {metric}: {r['base']:.4f} -> {r['lora']:.4f}, change {r['change']:+.4f} "
+                  f"[{r['change_low']:+.4f}, {r['change_high']:+.4f}]")
+        print(f"{cell['label']}: train {summary['wall_s']['train'] / 60:.1f} min, "
+              f"{summary['tokens_per_s']:.1f} tokens/s")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 3:
-        sys.exit("usage: python scripts/publish_results.py RUN_DIR [RUN_DIR ...] DEST")
-    main([Path(a) for a in sys.argv[1:-1]], Path(sys.argv[-1]))
+    if len(sys.argv) == 4 and sys.argv[1] == "--sweep":
+        publish_sweep(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif len(sys.argv) < 3:
+        sys.exit("usage: python scripts/publish_results.py RUN_DIR [RUN_DIR ...] DEST  (or --sweep SWEEP_DIR DEST)")
+    else:
+        main([Path(a) for a in sys.argv[1:-1]], Path(sys.argv[-1]))

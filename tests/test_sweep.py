@@ -34,6 +34,7 @@ def test_grid_values_split_on_commas_outside_brackets_and_read_as_yaml():
     (["lora.r="], "--grid lora.r= lists no values"),
     (["lora.r=4,4"], "a value is listed twice"),
     (["name=a,b"], "the sweep names and places its runs itself"),
+    (["train.seeds=1,3"], "give the runs per cell with --seeds N"),
     (["lora.r=4", "lora.r=8"], "--grid lora.r is given twice"),
     ([], "needs at least one --grid"),
 ])
@@ -68,6 +69,37 @@ def test_plan_sweep_builds_every_cell_and_takes_seeds_from_the_config(sweep_conf
     assert sweep.runs == 8 and [c.name for c in sweep.cells[3].run_configs] == [
         "t-r8-learning_rate2e-4-seed42", "t-r8-learning_rate2e-4-seed43"]
     assert plan_sweep(sweep_config, ["lora.r=4,8"], seeds=1).runs == 2  # --seeds overrides train.seeds
+
+
+@pytest.mark.parametrize(("grid", "message"), [
+    ("train.learning_rate=1e-4,0.0001", "are the same config; list each value once"),
+    ("model.revision=a/b,a_b", "are the same run directory; list each value once"),
+])
+def test_cells_that_would_collide_are_refused(sweep_config, grid, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_sweep(sweep_config, [grid])
+
+
+def test_a_failed_cell_is_said_and_the_sweep_goes_on(sweep_config, tmp_path, capsys, monkeypatch):
+    from loralab.errors import LoralabError
+    from loralab.stages import pipeline
+
+    real = pipeline.run_all
+
+    def diverge_r4(cfg, **kwargs):
+        if cfg.name.endswith("-r4"):
+            raise LoralabError("training stopped at step 3: the loss is NaN or infinite")
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_all", diverge_r4)
+    assert cli.main(["sweep", str(sweep_config), "--grid", "lora.r=4,8", "--seeds", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "sweep: cell 1 (lora.r=4) failed: training stopped at step 3" in captured.out
+    last = captured.err.strip().splitlines()[-1]  # after the training's progress bars: the one error line
+    assert last.startswith("loralab: error: 1 cell(s) of the sweep failed (lora.r=4)"), captured.err
+    assert (tmp_path / "runs" / "t-r8" / "eval_results.csv").is_file()  # the next cell ran
+    page = (tmp_path / "runs" / "t-sweep" / "sweep.html").read_text()
+    assert "1 of 2 cells finished" in page
 
 
 @pytest.mark.parametrize(("grid", "message"), [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import warnings
 
@@ -199,8 +200,9 @@ def _sweep(args: argparse.Namespace) -> None:
     from loralab.commands import sweep
 
     _load_config(args)
-    command = " ".join(["loralab sweep", args.config, *(f"--grid {g}" for g in args.grid),
-                        *(f"--set {o}" for o in args.overrides), *([f"--seeds {args.seeds}"] if args.seeds else [])])
+    command = shlex.join(["loralab", "sweep", args.config, *(x for g in args.grid for x in ("--grid", g)),
+                          *(x for o in args.overrides for x in ("--set", o)),
+                          *(["--seeds", str(args.seeds)] if args.seeds else [])])
     sweep.run(args.config, args.grid, args.overrides, args.seeds, force=args.force, command=command)
 
 

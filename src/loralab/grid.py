@@ -14,8 +14,10 @@ import yaml
 
 from loralab.config import ConfigError, ExperimentConfig, load_config
 
-# keys a grid may not sweep: they name the run directories the sweep itself lays out
-FIXED_KEYS = ("name", "output_dir")
+# keys a grid may not sweep: they name the run directories the sweep itself lays out, or (train.seeds) --seeds says
+FIXED_KEYS = {"name": "the sweep names and places its runs itself; sweep another key",
+              "output_dir": "the sweep names and places its runs itself; sweep another key",
+              "train.seeds": "give the runs per cell with --seeds N"}
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def parse_axis(text: str) -> Axis:
     if not key:
         raise ConfigError(f"--grid {text!r} names no config key; write section.key=value1,value2,...")
     if key in FIXED_KEYS:
-        raise ConfigError(f"--grid {key}: the sweep names and places its runs itself; sweep another key")
+        raise ConfigError(f"--grid {key}: {FIXED_KEYS[key]}")
     texts = [t for t in split_values(raw) if t] if raw.strip() else []
     if not texts:
         raise ConfigError(f"--grid {key}= lists no values; give one or more, comma-separated: {key}=value1,value2")
@@ -157,12 +159,17 @@ def plan_sweep(config_path: str | Path, grid: list[str], overrides: list[str] | 
     count = base.train.seeds if seeds is None else seeds
     if count < 1:
         raise ConfigError(f"--seeds {count}: give 1 or more seeds")
-    cells = []
+    cells: list[PlannedCell] = []
     for cell in grid_cells(axes):
         try:
             cfg = load_config(config_path, [*overrides, *cell.overrides, f"name={base.name}-{cell.label}"], warn=False)
         except ConfigError as err:
             raise ConfigError(f"--grid cell {', '.join(cell.overrides)}: {err}") from None
+        for other in cells:  # two cells in one run directory, or the same config twice (1e-4 and 0.0001)
+            if other.cell.label == cell.label or replace(other.config, name="") == replace(cfg, name=""):
+                raise ConfigError(f"--grid cells {', '.join(other.cell.overrides)} and {', '.join(cell.overrides)} "
+                                  f"are the same {'run directory' if other.cell.label == cell.label else 'config'}; "
+                                  f"list each value once")
         cells.append(PlannedCell(cell, cfg, count))
     return Sweep(base, axes, cells)
 

@@ -34,9 +34,12 @@ def resumable(cfg: ExperimentConfig) -> bool:
     """Whether the run directory of ``cfg`` holds a complete checkpoint of this config's training to resume, its
     training not finished (a finished one is up to date, nothing to resume)."""
     rundir, key = RunDir(cfg), stage_keys(cfg).train
-    if StageRecords(rundir).is_current("train", key.hash):
+    records = StageRecords(rundir)
+    if records.is_current("train", key.hash):
         return False
-    return checkpoint_to_resume(rundir.checkpoints_dir, key.hash, required=False) is not None
+    # where train.run trains: beside a finished run (whatever config made it) in .retrain/, else in place
+    checkpoints = (rundir.retrain_dir if records.finished_whole("train") else rundir.root) / "checkpoints"
+    return checkpoint_to_resume(checkpoints, key.hash, required=False) is not None
 
 
 def share_prepare(source: ExperimentConfig, dest: ExperimentConfig) -> bool:
@@ -59,7 +62,7 @@ def run_seeds(cfg: ExperimentConfig, seeds: int, force: bool = False, resume: bo
         with run_lock(seeded.run_dir, "run"):
             if i:
                 share_prepare(configs[0], seeded)
-            run_all(seeded, force=force and i == 0, resume=resume)
+            run_all(seeded, force=force, resume=resume)
     results = [(c.train.seed, read_eval_results(RunDir(c).eval_results_file)) for c in configs]
     path = Path(cfg.output_dir) / f"{cfg.name}-seeds.md"
     atomic_write_text(path, seeds_markdown(cfg.name, results))
