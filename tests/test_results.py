@@ -1,6 +1,8 @@
-"""The README's "Results on a real model" shows exactly the numbers in results/smollm2-alpaca/ (three seeds)."""
+"""The README's "Results on a real model" shows exactly the numbers in results/smollm2-alpaca/ (three seeds), and the
+published sweep in results/smollm2-r-sweep/ is whole and its reading in the docs quotes its files."""
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -12,6 +14,7 @@ from loralab.runs.results import speed_table
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "smollm2-alpaca"
 SEEDS = (42, 43, 44)
+SWEEP = ROOT / "results" / "smollm2-r-sweep"
 
 
 def _section() -> str:
@@ -50,3 +53,21 @@ def test_readme_tables_equal_the_files():
     summaries = [read_published_summary(RESULTS / f"seed{s}") for s in SEEDS]
     assert speed_table(list(SEEDS), summaries) in section
     assert (RESULTS / "seeds.md").read_text() == seeds_markdown("smollm2-alpaca", runs)
+
+
+def test_the_published_sweep_is_whole_and_the_docs_quote_it():
+    spec = json.loads((SWEEP / "sweep.json").read_text())
+    cells = [c["label"] for c in spec["cells"]]
+    assert [g["key"] for g in spec["grid"]] == ["lora.r"] and cells == ["r4", "r8", "r16"]
+    page = (SWEEP / "sweep.html").read_text()
+    docs = (ROOT / "docs" / "results.md").read_text()
+    for label in cells:
+        results = read_eval_results(SWEEP / label / "eval_results.csv")
+        assert f'data-value="{results["eval_loss"]["lora"]!r}"' in page  # the page shows the cell's own file
+        loss = results["eval_loss"]
+        # the docs' reading quotes each cell's held-out loss and its change with the interval
+        assert f"{loss['lora']:.4f}" in docs and f"[{loss['change_low']:+.4f}, {loss['change_high']:+.4f}]" in docs
+    assert "3 of 3 cells finished" in page
+    losses = [read_eval_results(SWEEP / label / "eval_results.csv")["eval_loss"]["lora"] for label in cells]
+    best = losses.index(min(losses)) + 1
+    assert re.search(rf"Best by held-out loss[^.]*: cell {best}, lora\.r={cells[best - 1][1:]}\.", page)

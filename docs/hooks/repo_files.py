@@ -13,6 +13,7 @@ from mkdocs.structure.files import File
 # site path (what pages link to, relative to docs/) -> repository path (relative to the folder of mkdocs.yml)
 REPO_FILES = {
     "assets/smollm2-alpaca/loss_curve.png": "results/smollm2-alpaca/seed42/loss_curve.png",
+    "assets/smollm2-r-sweep/sweep.html": "results/smollm2-r-sweep/sweep.html",
 }
 
 
