@@ -16,9 +16,8 @@ from loralab.planning.measure import resolve_profile
 from loralab.planning.memory import MemoryItem
 from loralab.planning.plan import Plan
 from loralab.planning.profiles import GB
-from loralab.runs.fingerprints import stage_keys
+from loralab.runs.fingerprints import evaluated
 from loralab.runs.layout import RunDir
-from loralab.runs.protocol import StageRecords
 
 
 def read_lengths(cfg: ExperimentConfig) -> tuple[list[int], list[int], str]:
@@ -151,7 +150,7 @@ def run_sweep(config_path: str, grid: list[str], overrides: list[str], seeds: in
     lines, total, left = [], 0.0, 0.0
     for i, c in enumerate(sweep.cells):
         plan, _ = plan_config(c.config, profile, processes, lengths[i])
-        done = sum(StageRecords(RunDir(r)).is_current("eval", stage_keys(r).eval.hash) for r in c.run_configs)
+        done = sum(evaluated(r) for r in c.run_configs)
         seconds = plan.run_seconds * c.seeds
         total += seconds
         left += plan.run_seconds * (c.seeds - done)

@@ -20,27 +20,19 @@ from loralab.errors import LoralabError
 from loralab.files import atomic_write_text
 from loralab.grid import PlannedCell, Sweep, plan_sweep
 from loralab.reporting.sweep import SweepCell, best_cell, sweep_page
-from loralab.runs.fingerprints import stage_keys
-from loralab.runs.layout import RunDir
+from loralab.runs.fingerprints import evaluated, stage_keys
 from loralab.runs.lock import run_lock
-from loralab.runs.protocol import StageRecords
 from loralab.runs.readers import MissingRunFile, read_run
 from loralab.stages import pipeline
 
 PAGE, SPEC = "sweep.html", "sweep.json"
 
 
-def finished(cfg: ExperimentConfig) -> bool:
-    """Whether the run of ``cfg`` has evaluated this very config (not files an earlier sweep with other settings left
-    in the same run directory)."""
-    return StageRecords(RunDir(cfg)).is_current("eval", stage_keys(cfg).eval.hash)
-
-
 def cell_runs(planned: PlannedCell) -> SweepCell:
     """What the cell's finished runs hold, for the page (a run not finished for this config is left out)."""
     runs = []
     for cfg in planned.run_configs:
-        if not finished(cfg):
+        if not evaluated(cfg):
             continue
         try:
             runs.append(read_run(cfg.run_dir))

@@ -11,7 +11,8 @@ from typing import NamedTuple
 from loralab.config import ExperimentConfig
 from loralab.data import DataError
 from loralab.files import file_sha256
-from loralab.runs.protocol import StageKey, stage_hash, stage_inputs
+from loralab.runs.layout import RunDir
+from loralab.runs.protocol import StageKey, StageRecords, stage_hash, stage_inputs
 from loralab.sources import looks_local, no_data_file
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "*.model", "vocab*", "merges.txt", "*.jinja")
@@ -125,3 +126,9 @@ def prepare_key(cfg: ExperimentConfig) -> StageKey:
 def report_key(cfg: ExperimentConfig, eval_hash: str | None) -> StageKey:
     """report's key: it is rebuilt every time from whatever eval last wrote, so it chains the recorded eval hash."""
     return StageKey("report", stage_hash(cfg, "report", eval_hash), {})
+
+
+def evaluated(cfg: ExperimentConfig) -> bool:
+    """Whether the run directory of ``cfg`` holds an eval of this very config (not files an earlier run with other
+    settings left there): what a sweep counts as a finished run."""
+    return StageRecords(RunDir(cfg)).is_current("eval", stage_keys(cfg).eval.hash)
