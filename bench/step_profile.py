@@ -71,11 +71,11 @@ def make_profiler():
             trainer.data_collator = collator
 
         def on_step_begin(self, args, state, control, **kwargs):
-            now = time.perf_counter()
+            now, faults = time.perf_counter(), page_faults()
             if self.current:
-                self.current["next_begin"] = now
+                self.current["next_begin"], self.current["faults"] = now, faults - self.current["faults_at"]
                 self.events.append(self.current)
-            self.current = {"begin": now, **self.pending}
+            self.current = {"begin": now, "faults_at": faults, **self.pending}
             self.pending = {"fwd_bwd": 0.0, "clip": 0.0, "data": 0.0, "tokens": 0}
 
         def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -92,9 +92,17 @@ def make_profiler():
         def on_train_end(self, args, state, control, **kwargs):
             if self.current and "end" in self.current:
                 self.current["next_begin"] = time.perf_counter()
+                self.current["faults"] = page_faults() - self.current["faults_at"]
                 self.events.append(self.current)
 
     return StepProfile()
+
+
+def page_faults() -> int:
+    """This process's minor page faults so far: each is a page touched for the first time (fresh from the kernel)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def step_parts(event: dict) -> dict[str, float]:
@@ -109,6 +117,13 @@ def step_parts(event: dict) -> dict[str, float]:
     }
     parts["in-step Python"] = whole - sum(parts.values())
     return parts | {"whole step": whole}
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident set (VmHWM), GB."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
 def config_for(args, tmp: Path):
@@ -180,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     window = statistics.median(s["forward + backward"] for s in steps)
     print(f"   tokens per step (median) {tokens:.0f}: {tokens / whole:.1f} tokens/s in whole steps, "
           f"{tokens / window:.1f} in forward + backward alone")
+    faults = statistics.median(e["faults"] for e in timed)
+    print(f"   page faults per step (median) {faults:.0f} ({faults * os.sysconf('SC_PAGE_SIZE') / 2**20:.0f} MiB "
+          f"touched fresh); peak RSS {peak_rss_gb():.2f} GB")
     print(f"   model FLOPs per token {per_token / 1e9:.3f} GFLOP; {precision} matmul peak beside it "
           f"{peak / 1e9:.0f} GFLOP/s; MFU in whole steps {100 * tokens / whole * per_token / peak:.1f}%, "
           f"in forward + backward {100 * tokens / window * per_token / peak:.1f}%")

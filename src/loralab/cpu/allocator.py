@@ -15,6 +15,9 @@ from loralab.cpu.catalogue import LEAN_ALLOCATOR_ROW_TOKENS
 
 LEAN_MMAP_THRESHOLD = 4 << 20
 FAST_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold (64-bit), fixed from the start
+# Heap kept between steps on short rows: each step frees its activations at the end of the backward; trimmed back,
+# the next step faults every page of them in again (bench/step_profile.py counts the page faults per step).
+FAST_TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
 
@@ -53,7 +56,9 @@ def mmap_threshold_for(longest_row_tokens: int, checkpointing: bool = False) -> 
 def tune_allocator(longest_row_tokens: int, checkpointing: bool = False) -> int | None:
     """Set glibc's mmap threshold for rows of up to ``longest_row_tokens``; return it (None: not glibc).
 
-    Rows of up to LEAN_ALLOCATOR_ROW_TOKENS use FAST_MMAP_THRESHOLD and train at heap speed; longer rows use
+    Rows of up to LEAN_ALLOCATOR_ROW_TOKENS use FAST_MMAP_THRESHOLD and train at heap speed (and the heap's free top
+    is only given back above FAST_TRIM_THRESHOLD, so that a step's activations reuse the last step's pages: the
+    peak is the same, the memory between steps stays at it); longer rows use
     LEAN_MMAP_THRESHOLD, because there the heap's kept memory adds gigabytes to the peak. So do checkpointed runs
     where cpu.catalogue's CpuPieces.lean_when_checkpointing says so (``checkpointing``): in fp32 each layer's
     recomputed activations, freed into the heap layer after layer, keep gigabytes more than lean
@@ -62,7 +67,8 @@ def tune_allocator(longest_row_tokens: int, checkpointing: bool = False) -> int 
     would mmap, and so slow down, every mid-sized tensor afterwards.
     """
     threshold = mmap_threshold_for(longest_row_tokens, checkpointing)
-    return threshold if _set_thresholds(threshold, 2 * threshold) else None
+    trim = 2 * threshold if threshold == LEAN_MMAP_THRESHOLD else FAST_TRIM_THRESHOLD
+    return threshold if _set_thresholds(threshold, trim) else None
 
 
 def return_freed_memory() -> bool:

@@ -11,6 +11,35 @@ from loralab.cpu import onednn_weights
 from loralab.cpu.catalogue import LOSS_CHUNK_ROWS, PLAIN_HEAD_MODELS
 
 CHUNK_ROWS = LOSS_CHUNK_ROWS
+_workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def workspace(vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two (CHUNK_ROWS x vocab) buffers, the head's logits in ``dtype`` and their fp32 copy (the same buffer when
+    ``dtype`` is fp32), kept for the process and reused by every chunk of every call (one pair per vocabulary size,
+    dtype and device).
+
+    Freshly allocated, each chunk's logits land on pages the kernel has just handed out (the heap's top is
+    trimmed between steps), and the first write to each page faults: in a SmolLM2 training step (a 49,152-token
+    head) that made the fp32 upcast take 10-20 times its warm time. bench/step_profile.py measures the step."""
+    key = (vocab, dtype, device)
+    if key not in _workspaces:
+        low = torch.empty((CHUNK_ROWS, vocab), dtype=dtype, device=device)
+        high = low if dtype == torch.float32 else torch.empty((CHUNK_ROWS, vocab), dtype=torch.float32, device=device)
+        _workspaces[key] = (low, high)
+    return _workspaces[key]
+
+
+def chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, onednn=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden @ W^T for up to CHUNK_ROWS positions, in the head's dtype and upcast to fp32, both in workspace()."""
+    low, high = workspace(weight.shape[0] if onednn is None else onednn.out_features, hidden.dtype,
+                          hidden.device)
+    low, high = low[: hidden.shape[0]], high[: hidden.shape[0]]
+    if onednn is None:
+        torch.mm(hidden, weight.t(), out=low)
+    else:
+        low.copy_(onednn_weights.linear(hidden, onednn))
+    return low, high if high.data_ptr() == low.data_ptr() else high.copy_(low)
 
 
 class FrozenHeadCrossEntropy(torch.autograd.Function):
@@ -31,7 +60,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         rows = torch.arange(min(CHUNK_ROWS, hidden.shape[0]), device=hidden.device)
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
-            logits = (h @ weight.t() if onednn is None else onednn_weights.linear(h, onednn)).float()  # (c, vocab)
+            low, logits = chunk_logits(h, weight, onednn)  # (c, vocab) each
             # log-sum-exp and softmax in place, each pass over the chunk once (torch.logsumexp allocates two more)
             shifted = logits.sub_(logits.amax(1, keepdim=True))
             target_shifted = shifted.gather(1, t[:, None]).squeeze(1)
@@ -41,10 +70,12 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 probs = exp.div_(sums[:, None])
                 probs[rows[: len(t)], t] -= 1.0
+                if low.data_ptr() != probs.data_ptr():
+                    low.copy_(probs)  # in the head's dtype, for its matmul
                 if onednn is None:
-                    torch.mm(probs.to(hidden.dtype), weight, out=grad[start : start + CHUNK_ROWS])
+                    torch.mm(low, weight, out=grad[start : start + CHUNK_ROWS])
                 else:
-                    grad[start : start + CHUNK_ROWS] = onednn_weights.grad_input(probs.to(hidden.dtype), onednn)
+                    grad[start : start + CHUNK_ROWS] = onednn_weights.grad_input(low, onednn)
         ctx.save_for_backward(grad)
         return total
 
@@ -61,7 +92,7 @@ def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
         h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
-        logits = (h @ weight.t() if onednn is None else onednn_weights.linear(h, onednn)).float()  # (c, vocab)
+        _, logits = chunk_logits(h, weight, onednn)  # (c, vocab) fp32
         out[start : start + len(t)] = torch.logsumexp(logits, 1) - logits.gather(1, t[:, None]).squeeze(1)
     return out
 
