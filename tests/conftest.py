@@ -20,6 +20,19 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _cpu_peaks(monkeypatch, tmp_path):
+    """A plan measures the CPU's matmul peaks once and caches them (loralab.planning.measure): in tests the
+    "measurement" gives the reference CPU's peaks, instantly and the same on every machine, and is cached in a
+    folder of the test's own, never the user's (a loralab subprocess measures for real, once per machine)."""
+    from loralab.planning import measure, profiles
+
+    reference = profiles.PROFILES["cpu"].peak_flops
+    monkeypatch.setattr(measure, "idle_matmul_peak", lambda precision: reference.get(precision, reference["bf16"]))
+    cache = tmp_path / "loralab" / "cpu_matmul_peaks.json"  # where XDG_CACHE_HOME=tmp_path would put it
+    monkeypatch.setattr(measure, "peaks_cache_file", lambda: cache)
+
+
 @pytest.fixture(scope="session")
 def alpaca_path() -> Path:
     if not ALPACA.exists():

@@ -120,6 +120,19 @@ def test_calibrated_peaks_are_measured_once_per_cpu_and_isa_limit(monkeypatch, t
     assert len(cache) == 2 and all(k.startswith("AMD EPYC 7B12 | ") for k in cache)
 
 
+def test_a_plan_measures_the_cpu_once_and_calibrate_measures_it_again(monkeypatch):
+    measured = []
+    monkeypatch.setattr(plan, "idle_matmul_peak", lambda p: measured.append(p) or 456e9)
+    first = plan.resolve_profile("cpu")  # what `loralab plan` does by default
+    assert measured and first.peak_flops == dict.fromkeys(measured, 456e9) and "measured just now" in first.description
+    count = len(measured)
+    assert plan.resolve_profile("cpu").peak_flops == first.peak_flops and len(measured) == count  # cached
+    plan.resolve_profile("cpu", fresh=True)  # `loralab plan --calibrate`
+    assert len(measured) == 2 * count
+    reference = plan.cpu_profile(calibrate=False)  # a train's memory decisions: nothing measured
+    assert len(measured) == 2 * count and reference.peak_flops != first.peak_flops
+
+
 def test_a_damaged_peaks_cache_is_measured_again(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     plan.peaks_cache_file().parent.mkdir(parents=True)

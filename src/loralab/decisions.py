@@ -181,7 +181,7 @@ def decide_switches(cfg: ExperimentConfig, facts: DeviceFacts, lengths: list[int
     precision = choose_precision(facts, cfg.train.precision)
     onednn_available = device == "cpu" and onednn_available
     check_switches(cfg, device, precision, onednn_available)
-    profile = profile_for(facts)
+    profile = profile_for(facts, calibrate=False)  # memory decides the switches, not time: nothing measured
     inputs = PlanInputs(model_config or {}, cfg.lora, cfg.train, lengths, profile, trained,
                         cfg.model.attn_implementation)
     if needs_estimate(cfg.train, device, onednn_available) and model_config is None:

@@ -117,8 +117,9 @@ def plan_config(cfg: ExperimentConfig, profile, processes: int = 1,
 def run(cfg: ExperimentConfig, device: str = "auto", calibrate: bool = False, processes: int = 1,
         seeds: int = 1) -> Plan:
     """Print the plan for ``cfg`` on ``device``, per device when ``processes`` share each step (DDP), and the
-    training time of ``seeds`` runs of it (`loralab run --seeds`); return the plan."""
-    plan, source = plan_config(cfg, resolve_profile(device, calibrate), processes)
+    training time of ``seeds`` runs of it (`loralab run --seeds`); return the plan. ``calibrate``: measure this
+    CPU's matmul peaks again (the first plan measures them; later ones read them back)."""
+    plan, source = plan_config(cfg, resolve_profile(device, fresh=calibrate), processes)
     print(format_plan(plan, source))
     if seeds > 1:
         print(f"{seeds} seeds: {_fmt_seconds(plan.run_seconds * seeds)} of training in all (one run after another)")
@@ -145,7 +146,7 @@ def run_sweep(config_path: str, grid: list[str], overrides: list[str], seeds: in
     """Print each cell's predicted peak memory and training time, and the sweep's total; return the total seconds
     of the runs not yet evaluated (a rerun sweep skips the others)."""
     sweep = plan_sweep(config_path, grid, overrides, seeds)
-    profile = resolve_profile(device, calibrate)
+    profile = resolve_profile(device, fresh=calibrate)
     lengths = _sweep_lengths(sweep.cells)
     lines, total, left = [], 0.0, 0.0
     for i, c in enumerate(sweep.cells):

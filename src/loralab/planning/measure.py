@@ -1,5 +1,6 @@
-"""Measuring this machine for a plan: the CPU's matmul peaks (a second or so each, cached per CPU model, ISA limits
-and thread count), and the profile of the device this process sees or of a named one.
+"""Measuring this machine for a plan: the CPU's matmul peaks (a second or so each, measured on the first plan and
+cached per CPU model, ISA limits and thread count), and the profile of the device this process sees or of a named
+one.
 
 The I/O layer on top of the planning arithmetic: it times matmuls, reads the machine's memory and writes a cache
 file; profiles, the memory model and the time model take what it finds.
@@ -52,9 +53,9 @@ def peaks_cache_file() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "loralab" / "cpu_matmul_peaks.json"
 
 
-def calibrated_peaks(facts: DeviceFacts, precisions: list[str]) -> tuple[dict[str, float], str]:
+def calibrated_peaks(facts: DeviceFacts, precisions: list[str], fresh: bool = False) -> tuple[dict[str, float], str]:
     """This CPU's matmul peaks for ``precisions`` and where they come from: measured once per CPU model, ISA limits
-    and thread count, then read from peaks_cache_file() (a second plan is instant)."""
+    and thread count, then read from peaks_cache_file() (a second plan is instant); ``fresh``: measured again now."""
     import torch  # heavy: imported only when calibrating
 
     key = f"{facts.name} | {isa_limits() or 'full ISA'} | {torch.get_num_threads()} threads"
@@ -64,7 +65,7 @@ def calibrated_peaks(facts: DeviceFacts, precisions: list[str]) -> tuple[dict[st
         entry = dict(cache[key]) if isinstance(cache.get(key), dict) else {}
     except (OSError, ValueError):
         cache, entry = {}, {}
-    missing = [p for p in precisions if not isinstance(entry.get(p), (int, float))]
+    missing = [p for p in precisions if fresh or not isinstance(entry.get(p), (int, float))]
     if not missing:
         return ({p: float(entry[p]) for p in precisions},
                 f"measured {entry.get('measured', 'earlier')}, cached in {path}")
@@ -78,34 +79,39 @@ def calibrated_peaks(facts: DeviceFacts, precisions: list[str]) -> tuple[dict[st
     return {p: float(entry[p]) for p in precisions}, "measured just now"
 
 
-def cpu_profile(calibrate: bool = False, facts: DeviceFacts | None = None) -> DeviceProfile:
+def cpu_profile(calibrate: bool = True, facts: DeviceFacts | None = None, fresh: bool = False) -> DeviceProfile:
     """The cpu profile for this machine's CPU (or the one ``facts`` describe): its available RAM, the precisions
-    loralab allows on it, and with ``calibrate`` its own matmul peaks."""
+    loralab allows on it, and its own matmul peaks (calibrated_peaks; ``fresh``: measured again now), or with
+    ``calibrate`` False the reference CPU's (no measuring: a train's memory decisions need no time).
+
+    The CPU's name alone does not say its speed ("AMD EPYC" covers generations twice as fast as each other), so a
+    plan measures rather than trusts the reference CPU's peaks."""
     import psutil
 
     facts = facts or devices.probe("cpu")
     if not calibrate:
         return cpu_profile_for(facts, psutil.virtual_memory().total)
-    peaks, measured = calibrated_peaks(facts, list(supported_precisions(facts)))
+    peaks, measured = calibrated_peaks(facts, list(supported_precisions(facts)), fresh)
     return cpu_profile_for(facts, psutil.virtual_memory().total, peaks, measured)
 
 
-def profile_for(facts: DeviceFacts, calibrate: bool = False) -> DeviceProfile:
-    """The profile of the device ``facts`` describe (loralab.devices.probe)."""
+def profile_for(facts: DeviceFacts, calibrate: bool = True, fresh: bool = False) -> DeviceProfile:
+    """The profile of the device ``facts`` describe (loralab.devices.probe); a CPU's as cpu_profile gives it."""
     if facts.kind == "cuda":
         return gpu_profile(facts)
     if facts.kind == "mps":
         return mps_profile(facts)
-    return cpu_profile(calibrate, facts)
+    return cpu_profile(calibrate, facts, fresh)
 
 
-def resolve_profile(device: str, calibrate: bool = False) -> DeviceProfile:
-    """A named profile, or ``auto``: the GPU/Mac/CPU this process sees."""
+def resolve_profile(device: str, fresh: bool = False) -> DeviceProfile:
+    """A named profile, or ``auto``: the GPU/Mac/CPU this process sees (a CPU with its own matmul peaks, measured
+    on the first plan; ``fresh``: again now)."""
     device = device.lower()
     if device == "cpu":
-        return cpu_profile(calibrate)
+        return cpu_profile(fresh=fresh)
     if device in PROFILES:
         return PROFILES[device]
     if device != "auto":
         raise LoralabError(f"unknown device '{device}' for plan; choose one of {', '.join(PROFILES)} or auto")
-    return profile_for(devices.probe(devices.detect_device("auto")), calibrate)
+    return profile_for(devices.probe(devices.detect_device("auto")), fresh=fresh)
