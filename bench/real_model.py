@@ -99,6 +99,10 @@ def trl_trainer(model_dir: Path, examples: list[dict], out_dir: Path, callbacks:
 
 
 def run_side(side: str, root: Path, model: Path, data: Path, precision: str, steps: int) -> dict:
+    if side == "loralab":  # as the command line does, before the process's first oneDNN matmul
+        from loralab.cpu.allocator import bound_primitive_cache
+
+        bound_primitive_cache()
     import torch
 
     examples = examples_of(root, model, data, precision, steps)

@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
     parser.add_argument("--cache-dir", type=Path, default=tt.DEFAULT_CACHE.parent / "bench-step-profile")
     args = parser.parse_args(argv)
+    from loralab.cpu.allocator import bound_primitive_cache
+
+    bound_primitive_cache()  # as the command line does, before the process's first oneDNN matmul
     from loralab.devices import probe
     from loralab.files import read_jsonl
     from loralab.precision import choose_precision

@@ -3,6 +3,7 @@ loralab.decisions picks for it give plain PEFT's losses and gradients, and `lora
 this CPU's matmul peaks once per CPU model and ISA limit."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -179,3 +180,15 @@ def test_a_checkpointed_cpu_run_tunes_the_allocator_as_its_pieces_say(tmp_path, 
     trainer = train.build_trainer(cfg, train.build_model(cfg, switches), examples, tmp_path / "ckpt", [], switches)
     trainer.train()
     assert asked == [precision == "fp32"]
+
+
+def test_the_command_line_caps_onednns_primitive_cache_unless_the_user_set_it(monkeypatch, tmp_path, capsys):
+    from loralab import cli
+    from loralab.cpu import allocator
+
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2  # set before anything else, even a failing command
+    assert os.environ["LRU_CACHE_CAPACITY"] == str(allocator.PRIMITIVE_CACHE_ENTRIES)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    cli.main(["train", str(tmp_path / "missing.yaml")])
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"

@@ -239,6 +239,9 @@ def _run_stage(args: argparse.Namespace, cfg) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from loralab.cpu.allocator import bound_primitive_cache
+
+    bound_primitive_cache()  # before any oneDNN matmul of the process
     args = _parser().parse_args(argv)
     # Library deprecation notices (transformers' v6 renames) are for us, not for the person training.
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -9,6 +9,7 @@ hand, adds to the peak on long rows. docs/benchmarks.md has the measured trade.
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 
 from loralab.cpu.catalogue import LEAN_ALLOCATOR_ROW_TOKENS
@@ -19,6 +20,19 @@ FAST_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its moving threshold (
 # the next step faults every page of them in again (bench/step_profile.py counts the page faults per step).
 FAST_TRIM_THRESHOLD = 1 << 30
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+PRIMITIVE_CACHE_ENTRIES = 128  # ideep's own default is 1,024
+
+
+def bound_primitive_cache() -> None:
+    """Cap the oneDNN matmul primitives PyTorch's ideep layer keeps for reuse (its LRU_CACHE_CAPACITY) at
+    PRIMITIVE_CACHE_ENTRIES, unless the user set it.
+
+    Packed rows of training have a new length almost every step, and each length gets its own primitives for every
+    weight shape, forward and backward, each holding scratch memory: at ideep's default the resident memory of a
+    training run grows for hundreds of steps (bench/step_profile.py prints the peak; docs/benchmarks.md the run).
+    A capped cache costs nothing measurable, since a row length rarely comes back. ideep reads the variable once, at
+    the process's first oneDNN matmul: the command line sets it before anything is imported."""
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(PRIMITIVE_CACHE_ENTRIES))
 
 
 def _glibc():

@@ -20,8 +20,8 @@ def workspace(vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[tor
     dtype and device).
 
     Freshly allocated, each chunk's logits land on pages the kernel has just handed out (the heap's top is
-    trimmed between steps), and the first write to each page faults: in a SmolLM2 training step (a 49,152-token
-    head) that made the fp32 upcast take 10-20 times its warm time. bench/step_profile.py measures the step."""
+    trimmed between steps), and the first write to each page faults: with a 49,152-token head (SmolLM2) that made
+    the fp32 upcast many times slower than on warm pages. bench/step_profile.py counts the page faults per step."""
     key = (vocab, dtype, device)
     if key not in _workspaces:
         low = torch.empty((CHUNK_ROWS, vocab), dtype=dtype, device=device)

@@ -9,6 +9,7 @@ plus one layer recomputed), times what the allocator holds per live byte; logits
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from loralab.config import LoraSection
@@ -28,6 +29,9 @@ _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", 
                  "up_proj": "mlp_in"}
 PER_EXAMPLE_MAX_TOKENS = 1024  # loralab.cpu.attention.MATERIALISED_MAX_TOKENS: longer examples use SDPA's kernel
 HEAP_HELD_FACTOR = 1.3  # memory glibc's heap holds per live activation byte on the CPU path (bench/plan_validation.py)
+# Over a run whose rows change length from step to step, the kept heap fragments and grows: by this much of the held
+# activations per natural log of the steps (one 500-step SmolLM2-135M run on the 2-core Zen 5, docs/benchmarks.md).
+HEAP_GROWTH_PER_LOG_STEP = 0.2
 
 
 @dataclass
@@ -119,6 +123,17 @@ def saved_activation_bytes(shape: ModelShape, inputs: PlanInputs, switches: Swit
     return saved, note
 
 
+def heap_growth_items(held_bytes: float, held: float, rows: Rows, steps: int) -> list[MemoryItem]:
+    """What a kept heap (``held`` > 1) grows by over ``steps`` optimizer steps when the rows change length (packed
+    real data does; rows of one length reuse the same blocks every step): HEAP_GROWTH_PER_LOG_STEP x ln(steps) x the
+    held activations. None otherwise."""
+    if held == 1.0 or steps < 2 or len({sum(r) for r in rows.rows}) < 2:
+        return []
+    grown = held_bytes * HEAP_GROWTH_PER_LOG_STEP * math.log(steps)
+    return [MemoryItem("heap growth", grown, f"the kept heap fragmenting over {steps:,} steps of rows of varying "
+                                             f"length ({HEAP_GROWTH_PER_LOG_STEP:g} x ln(steps) x the activations)")]
+
+
 def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
                  rows: Rows) -> tuple[list[MemoryItem], float]:
     """The peak's parts for the fullest row, and the activation bytes per token of one layer (the time model's
@@ -162,6 +177,7 @@ def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
         base_weights_item(shape, precision, train.load_in_4bit),
         trainable_state_item(trainable, lora, train.optim),
         MemoryItem("activations", saved * held, act_note),
+        *heap_growth_items(saved * held, held, rows, train.max_steps),
         MemoryItem("logits (fp32)", logits, logits_note),
         MemoryItem("backward buffers", transient, buffers_note),
         MemoryItem("framework", profile.framework_bytes,
