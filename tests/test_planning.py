@@ -89,3 +89,20 @@ def test_the_cpu_profile_says_whose_constants_it_holds():
 def test_a_matmul_peak_is_measured_by_each_clock():
     for clock in ("wall", "cpu", "idle"):
         assert 1e6 < measure.matmul_peak("fp32", size=64, seconds=0.01, clock=clock) < 1e14
+
+
+def test_the_kept_heap_grows_with_the_log_of_the_steps_only_when_rows_change_length():
+    import math
+
+    from loralab.planning.inputs import Rows
+    from loralab.planning.memory import HEAP_GROWTH_PER_LOG_STEP, heap_growth_items
+
+    def rows(lengths):
+        return Rows(1024, [lengths[0]], 0, [[n] for n in lengths], 1.0, 0.0, 0.0, False)
+
+    varying, same = rows([300, 700, 1000]), rows([512, 512, 512])
+    (item,) = heap_growth_items(1e9, 1.3, varying, 500)
+    assert item.bytes == 1e9 * HEAP_GROWTH_PER_LOG_STEP * math.log(500) and "500 steps" in item.note
+    assert heap_growth_items(1e9, 1.3, varying, 50)[0].bytes < item.bytes  # fewer steps, less growth
+    assert heap_growth_items(1e9, 1.3, same, 500) == []  # rows of one length reuse the same blocks
+    assert heap_growth_items(1e9, 1.0, varying, 500) == []  # freed memory given back at once: nothing kept
