@@ -171,8 +171,7 @@ def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
         # than the logits (freed just before) adds to the peak. Both rules match CPU measurements.
         transient = max(0.0, transient - logits)
         buffers_note = "gradients inside one layer's backward, beyond the memory the logits freed"
-    if held != 1.0:
-        act_note += f", x{held:g} held by the allocator"
+    act_note += f", x{held:g} held by the allocator" if held != 1.0 else ""
     memory = [
         base_weights_item(shape, precision, train.load_in_4bit),
         trainable_state_item(trainable, lora, train.optim),
