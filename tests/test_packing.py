@@ -154,6 +154,17 @@ def test_frozen_head_cross_entropy_equals_the_upcast_logits_loss(monkeypatch, dt
     assert (hidden.grad.float() - ref_hidden.grad.float()).norm() / ref_hidden.grad.float().norm() < tol
 
 
+def test_the_head_loss_buffers_first_made_under_inference_mode_still_train():
+    from loralab.cpu import head_loss
+
+    weight, targets = torch.randn(333, 32), torch.randint(0, 333, (40,))  # a vocabulary no other test uses
+    with torch.inference_mode():  # a held-out pass or generation first in the process
+        first = head_loss.token_losses(torch.randn(40, 32), weight, targets)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    head_loss.FrozenHeadCrossEntropy.apply(hidden, weight, targets).backward()  # then training writes into them
+    assert hidden.grad is not None and torch.isfinite(first).all()
+
+
 def test_training_loss_and_grads_through_the_fused_head_equal_the_models_own_head(tiny_model_dir, monkeypatch):
     from loralab.cpu import head_loss
 

@@ -17,15 +17,17 @@ _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def workspace(vocab: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Two (CHUNK_ROWS x vocab) buffers, the head's logits in ``dtype`` and their fp32 copy (the same buffer when
     ``dtype`` is fp32), kept for the process and reused by every chunk of every call (one pair per vocabulary size,
-    dtype and device).
+    dtype, device and chunk size).
 
     Freshly allocated, each chunk's logits land on pages the kernel has just handed out (the heap's top is
     trimmed between steps), and the first write to each page faults: with a 49,152-token head (SmolLM2) that made
     the fp32 upcast many times slower than on warm pages. bench/step_profile.py counts the page faults per step."""
-    key = (vocab, dtype, device)
+    key = (CHUNK_ROWS, vocab, dtype, device)
     if key not in _workspaces:
-        low = torch.empty((CHUNK_ROWS, vocab), dtype=dtype, device=device)
-        high = low if dtype == torch.float32 else torch.empty((CHUNK_ROWS, vocab), dtype=torch.float32, device=device)
+        with torch.inference_mode(False):  # plain tensors even if first asked for under inference_mode: training
+            low = torch.empty((CHUNK_ROWS, vocab), dtype=dtype, device=device)  # writes into them later
+            high = low if dtype == torch.float32 else torch.empty((CHUNK_ROWS, vocab), dtype=torch.float32,
+                                                                  device=device)
         _workspaces[key] = (low, high)
     return _workspaces[key]
 
