@@ -133,6 +133,7 @@ def prepare_run(root: Path, model_dir: Path, data: Path, args: argparse.Namespac
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from loralab import IGNORE_INDEX
     from loralab.config import dump_config
     from loralab.runs.fingerprints import stage_keys
     from loralab.runs.layout import RunDir
@@ -152,8 +153,13 @@ def prepare_run(root: Path, model_dir: Path, data: Path, args: argparse.Namespac
     if args.heldout_loss == "eval":
         rundir.metrics_file.write_text("")  # no held-out loss rows: eval computes both losses itself
         StageRecords(rundir).mark_done("train", stage_keys(cfg).train.hash, 0.0, steps=0)
-    else:  # the rows `loralab train` logs at step 0 and at its last step (the values are not checked here)
-        rundir.metrics_file.write_text("".join(json.dumps({"step": s, "eval_loss": 10.0}) + "\n" for s in (0, 1)))
+    else:  # the rows `loralab train` logs at step 0 and at its last step, with each held-out example's loss sum and
+        # trained-token count as eval reuses them (the values are not checked here, the counts are)
+        from loralab.files import read_jsonl
+
+        counts = [sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in read_jsonl(rundir.eval_file)]
+        rows = [{"step": s, "eval_loss": 10.0, "eval_example_losses": [[10.0 * c, c] for c in counts]} for s in (0, 1)]
+        rundir.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         StageRecords(rundir).mark_done("train", stage_keys(cfg).train.hash, 0.0, steps=1)
         rundir.update_manifest(precision=args.dtype, device="cpu")
     path = root / "eval-bench.yaml"
@@ -314,10 +320,12 @@ def report(args, gen: dict, whole: dict | None) -> None:
     theirs_whole = whole["tokens"] / (gen["load_s"] + whole["tokens"] / theirs_rate)
     print(f"   with model loads counted on both sides (the per-example loop's load {gen['load_s']:.1f} s, then "
           f"{whole['tokens']} tokens at its rate): {theirs_whole:.2f} tokens/s -> {rate / theirs_whole:.1f}x")
-    generating = sum(bar_seconds(bar) for bar in whole["bars"] if "base" in bar or "LoRA" in bar)
-    print(f"   where the process's {whole['wall_s']:.1f} s go: generation (base and LoRA bars) {generating:.1f} s, the "
-          f"rest (imports, model load, LoRA merge {gen['merge_s']:.1f} s as measured above, scoring, writing) "
-          f"{whole['wall_s'] - generating:.1f} s")
+    generating = sum(bar_seconds(bar) for bar in whole["bars"] if "held-out loss" not in bar)
+    measuring = sum(bar_seconds(bar) for bar in whole["bars"] if "held-out loss" in bar)
+    print(f"   where the process's {whole['wall_s']:.1f} s go: generation (base and LoRA answers) {generating:.1f} s, "
+          f"held-out losses measured {measuring:.1f} s, the rest (imports, model load, LoRA merge "
+          f"{gen['merge_s']:.1f} s as measured above, scoring, writing) "
+          f"{whole['wall_s'] - generating - measuring:.1f} s")
     for bar in whole["bars"]:
         print(f"     {bar}")
     print(f"   {whole['summary']}")
