@@ -87,7 +87,8 @@ def test_decide_switches_returns_its_notes_instead_of_printing(monkeypatch, caps
     assert roomy.notes == () and not roomy.gradient_checkpointing
     checkpointed = plan_for(_inputs(trained_counts=trained), roomy._replace(onednn_weights=False,
                                                                           gradient_checkpointing=True))
-    monkeypatch.setattr(decisions, "profile_for", lambda facts: replace(CPU, memory_bytes=int(checkpointed.peak_bytes)))
+    monkeypatch.setattr(decisions, "profile_for",
+                        lambda facts, **_: replace(CPU, memory_bytes=int(checkpointed.peak_bytes)))
     tight = decisions.decide_switches(cfg, facts, lengths, trained, LLAMA)
     assert tight.gradient_checkpointing and "turning it on" in tight.notes[0]
     assert capsys.readouterr().out == ""
