@@ -119,13 +119,6 @@ def step_parts(event: dict) -> dict[str, float]:
     return parts | {"whole step": whole}
 
 
-def peak_rss_gb() -> float:
-    """This process's peak resident set (VmHWM), GB."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
-
-
 def config_for(args, tmp: Path):
     if args.model == "smollm2":
         root = args.cache_dir / "smollm2"
@@ -200,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{tokens / window:.1f} in forward + backward alone")
     faults = statistics.median(e["faults"] for e in timed)
     print(f"   page faults per step (median) {faults:.0f} ({faults * os.sysconf('SC_PAGE_SIZE') / 2**20:.0f} MiB "
-          f"touched fresh); peak RSS {peak_rss_gb():.2f} GB")
+          f"touched fresh); peak RSS {tt.peak_rss_bytes() / 1e9:.2f} GB")
     print(f"   model FLOPs per token {per_token / 1e9:.3f} GFLOP; {precision} matmul peak beside it "
           f"{peak / 1e9:.0f} GFLOP/s; MFU in whole steps {100 * tokens / whole * per_token / peak:.1f}%, "
           f"in forward + backward {100 * tokens / window * per_token / peak:.1f}%")
