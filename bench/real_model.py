@@ -90,6 +90,7 @@ def trl_trainer(model_dir: Path, examples: list[dict], out_dir: Path, callbacks:
         max_steps=steps, learning_rate=tt.LEARNING_RATE, warmup_steps=0, logging_steps=1, save_strategy="no",
         seed=tt.SEED, data_seed=tt.SEED, use_cpu=True, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
         completion_only_loss=True, max_length=None, packing=False,
+        bf16=precision == "bf16",  # TRL's own default is bf16 autocast, on a CPU too: fp32 must say so
     )
     torch.manual_seed(tt.SEED)
     peft = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
