@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from loralab.config import LoraSection, ModelConfig
-from loralab.cpu.attention import per_example_attention, use_per_example_attention
+from loralab.cpu.attention import per_example_attention, softmax_backward_, use_per_example_attention
 from loralab.cpu.fused_lora import LoraLinearFunction, drop_positions, fuse_lora_layers
 from loralab.cpu.speed_path import speed_path
 from loralab.loss import response_loss_sum
@@ -105,6 +105,15 @@ def test_drop_positions_are_independent_coins_of_rate_p():
     rate = counts / 3000
     assert (rate - 0.3).abs().max() < 0.04  # ~5 standard deviations per position
     assert drop_positions(1000, 0.999, "cpu").numel() > 990  # a dense draw still ends inside the range
+
+
+def test_the_in_place_softmax_backward_equals_pytorchs_own():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        probs = torch.softmax(torch.randn(3, 45, 37), -1).to(dtype)
+        grad = torch.randn(3, 45, 37, dtype=dtype)
+        want = torch._softmax_backward_data(grad, probs, -1, dtype)
+        assert torch.equal(softmax_backward_(grad.clone(), probs), want)
 
 
 def test_per_example_attention_equals_sdpa_with_a_block_mask():
