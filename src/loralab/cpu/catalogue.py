@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # logits = lm_head(final hidden), nothing after
-LOSS_CHUNK_ROWS = 128  # positions per logits chunk of cpu.head_loss: 128 x vocab fp32 logits, reused from the heap
+LOSS_CHUNK_ROWS = 256  # positions per logits chunk of cpu.head_loss: 256 x vocab fp32 logits, kept for the process
 LEAN_ALLOCATOR_ROW_TOKENS = 1024  # cpu.allocator: longer rows give freed memory back at once
 
 
