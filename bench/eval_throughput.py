@@ -133,7 +133,6 @@ def prepare_run(root: Path, model_dir: Path, data: Path, args: argparse.Namespac
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loralab import IGNORE_INDEX
     from loralab.config import dump_config
     from loralab.runs.fingerprints import stage_keys
     from loralab.runs.layout import RunDir
@@ -155,9 +154,10 @@ def prepare_run(root: Path, model_dir: Path, data: Path, args: argparse.Namespac
         StageRecords(rundir).mark_done("train", stage_keys(cfg).train.hash, 0.0, steps=0)
     else:  # the rows `loralab train` logs at step 0 and at its last step, with each held-out example's loss sum and
         # trained-token count as eval reuses them (the values are not checked here, the counts are)
+        from loralab.data import trained_token_count
         from loralab.files import read_jsonl
 
-        counts = [sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in read_jsonl(rundir.eval_file)]
+        counts = [trained_token_count(e["labels"]) for e in read_jsonl(rundir.eval_file)]
         rows = [{"step": s, "eval_loss": 10.0, "eval_example_losses": [[10.0 * c, c] for c in counts]} for s in (0, 1)]
         rundir.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
         StageRecords(rundir).mark_done("train", stage_keys(cfg).train.hash, 0.0, steps=1)

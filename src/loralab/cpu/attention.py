@@ -29,7 +29,7 @@ class CausalAttention(torch.autograd.Function):
         length = k.shape[1]
         q = q * scale
         scores = torch.bmm(q, k.transpose(1, 2)).view(kv_heads, rows // length, length, length)
-        scores.add_(causal_mask(length, scores.dtype, q.device))  # what masked_fill_ gives, in a third of its time
+        scores.add_(causal_mask(length, scores.dtype, q.device))  # what masked_fill_ gives, faster (docs)
         probs = torch.softmax(scores, dim=-1).view(kv_heads, rows, length)  # fp32 inside, stored in q's dtype
         out = torch.bmm(probs, v)
         ctx.save_for_backward(q, k, v, probs, out)

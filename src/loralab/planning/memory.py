@@ -126,7 +126,7 @@ def saved_activation_bytes(shape: ModelShape, inputs: PlanInputs, switches: Swit
 def heap_growth_items(held_bytes: float, held: float, rows: Rows, steps: int) -> list[MemoryItem]:
     """What a kept heap (``held`` > 1) grows by over ``steps`` optimizer steps when the rows change length (packed
     real data does; rows of one length reuse the same blocks every step): HEAP_GROWTH_PER_LOG_STEP x ln(steps) x the
-    held activations. None otherwise."""
+    held activations. Nothing otherwise (an empty list)."""
     if held == 1.0 or steps < 2 or len({sum(r) for r in rows.rows}) < 2:
         return []
     grown = held_bytes * HEAP_GROWTH_PER_LOG_STEP * math.log(steps)
