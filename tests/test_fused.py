@@ -194,6 +194,28 @@ def test_fused_rms_norms_give_the_same_loss_and_grads(tiny_model_dir):
     assert (dx_got.float() - dx_want.float()).norm() / dx_want.float().norm() < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_rms_norm_leaves_its_input_alone(dtype):
+    # in fp32 x.float() is x itself: a backward that scaled it in place once wrote over the layer's input
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from loralab.cpu.fused_norm import FrozenRMSNormFunction
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-6).to(dtype).requires_grad_(False)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.1)
+    x = torch.randn(2, 7, 48).to(dtype).requires_grad_()
+    grad = torch.randn(2, 7, 48).to(dtype)
+    before = x.detach().clone()
+    got = FrozenRMSNormFunction.apply(x, norm.weight, 1e-6)
+    (dx_got,) = torch.autograd.grad(got, x, grad)
+    assert torch.equal(x.detach(), before)
+    assert dx_got.dtype == dtype
+    (dx_want,) = torch.autograd.grad(norm(x), x, grad)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (dx_got.float() - dx_want.float()).norm() / dx_want.float().norm() < tolerance
+
+
 def test_the_speed_path_is_undone_on_the_way_out(tiny_model_dir):
     model = _lora_model(tiny_model_dir)
     batch = pack_examples(_examples(model.config.vocab_size, [17, 30]))

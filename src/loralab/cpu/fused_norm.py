@@ -5,7 +5,9 @@ backward autograd runs as a dozen more full passes over (tokens x hidden) fp32 t
 row (docs/benchmarks.md has the cost). Here the forward does the same arithmetic in
 the same order (so the outputs are bit-identical) and keeps only the input and the per-token 1/rms;
 the backward is the closed form dx = r * (g - x_hat * mean(g * x_hat)) with g = dy * w, and no weight
-gradient (the norms are frozen under LoRA).
+gradient (the norms are frozen under LoRA). Both write their results straight into the input's dtype (a product
+written into a bf16 ``out`` is computed in fp32 and rounded once, as ``.to`` after it would be), so neither makes a
+second fp32 (tokens x hidden) tensor, and neither writes over the input (in fp32 ``x.float()`` is ``x`` itself).
 """
 
 from __future__ import annotations
@@ -25,16 +27,18 @@ class FrozenRMSNormFunction(torch.autograd.Function):
         xf = x.float()
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        y = torch.mul(xf, rstd, out=torch.empty_like(x))  # (xf * rstd).to(x.dtype), in one pass
+        return y.mul_(weight)  # weight * y: the same product, rounded the same way
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         g = (dy * weight).float()  # the gradient reaching the normalised input (its cast back is the identity's)
-        x_hat = x.float().mul_(rstd)
-        mean_gx = (g * x_hat).mean(-1, keepdim=True)
-        dx = g.sub_(x_hat.mul_(mean_gx)).mul_(rstd)
-        return dx.to(x.dtype), None, None
+        xf = x.float()  # read only: in fp32 this is x itself
+        # with x_hat = x * r: r * (g - x_hat * mean(g * x_hat)) = g * r - x * (r^3 * mean(g * x))
+        c = torch.linalg.vecdot(g, xf).unsqueeze_(-1).mul_(rstd.pow(3).div_(x.shape[-1]))  # (..., 1)
+        dx = torch.addcmul(g.mul_(rstd), xf, c, value=-1, out=torch.empty_like(x))
+        return dx, None, None
 
 
 def _fused_forward(self, hidden_states):
