@@ -57,8 +57,8 @@ def test_fused_lora_equals_peft_forward_and_backward(tiny_model_dir):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_fused_lora_dropout_forward_and_backward_use_one_mask(dtype, tol):
-    """The backward redraws the forward's dropped positions from the saved random state: gradients equal the
-    textbook formula with that one mask, and the generator ends where a single draw leaves it."""
+    """The backward uses the positions the forward dropped: gradients equal the textbook formula with that one
+    mask, and the generator ends where a single draw leaves it."""
     torch.manual_seed(0)
     x = torch.randn(4, 6, 32).to(dtype).requires_grad_()
     weight = torch.randn(16, 32).to(dtype)
@@ -69,7 +69,7 @@ def test_fused_lora_dropout_forward_and_backward_use_one_mask(dtype, tol):
     y = LoraLinearFunction.apply(x, weight, None, a, b, 2.0, 0.5)
     after_forward = torch.get_rng_state()
     y.backward(grad_out)
-    assert torch.equal(torch.get_rng_state(), after_forward)  # the backward's redraw left no trace
+    assert torch.equal(torch.get_rng_state(), after_forward)  # the backward drew nothing
 
     torch.manual_seed(1)
     keep = torch.ones(24 * 32)

@@ -13,7 +13,6 @@ The parameters, their names and the saved adapter are PEFT's own: only the forwa
 
 from __future__ import annotations
 
-import contextlib
 import math
 import types
 
@@ -52,28 +51,13 @@ def zero_at(t: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _rng_state(device: torch.device) -> torch.Tensor:
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
-
-
-@contextlib.contextmanager
-def _rng_restored(device: torch.device, state: torch.Tensor):
-    """Run the body from the random-number ``state``, then put the generator back where it was."""
-    current = _rng_state(device)
-    setter = (lambda s: torch.cuda.set_rng_state(s, device)) if device.type == "cuda" else torch.set_rng_state
-    setter(state)
-    try:
-        yield
-    finally:
-        setter(current)
-
-
 class LoraLinearFunction(torch.autograd.Function):
     """y = x W^T + b + scale/(1-p) * ((x * keep) A^T) B^T with keep ~ Bernoulli(1-p) per element; W, b frozen.
 
-    Saves x (shared by q/k/v, so stored once) and the random-number state the dropped positions were
-    drawn from, not a mask: the backward draws the same positions again (cheap, see drop_positions),
-    which saves in_features x 2 bytes per token per adapted layer.
+    Saves x (shared by q/k/v, so stored once) and the positions dropout zeroed, as int32 (about p x 4 bytes per
+    input element, where a mask takes 1 and drawing them again in the backward took longer: docs/benchmarks.md).
+    The input's gradient takes the rank-r term in the same matmul as the frozen one, then puts the frozen part
+    alone back at the dropped positions (the rank-r branch gives them no gradient).
     """
 
     @staticmethod
@@ -81,10 +65,11 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # (r, in), (out, r)
-        rng_state = None
+        ctx.dropped = None
         if p > 0.0:
-            rng_state = _rng_state(x.device)
-            xd = zero_at(x2.clone(), drop_positions(x2.numel(), p, x.device))
+            dropped = drop_positions(x2.numel(), p, x.device)
+            xd = zero_at(x2.clone(), dropped)
+            ctx.dropped = dropped.to(torch.int32) if x2.numel() <= torch.iinfo(torch.int32).max else dropped
             scale = scale / (1.0 - p)  # dropout's 1/(1-p), applied exactly on the rank-r side
         else:
             xd = x2
@@ -93,27 +78,24 @@ class LoraLinearFunction(torch.autograd.Function):
         y = F.linear(x2, weight, bias) if onednn is None else onednn_weights.linear(x2, onednn, bias)
         y.addmm_(h, b.t(), alpha=scale)
         ctx.save_for_backward(x2, weight, h, a, b)
-        ctx.rng_state, ctx.p, ctx.onednn = rng_state, p, onednn
-        ctx.scale = scale
+        ctx.onednn, ctx.scale = onednn, scale
         ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
         x2, weight, h, a, b = ctx.saved_tensors
-        dropped = None
-        if ctx.rng_state is not None:
-            with _rng_restored(x2.device, ctx.rng_state):
-                dropped = drop_positions(x2.numel(), ctx.p, x2.device)
+        dropped = None if ctx.dropped is None else ctx.dropped.long()  # index ops take int64
+        ctx.dropped = None
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
         dh = (dy2 @ b).mul_(ctx.scale)  # (N, r)
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dy2 @ weight if ctx.onednn is None else onednn_weights.grad_input(dy2, ctx.onednn)  # (N, in)
-            if dropped is None:
-                dx.addmm_(dh, a)
-            else:
-                dx.add_(zero_at(dh @ a, dropped))
+            frozen = None if dropped is None else dx.view(-1).take(dropped)
+            dx.addmm_(dh, a)
+            if frozen is not None:
+                dx.view(-1).index_put_((dropped,), frozen)
             dx = dx.view(*dy.shape[:-1], dx.shape[-1])
         da = db = None
         if ctx.needs_input_grad[3]:

@@ -70,8 +70,8 @@ def activation_bytes_per_token(shape: ModelShape, lora: LoraSection, act_bytes: 
     """Bytes autograd keeps per token for one decoder layer's backward (no checkpointing).
 
     ``fused``: LoRA layers run through loralab.cpu.fused_lora, which keeps each distinct input once in the
-    compute dtype and the rank-r product (the dropout mask is drawn again in the backward), instead of PEFT's
-    fp32 input copies and masks.
+    compute dtype, the rank-r product and the positions dropout zeroed (int32, a share lora_dropout of each input's
+    elements), instead of PEFT's fp32 input copies and masks.
     """
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
@@ -82,6 +82,7 @@ def activation_bytes_per_token(shape: ModelShape, lora: LoraSection, act_bytes: 
     if fused:
         inputs = {_SHARED_INPUT.get(m, m): dims[m][0] for m in target_names(lora)}
         adapters = sum(inputs.values()) * act_bytes + len(target_names(lora)) * lora.r * act_bytes
+        adapters += sum(dims[m][0] for m in target_names(lora)) * lora.lora_dropout * 4  # dropped positions
         return norms + mlp + attention + adapters
     # PEFT upcasts each adapted linear's input to the fp32 LoRA dtype; lora_A keeps it (and dropout its mask).
     per_input = 4 + (mask_bytes if lora.lora_dropout > 0 else 0)
