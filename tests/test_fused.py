@@ -87,6 +87,19 @@ def test_fused_lora_dropout_forward_and_backward_use_one_mask(dtype, tol):
         assert (got.detach().float() - want.detach()).norm() / want.norm() < tol
 
 
+def test_fused_lora_dropout_backward_twice_on_a_retained_graph_gives_the_same_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 32).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(16, 32).to(torch.bfloat16)
+    a, b = torch.randn(8, 32, requires_grad=True), torch.randn(16, 8, requires_grad=True)
+    grad_out = torch.randn(3, 5, 16).to(torch.bfloat16)
+    y = LoraLinearFunction.apply(x, weight, None, a, b, 2.0, 0.3)
+    first = torch.autograd.grad(y, (x, a, b), grad_out, retain_graph=True)
+    second = torch.autograd.grad(y, (x, a, b), grad_out)
+    for one, two in zip(first, second, strict=True):
+        assert torch.equal(one, two)  # the same dropped positions both times
+
+
 def test_drop_positions_are_independent_coins_of_rate_p():
     torch.manual_seed(0)
     n, p = 200_000, 0.05

@@ -65,11 +65,11 @@ class LoraLinearFunction(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, in)
         a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # (r, in), (out, r)
-        ctx.dropped = None
+        kept = None
         if p > 0.0:
             dropped = drop_positions(x2.numel(), p, x.device)
             xd = zero_at(x2.clone(), dropped)
-            ctx.dropped = dropped.to(torch.int32) if x2.numel() <= torch.iinfo(torch.int32).max else dropped
+            kept = dropped.to(torch.int32) if x2.numel() <= torch.iinfo(torch.int32).max else dropped
             scale = scale / (1.0 - p)  # dropout's 1/(1-p), applied exactly on the rank-r side
         else:
             xd = x2
@@ -77,16 +77,16 @@ class LoraLinearFunction(torch.autograd.Function):
         # (N, out); onednn: the frozen weight in oneDNN's layouts, its plain copy released (loralab.cpu.onednn_weights)
         y = F.linear(x2, weight, bias) if onednn is None else onednn_weights.linear(x2, onednn, bias)
         y.addmm_(h, b.t(), alpha=scale)
-        ctx.save_for_backward(x2, weight, h, a, b)
+        # saved, not a ctx attribute: freed with the rest after the backward, and there again for a retained graph's
+        ctx.save_for_backward(x2, weight, h, a, b, *([] if kept is None else [kept]))
         ctx.onednn, ctx.scale = onednn, scale
         ctx.lora_dtypes = (lora_a.dtype, lora_b.dtype)
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, h, a, b = ctx.saved_tensors
-        dropped = None if ctx.dropped is None else ctx.dropped.long()  # index ops take int64
-        ctx.dropped = None
+        x2, weight, h, a, b, *kept = ctx.saved_tensors
+        dropped = kept[0].long() if kept else None  # index ops take int64
         dy2 = dy.reshape(-1, dy.shape[-1])  # (N, out)
         dh = (dy2 @ b).mul_(ctx.scale)  # (N, r)
         dx = None
