@@ -241,3 +241,31 @@ def test_the_speed_path_is_undone_on_the_way_out(tiny_model_dir):
     assert model.config._attn_implementation == "sdpa"
     after, _, _ = _loss_and_grads(model, batch)
     assert after == before
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_row_attention_gives_per_example_attentions_values_bit_for_bit(tiny_model_dir, precision):
+    """RoPE and per-example attention as one node a packed row (RowAttention): the same loss and LoRA gradients
+    as transformers' RoPE with per_example_attention, bit for bit, and back on the class's forward after."""
+    from loralab.cpu.attention import RowAttention, _row_attention_forward, fuse_row_attention
+    from loralab.cpu.speed_path import own_forwards_back
+
+    model = _lora_model(tiny_model_dir, precision=precision)
+    model.train()
+    assert use_per_example_attention(model.get_base_model())
+    batch = pack_examples(_examples(model.config.vocab_size, [17, 30, 4, 9]))
+    want_loss, n, want = _loss_and_grads(model, batch)
+    calls = []
+    original = RowAttention.forward
+    RowAttention.forward = staticmethod(lambda ctx, *a: calls.append(a[5]) or original(ctx, *a))
+    try:
+        assert fuse_row_attention(model) == model.config.num_hidden_layers
+        got_loss, n2, got = _loss_and_grads(model, batch)
+    finally:
+        RowAttention.forward = staticmethod(original)
+        own_forwards_back(model, _row_attention_forward)
+    assert calls == [((0, 17), (17, 47), (47, 51), (51, 60))] * model.config.num_hidden_layers
+    assert (n2, got_loss) == (n, want_loss)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert all("forward" not in m.__dict__ for m in model.modules() if type(m).__name__ == "LlamaAttention")

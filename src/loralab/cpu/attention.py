@@ -6,6 +6,8 @@ tokens x tokens block mask); the speed-up is in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import types
+
 import torch
 
 PER_EXAMPLE_ATTENTION = "loralab_per_example"
@@ -25,26 +27,37 @@ class CausalAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, scale: float):
         # q: (kv_heads, group * L, head_dim), row g * L + i = query head g of the group at position i
         # k, v: (kv_heads, L, head_dim)
-        kv_heads, rows, _ = q.shape
-        length = k.shape[1]
         q = q * scale
-        scores = torch.bmm(q, k.transpose(1, 2)).view(kv_heads, rows // length, length, length)
-        scores.add_(causal_mask(length, scores.dtype, q.device))  # what masked_fill_ gives, faster (docs)
-        probs = torch.softmax(scores, dim=-1).view(kv_heads, rows, length)  # fp32 inside, stored in q's dtype
-        out = torch.bmm(probs, v)
-        ctx.save_for_backward(q, k, v, probs, out)
+        probs, out = attend(q, k, v)
+        ctx.save_for_backward(q, k, v, probs)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, probs, out = ctx.saved_tensors  # q already scaled
-        dv = torch.bmm(probs.transpose(1, 2), dout)  # sums over the group's heads
-        dscores = torch.bmm(dout, v.transpose(1, 2))
-        softmax_backward_(dscores, probs)
-        dq = torch.bmm(dscores, k).mul_(ctx.scale)
-        dk = torch.bmm(dscores.transpose(1, 2), q)
-        return dq, dk, dv, None
+        return (*attend_backward(*ctx.saved_tensors, dout, ctx.scale), None)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CausalAttention's forward on a q already scaled: (probabilities, output), both (kv_heads, group * L, ...)."""
+    kv_heads, rows, _ = q.shape
+    length = k.shape[1]
+    scores = torch.bmm(q, k.transpose(1, 2)).view(kv_heads, rows // length, length, length)
+    scores.add_(causal_mask(length, scores.dtype, q.device))  # what masked_fill_ gives, faster (docs)
+    # fp32 inside, stored in q's dtype, over the scores (row by row, each read before it is written: the values
+    # torch.softmax gives, without a second fresh (heads x L x L) buffer)
+    probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores).view(kv_heads, rows, length)
+    return probs, torch.bmm(probs, v)
+
+
+def attend_backward(q, k, v, probs, dout, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of attend for the unscaled q, given the scaled q it ran on and its probabilities."""
+    dv = torch.bmm(probs.transpose(1, 2), dout)  # sums over the group's heads
+    dscores = torch.bmm(dout, v.transpose(1, 2))
+    softmax_backward_(dscores, probs)
+    dq = torch.bmm(dscores, k).mul_(scale)
+    dk = torch.bmm(dscores.transpose(1, 2), q)
+    return dq, dk, dv
 
 
 def softmax_backward_(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -132,3 +145,119 @@ def undo_per_example_attention(model) -> None:
     """Put a model switched by use_per_example_attention back on "sdpa"."""
     if getattr(model.config, "_attn_implementation", None) == PER_EXAMPLE_ATTENTION:
         model.set_attn_implementation("sdpa")
+
+
+# Llama's attention as one autograd node per packed row ------------------------------------------------------------
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' apply_rotary_pos_emb for one of q, k: x * cos + rotate_half(x) * sin, rounded as it rounds
+    (each product, then their sum), written half by half instead of through a negated, concatenated copy.
+    x: (tokens, heads, head_dim); cos, sin: (tokens, 1, head_dim)."""
+    half = x.shape[-1] // 2
+    out = torch.empty_like(x)
+    x1, x2, o1, o2 = x[..., :half], x[..., half:], out[..., :half], out[..., half:]
+    torch.mul(x1, cos[..., :half], out=o1).sub_(x2 * sin[..., :half])
+    torch.mul(x2, cos[..., half:], out=o2).add_(x1 * sin[..., half:])
+    return out
+
+
+def rotate_backward_(grad: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The gradient of rotate's input, from its output's ``grad`` (overwritten): the products autograd would make
+    through transformers' ops, added in the same roundings."""
+    half = grad.shape[-1] // 2
+    g1, g2 = grad[..., :half], grad[..., half:]
+    d1 = (g1 * cos[..., :half]).add_(g2 * sin[..., half:])
+    g2.mul_(cos[..., half:]).sub_(g1 * sin[..., :half])
+    g1.copy_(d1)
+    return grad
+
+
+class RowAttention(torch.autograd.Function):
+    """RoPE on q and k, then causal attention of each example of a packed row (CausalAttention's arithmetic): the
+    projections' outputs in, o_proj's input out, one autograd node a layer.
+
+    transformers' route to the same values (apply_rotary_pos_emb, a slice of q, k and v per example, a concatenation
+    and a transposed copy of the outputs) costs a dozen passes over q and k more and, in the backward, a zeroed
+    full-size gradient for every example's slice; the values here are the same, bit for bit, fore and aft
+    (tests/test_fused.py)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, bounds: tuple, head_dim: int, scale: float):
+        # q: (1, T, heads * d); k, v: (1, T, kv_heads * d); cos, sin: (1, T, d); bounds: the examples' (start, end)
+        tokens = q.shape[1]
+        cos, sin = cos.reshape(tokens, 1, head_dim), sin.reshape(tokens, 1, head_dim)
+        qr = rotate(q.view(tokens, -1, head_dim), cos, sin)  # (T, heads, d)
+        kr = rotate(k.view(tokens, -1, head_dim), cos, sin)  # (T, kv_heads, d)
+        vr = v.view(tokens, -1, head_dim)
+        heads, kv_heads = qr.shape[1], kr.shape[1]
+        out = torch.empty_like(qr)
+        saved = []
+        for start, end in bounds:
+            # the query heads of a group stacked as rows, as CausalAttention takes them; K and V as strided views
+            grouped = qr[start:end].transpose(0, 1).reshape(kv_heads, -1, head_dim).mul_(scale)
+            probs, o = attend(grouped, kr[start:end].transpose(0, 1), vr[start:end].transpose(0, 1))
+            out[start:end] = o.view(heads, end - start, head_dim).transpose(0, 1)
+            saved += [grouped, probs]
+        ctx.save_for_backward(kr, v, cos, sin, *saved)
+        ctx.bounds, ctx.head_dim, ctx.scale = bounds, head_dim, scale
+        return out.view(1, tokens, -1)
+
+    @staticmethod
+    def backward(ctx, dout):
+        kr, v, cos, sin, *saved = ctx.saved_tensors
+        tokens, kv_heads, head_dim = kr.shape
+        vr = v.view(tokens, kv_heads, head_dim)
+        dout = dout.view(tokens, -1, head_dim)
+        heads = dout.shape[1]
+        dq, dk, dv = torch.empty_like(dout), torch.empty_like(kr), torch.empty_like(kr)
+        for i, (start, end) in enumerate(ctx.bounds):
+            k_ex, v_ex = kr[start:end].transpose(0, 1), vr[start:end].transpose(0, 1)
+            d_grouped = dout[start:end].transpose(0, 1).reshape(kv_heads, -1, head_dim)
+            dq_ex, dk_ex, dv_ex = attend_backward(saved[2 * i], k_ex, v_ex, saved[2 * i + 1], d_grouped, ctx.scale)
+            dq[start:end] = dq_ex.view(heads, end - start, head_dim).transpose(0, 1)
+            dk[start:end] = dk_ex.transpose(0, 1)
+            dv[start:end] = dv_ex.transpose(0, 1)
+        dq, dk = rotate_backward_(dq, cos, sin), rotate_backward_(dk, cos, sin)
+        return dq.view(1, tokens, -1), dk.view(1, tokens, -1), dv.view(1, tokens, -1), None, None, None, None, None
+
+
+def example_bounds(position_ids: torch.Tensor | None, tokens: int) -> tuple | None:
+    """The (start, end) of each example of one packed row, where ``position_ids`` (1, tokens) restart at 0; None
+    when there is no such row (several rows, no position ids, or a row not starting at 0)."""
+    if position_ids is None or position_ids.dim() != 2 or position_ids.shape != (1, tokens):
+        return None
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    if not starts or starts[0] != 0:
+        return None
+    return tuple(zip(starts, starts[1:] + [tokens], strict=True))
+
+
+def _row_attention_forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None,
+                           **kwargs):
+    """LlamaAttention's forward through RowAttention for a packed row without padding or cache; the class's own
+    forward (per_example_attention or SDPA) for anything else."""
+    tokens = hidden_states.shape[1] if hidden_states.dim() == 3 else -1
+    bounds = example_bounds(kwargs.get("position_ids"), tokens)
+    heads, kv_heads = self.config.num_attention_heads, self.config.num_key_value_heads
+    if (bounds is None or attention_mask is not None or cache is not None or position_embeddings is None
+            or kwargs.get("past_key_values") is not None or (self.training and self.attention_dropout > 0)
+            or heads % kv_heads or max(e - s for s, e in bounds) > MATERIALISED_MAX_TOKENS):
+        return type(self).forward(self, hidden_states, position_embeddings=position_embeddings,
+                                  attention_mask=attention_mask, cache=cache, **kwargs)
+    cos, sin = position_embeddings
+    out = RowAttention.apply(self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states),
+                             cos, sin, bounds, self.head_dim, self.scaling)
+    return self.o_proj(out), None
+
+
+def fuse_row_attention(model) -> int:
+    """Route each of ``model``'s transformers LlamaAttention modules (Llama, SmolLM2, TinyLlama) through
+    RowAttention on packed rows; return how many. Other attention classes (Mistral's sliding window, Qwen's norms
+    on q and k) keep their forward. Put back by speed_path.own_forwards_back."""
+    switched = 0
+    for module in model.modules():
+        if type(module).__name__ == "LlamaAttention" and type(module).__module__.startswith("transformers."):
+            module.forward = types.MethodType(_row_attention_forward, module)
+            switched += 1
+    return switched

@@ -26,6 +26,8 @@ class Switched(NamedTuple):
     """glibc's mmap threshold set for the rows (None: not glibc, or not tuned)."""
     onednn_weights: int
     """Frozen linear weights held in oneDNN's layout (0: plain weights)."""
+    row_attention_layers: int = 0
+    """Llama attention layers run as one autograd node a packed row (loralab.cpu.attention.RowAttention)."""
 
 
 def base_model(model):
@@ -37,15 +39,17 @@ def base_model(model):
 def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, onednn_weights: bool = False,
                pieces: CpuPieces | None = None, checkpointing: bool = False) -> Iterator[Switched]:
     """Train with ``model`` (a PEFT LoRA model, or a plain transformers one) on the CPU speed path: per-example
-    attention, fused LoRA layers and RMSNorms, the allocator tuned for rows of up to ``longest_row_tokens`` (default
-    ``row_tokens``; lean under gradient ``checkpointing`` where the pieces say so) and, with ``onednn_weights``, the
-    frozen linear weights in oneDNN's layout for inputs of ``row_tokens`` rows. ``pieces``
-    (cpu.catalogue.training_pieces; default: all) says which are on."""
+    attention (a Llama's with its RoPE, one node a row), fused LoRA layers and RMSNorms, the allocator tuned for
+    rows of up to ``longest_row_tokens`` (default ``row_tokens``; lean under gradient ``checkpointing`` where the
+    pieces say so) and, with ``onednn_weights``, the frozen linear weights in oneDNN's layout for inputs of
+    ``row_tokens`` rows. ``pieces`` (cpu.catalogue.training_pieces; default: all) says which are on."""
     on = pieces or ALL_PIECES
     with contextlib.ExitStack() as undo:
         undo.enter_context(hub_kernels_off(model))  # first in, last out: before any forward is swapped
         per_example = on.per_example_attention and attention.use_per_example_attention(base_model(model))
         undo.callback(attention.undo_per_example_attention, base_model(model))
+        row_layers = attention.fuse_row_attention(model) if per_example else 0
+        undo.callback(own_forwards_back, model, attention._row_attention_forward)
         lora_layers = fused_lora.fuse_lora_layers(model) if on.fused_lora else 0
         undo.callback(own_forwards_back, model, fused_lora._fused_forward)
         norms = fused_norm.fuse_rms_norms(model) if on.fused_norm else 0
@@ -57,7 +61,7 @@ def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, on
         if onednn_weights:
             converted = undo.enter_context(onednn.onednn_weights(model, row_tokens))
             allocator.return_freed_memory()
-        yield Switched(per_example, lora_layers, norms, threshold, converted)
+        yield Switched(per_example, lora_layers, norms, threshold, converted, row_layers)
 
 
 @contextlib.contextmanager
