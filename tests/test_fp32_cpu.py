@@ -11,7 +11,7 @@ from conftest import resolve_switches
 
 from loralab import devices
 from loralab.config import LoraSection, ModelConfig, TrainConfig
-from loralab.cpu import catalogue, fused_lora, fused_norm
+from loralab.cpu import catalogue, fused_lora, fused_mlp, fused_norm
 from loralab.cpu.speed_path import Switched, speed_path
 from loralab.devices import DeviceFacts
 from loralab.loss import response_loss_sum
@@ -86,11 +86,12 @@ def test_the_fp32_speed_path_gives_plain_pefts_losses_and_grads(tiny_model_dir):
 
 def test_pieces_switched_off_leave_pefts_and_transformers_forwards(tiny_model_dir):
     model = _lora_model(tiny_model_dir)
-    none = catalogue.CpuPieces(False, False, False, False, False, 256)
+    none = catalogue.CpuPieces(False, False, False, False, False, 256, fused_mlp=False)
     with speed_path(model, 256, pieces=none) as switched:
         assert switched == Switched(False, 0, 0, None, 0)
         patched = {getattr(m.__dict__.get("forward"), "__func__", None) for m in model.modules()}
         assert fused_lora._fused_forward not in patched and fused_norm._fused_forward not in patched
+        assert fused_mlp._fused_forward not in patched
         assert model.config._attn_implementation == "sdpa"
 
 

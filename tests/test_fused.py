@@ -269,3 +269,66 @@ def test_row_attention_gives_per_example_attentions_values_bit_for_bit(tiny_mode
     for name in want:
         assert torch.equal(got[name], want[name]), name
     assert all("forward" not in m.__dict__ for m in model.modules() if type(m).__name__ == "LlamaAttention")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fused_swiglu_gives_autograds_values_bit_for_bit_and_keeps_two_tensors(tiny_model_dir, precision):
+    from loralab.cpu import fused_mlp
+    from loralab.cpu.speed_path import own_forwards_back
+
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    torch.manual_seed(0)
+    gate, up = (torch.randn(2, 9, 40).to(dtype).requires_grad_() for _ in range(2))
+    grad = torch.randn(2, 9, 40).to(dtype)
+    want = torch.nn.functional.silu(gate) * up
+    got = fused_mlp.SwiGLUFunction.apply(gate, up)
+    assert torch.equal(got, want)
+    assert [t.data_ptr() for t in got.grad_fn.saved_tensors] == [gate.data_ptr(), up.data_ptr()]
+    wants = torch.autograd.grad(want, (gate, up), grad)
+    gots = torch.autograd.grad(got, (gate, up), grad, retain_graph=True)
+    assert all(torch.equal(g, w) for g, w in zip(gots, wants, strict=True))
+    again = torch.autograd.grad(got, (gate, up), grad)  # the saved tensors are left as they were
+    assert all(torch.equal(g, w) for g, w in zip(again, wants, strict=True))
+
+    model = _lora_model(tiny_model_dir, precision=precision)
+    model.train()
+    batch = pack_examples(_examples(model.config.vocab_size, [17, 30, 9]))
+    want_loss, n, want_grads = _loss_and_grads(model, batch)
+    try:
+        assert fused_mlp.fuse_swiglu(model) == model.config.num_hidden_layers
+        got_loss, _, got_grads = _loss_and_grads(model, batch)
+    finally:
+        own_forwards_back(model, fused_mlp._fused_forward)
+    assert got_loss == want_loss
+    assert all(torch.equal(got_grads[k], want_grads[k]) for k in want_grads)
+    assert all("forward" not in m.__dict__ for m in model.modules() if type(m).__name__ == "LlamaMLP")
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])  # a scale of 32^-0.5 stays a pass of its own; 64^-0.5 goes into cos
+def test_row_attention_equals_transformers_rope_then_per_example_attention(head_dim):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from loralab.cpu.attention import RowAttention
+
+    torch.manual_seed(0)
+    tokens, heads, kv_heads, bounds = 23, 6, 2, ((0, 9), (9, 10), (10, 23))
+    q = torch.randn(1, tokens, heads * head_dim).bfloat16().requires_grad_()
+    k, v = (torch.randn(1, tokens, kv_heads * head_dim).bfloat16().requires_grad_() for _ in range(2))
+    angles = torch.cat([torch.arange(e - s) for s, e in bounds])[:, None] * torch.rand(head_dim // 2)
+    cos, sin = (f(torch.cat([angles, angles], -1))[None].bfloat16() for f in (torch.cos, torch.sin))
+    position_ids = torch.cat([torch.arange(e - s) for s, e in bounds])[None]
+    grad = torch.randn(1, tokens, heads * head_dim).bfloat16()
+
+    def view(t):
+        return t.view(1, tokens, -1, head_dim).transpose(1, 2)
+
+    qe, ke = apply_rotary_pos_emb(view(q), view(k), cos, sin)
+    module = type("Attn", (), {"training": True})()
+    want, _ = per_example_attention(module, qe, ke, view(v), None, position_ids=position_ids,
+                                    scaling=head_dim**-0.5)
+    want = want.reshape(1, tokens, -1)
+    wants = torch.autograd.grad(want, (q, k, v), grad)
+    got = RowAttention.apply(q, k, v, cos, sin, bounds, head_dim, head_dim**-0.5)
+    gots = torch.autograd.grad(got, (q, k, v), grad)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, w) for g, w in zip(gots, wants, strict=True))

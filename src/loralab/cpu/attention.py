@@ -6,6 +6,7 @@ tokens x tokens block mask); the speed-up is in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import math
 import types
 
 import torch
@@ -55,7 +56,9 @@ def attend_backward(q, k, v, probs, dout, scale: float) -> tuple[torch.Tensor, t
     dv = torch.bmm(probs.transpose(1, 2), dout)  # sums over the group's heads
     dscores = torch.bmm(dout, v.transpose(1, 2))
     softmax_backward_(dscores, probs)
-    dq = torch.bmm(dscores, k).mul_(scale)
+    dq = torch.bmm(dscores, k)
+    if scale != 1.0:
+        dq.mul_(scale)
     dk = torch.bmm(dscores.transpose(1, 2), q)
     return dq, dk, dv
 
@@ -187,7 +190,8 @@ class RowAttention(torch.autograd.Function):
         # q: (1, T, heads * d); k, v: (1, T, kv_heads * d); cos, sin: (1, T, d); bounds: the examples' (start, end)
         tokens = q.shape[1]
         cos, sin = cos.reshape(tokens, 1, head_dim), sin.reshape(tokens, 1, head_dim)
-        qr = rotate(q.view(tokens, -1, head_dim), cos, sin)  # (T, heads, d)
+        q_cos, q_sin, q_scale = _scaled(cos, sin, scale)
+        qr = rotate(q.view(tokens, -1, head_dim), q_cos, q_sin)  # (T, heads, d), scaled here or below
         kr = rotate(k.view(tokens, -1, head_dim), cos, sin)  # (T, kv_heads, d)
         vr = v.view(tokens, -1, head_dim)
         heads, kv_heads = qr.shape[1], kr.shape[1]
@@ -195,7 +199,9 @@ class RowAttention(torch.autograd.Function):
         saved = []
         for start, end in bounds:
             # the query heads of a group stacked as rows, as CausalAttention takes them; K and V as strided views
-            grouped = qr[start:end].transpose(0, 1).reshape(kv_heads, -1, head_dim).mul_(scale)
+            grouped = qr[start:end].transpose(0, 1).reshape(kv_heads, -1, head_dim)
+            if q_scale != 1.0:
+                grouped = grouped.mul_(q_scale)
             probs, o = attend(grouped, kr[start:end].transpose(0, 1), vr[start:end].transpose(0, 1))
             out[start:end] = o.view(heads, end - start, head_dim).transpose(0, 1)
             saved += [grouped, probs]
@@ -206,6 +212,7 @@ class RowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         kr, v, cos, sin, *saved = ctx.saved_tensors
+        q_cos, q_sin, q_scale = _scaled(cos, sin, ctx.scale)
         tokens, kv_heads, head_dim = kr.shape
         vr = v.view(tokens, kv_heads, head_dim)
         dout = dout.view(tokens, -1, head_dim)
@@ -214,12 +221,20 @@ class RowAttention(torch.autograd.Function):
         for i, (start, end) in enumerate(ctx.bounds):
             k_ex, v_ex = kr[start:end].transpose(0, 1), vr[start:end].transpose(0, 1)
             d_grouped = dout[start:end].transpose(0, 1).reshape(kv_heads, -1, head_dim)
-            dq_ex, dk_ex, dv_ex = attend_backward(saved[2 * i], k_ex, v_ex, saved[2 * i + 1], d_grouped, ctx.scale)
+            dq_ex, dk_ex, dv_ex = attend_backward(saved[2 * i], k_ex, v_ex, saved[2 * i + 1], d_grouped, q_scale)
             dq[start:end] = dq_ex.view(heads, end - start, head_dim).transpose(0, 1)
             dk[start:end] = dk_ex.transpose(0, 1)
             dv[start:end] = dv_ex.transpose(0, 1)
-        dq, dk = rotate_backward_(dq, cos, sin), rotate_backward_(dk, cos, sin)
+        dq, dk = rotate_backward_(dq, q_cos, q_sin), rotate_backward_(dk, cos, sin)
         return dq.view(1, tokens, -1), dk.view(1, tokens, -1), dv.view(1, tokens, -1), None, None, None, None, None
+
+
+def _scaled(cos: torch.Tensor, sin: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(cos, sin, scale left to apply) for q: a power-of-two scale goes into cos and sin, where it changes no
+    rounding (x * (c * 2^k) rounds as (x * c) * 2^k), saving a pass over q each way; any other stays separate."""
+    if math.frexp(scale)[0] == 0.5:
+        return cos * scale, sin * scale, 1.0
+    return cos, sin, scale
 
 
 def example_bounds(position_ids: torch.Tensor | None, tokens: int) -> tuple | None:

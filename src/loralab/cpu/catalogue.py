@@ -33,6 +33,8 @@ class CpuPieces(NamedTuple):
     """train.row_tokens "auto"."""
     lean_when_checkpointing: bool = False
     """Under gradient checkpointing, glibc's lean mmap threshold (freed memory back at once) even on short rows."""
+    fused_mlp: bool = True
+    """loralab.cpu.fused_mlp: a SiLU-gated MLP keeps gate and up, not silu(gate) as well."""
 
 
 # Per CPU kind (native bf16 or not) and precision, each entry chosen by the bench named beside it; a pair not

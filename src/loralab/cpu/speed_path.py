@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import NamedTuple
 
-from loralab.cpu import allocator, attention, fused_lora, fused_norm
+from loralab.cpu import allocator, attention, fused_lora, fused_mlp, fused_norm
 from loralab.cpu import onednn_weights as onednn
 from loralab.cpu.catalogue import ALL_PIECES, CpuPieces, inference_pieces
 
@@ -28,6 +28,8 @@ class Switched(NamedTuple):
     """Frozen linear weights held in oneDNN's layout (0: plain weights)."""
     row_attention_layers: int = 0
     """Llama attention layers run as one autograd node a packed row (loralab.cpu.attention.RowAttention)."""
+    fused_mlps: int = 0
+    """SiLU-gated MLPs whose silu(gate) * up runs as one autograd function (loralab.cpu.fused_mlp)."""
 
 
 def base_model(model):
@@ -39,10 +41,10 @@ def base_model(model):
 def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, onednn_weights: bool = False,
                pieces: CpuPieces | None = None, checkpointing: bool = False) -> Iterator[Switched]:
     """Train with ``model`` (a PEFT LoRA model, or a plain transformers one) on the CPU speed path: per-example
-    attention (a Llama's with its RoPE, one node a row), fused LoRA layers and RMSNorms, the allocator tuned for
-    rows of up to ``longest_row_tokens`` (default ``row_tokens``; lean under gradient ``checkpointing`` where the
-    pieces say so) and, with ``onednn_weights``, the frozen linear weights in oneDNN's layout for inputs of
-    ``row_tokens`` rows. ``pieces`` (cpu.catalogue.training_pieces; default: all) says which are on."""
+    attention (a Llama's with its RoPE, one node a row), fused LoRA layers, RMSNorms and SwiGLUs, the allocator
+    tuned for rows of up to ``longest_row_tokens`` (default ``row_tokens``; lean under gradient ``checkpointing``
+    where the pieces say so) and, with ``onednn_weights``, the frozen linear weights in oneDNN's layout for inputs
+    of ``row_tokens`` rows. ``pieces`` (cpu.catalogue.training_pieces; default: all) says which are on."""
     on = pieces or ALL_PIECES
     with contextlib.ExitStack() as undo:
         undo.enter_context(hub_kernels_off(model))  # first in, last out: before any forward is swapped
@@ -54,6 +56,8 @@ def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, on
         undo.callback(own_forwards_back, model, fused_lora._fused_forward)
         norms = fused_norm.fuse_rms_norms(model) if on.fused_norm else 0
         undo.callback(own_forwards_back, model, fused_norm._fused_forward)
+        mlps = fused_mlp.fuse_swiglu(model) if on.fused_mlp else 0
+        undo.callback(own_forwards_back, model, fused_mlp._fused_forward)
         # stays: see tune_allocator
         lean = checkpointing and on.lean_when_checkpointing
         threshold = allocator.tune_allocator(longest_row_tokens or row_tokens, lean) if on.tuned_allocator else None
@@ -61,7 +65,7 @@ def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, on
         if onednn_weights:
             converted = undo.enter_context(onednn.onednn_weights(model, row_tokens))
             allocator.return_freed_memory()
-        yield Switched(per_example, lora_layers, norms, threshold, converted, row_layers)
+        yield Switched(per_example, lora_layers, norms, threshold, converted, row_layers, mlps)
 
 
 @contextlib.contextmanager

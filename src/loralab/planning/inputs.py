@@ -45,6 +45,14 @@ def fused_lora_on(switches: Switches) -> bool:
     return switches.cpu_pieces is not None and switches.cpu_pieces.fused_lora
 
 
+def swiglu_on(inputs: PlanInputs, switches: Switches) -> bool:
+    """Whether a SiLU-gated MLP keeps two activations, not three (cpu.fused_mlp): the pieces say so and the model is
+    of the Llama family with a SiLU."""
+    pieces = switches.cpu_pieces
+    return (pieces is not None and pieces.fused_mlp and inputs.model_config.get("model_type") in PLAIN_HEAD_MODELS
+            and inputs.model_config.get("hidden_act", "silu") == "silu")
+
+
 def head_loss_on(inputs: PlanInputs, switches: Switches) -> bool:
     """Whether the frozen-head loss (cpu.head_loss) runs: the pieces say so and the model's head is plain."""
     pieces = switches.cpu_pieces

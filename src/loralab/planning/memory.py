@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from loralab.config import LoraSection
 from loralab.cpu import allocator
 from loralab.cpu.catalogue import LOSS_CHUNK_ROWS as CHUNK_ROWS
-from loralab.planning.inputs import PlanInputs, Rows, fused_lora_on, head_loss_on
+from loralab.planning.inputs import PlanInputs, Rows, fused_lora_on, head_loss_on, swiglu_on
 from loralab.planning.shapes import ModelShape, lora_modules, lora_trainable_params, target_names
 from loralab.switches import Switches
 
@@ -66,18 +66,19 @@ def trainable_state_item(trainable: int, lora: LoraSection, optim: str) -> Memor
 
 
 def activation_bytes_per_token(shape: ModelShape, lora: LoraSection, act_bytes: int, mask_bytes: int,
-                               fused: bool = False, per_example: bool = False) -> float:
+                               fused: bool = False, per_example: bool = False, swiglu: bool = False) -> float:
     """Bytes autograd keeps per token for one decoder layer's backward (no checkpointing).
 
     ``fused``: LoRA layers run through loralab.cpu.fused_lora, which keeps each distinct input once in the
     compute dtype, the rank-r product and the positions dropout zeroed (int32, a share lora_dropout of each input's
     elements), instead of PEFT's fp32 input copies and masks. ``per_example``: attention runs through
     loralab.cpu.attention, which keeps q, k and v but not its output (its probabilities are counted per row).
+    ``swiglu``: the MLP's silu(gate) * up runs through loralab.cpu.fused_mlp, which keeps gate and up only.
     """
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     norms = 2 * h * 4  # RMSNorm computes in fp32 and keeps its fp32 input
-    mlp = 3 * i * act_bytes  # gate, silu(gate), up: the frozen down_proj keeps nothing
+    mlp = (2 if swiglu else 3) * i * act_bytes  # gate, silu(gate), up: the frozen down_proj keeps nothing
     attention = (2 * q + 2 * kv) * act_bytes + shape.num_heads * 4  # q, output, k, v; log-sum-exp
     if per_example:
         attention = (q + 2 * kv) * act_bytes
@@ -148,7 +149,8 @@ def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
     b = DTYPE_BYTES[precision]
     trainable = lora_trainable_params(shape, lora)
     per_token = activation_bytes_per_token(shape, lora, b, profile.dropout_mask_bytes, fused=fused_lora_on(switches),
-                                           per_example=switches.per_example_attention)
+                                           per_example=switches.per_example_attention,
+                                           swiglu=swiglu_on(inputs, switches))
     saved, act_note = saved_activation_bytes(shape, inputs, switches, rows, per_token, b)
     peak_tokens, peak_trained = rows.peak_tokens, rows.peak_trained
     if fused_head:  # loralab.cpu.head_loss: one chunk of fp32 logits, and the hidden states' gradient
