@@ -7,10 +7,10 @@ first optimizer steps of 8 real Alpaca examples (the shared data, encoded by ben
 cached prepare run) the way loralab.stages.train does: each step's examples packed into rows of up to row_tokens,
 loralab.loss.response_loss_sum, backward, clipping, AdamW. Variants:
 
-* all: every piece on (fused LoRA, fused RMSNorm, per-example attention, the frozen-head loss, the tuned
-  allocator), rows of 1,024 tokens;
-* no-X: the same with one piece off (PEFT's LoRA forward, transformers' RMSNorm, SDPA with a block mask,
-  the model's own head on trained positions, glibc's default allocator);
+* all: every piece on (fused LoRA, fused RMSNorm, fused SwiGLU, per-example attention with RoPE in one node a
+  row, the frozen-head loss, the tuned allocator), rows of 1,024 tokens;
+* no-X: the same with one piece off (PEFT's LoRA forward, transformers' RMSNorm, transformers' SwiGLU, SDPA with
+  a block mask and transformers' RoPE, the model's own head on trained positions, glibc's default allocator);
 * rows-N: every piece on, rows of up to N tokens (rows-1: each example alone);
 * seed: HF + PEFT as the seed runs it (one padded example per micro-batch, the model's own loss).
 
@@ -37,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import DEFAULT_CACHE, DEFAULT_DATA, asset_dir, build_assets, load_examples  # noqa: E402
 
-PIECES = ("fused_lora", "fused_norm", "per_example_attention", "head_loss", "tuned_allocator")
+PIECES = ("fused_lora", "fused_norm", "fused_mlp", "per_example_attention", "head_loss", "tuned_allocator")
 VARIANTS = ("all", *(f"no-{p}" for p in PIECES), "rows-1", "rows-512", "rows-2048", "seed")
 EXAMPLES_PER_STEP = 8
 
@@ -74,16 +74,19 @@ def build_model(root: Path, layers: int, precision: str):
 
 def switch_on(model, variant: str) -> int:
     """The speed path's pieces for ``variant`` (each as cpu.speed_path.speed_path switches it); the row length."""
-    from loralab.cpu import allocator, attention, fused_lora, fused_norm
+    from loralab.cpu import allocator, attention, fused_lora, fused_mlp, fused_norm
 
     off = variant[3:] if variant.startswith("no-") else None
     rows = int(variant[5:]) if variant.startswith("rows-") else 1024
     if off != "per_example_attention":
         attention.use_per_example_attention(model.get_base_model())
+        attention.fuse_row_attention(model)
     if off != "fused_lora":
         fused_lora.fuse_lora_layers(model)
     if off != "fused_norm":
         fused_norm.fuse_rms_norms(model)
+    if off != "fused_mlp":
+        fused_mlp.fuse_swiglu(model)
     if off != "tuned_allocator":
         allocator.tune_allocator(rows)
     return rows

@@ -25,11 +25,9 @@ class FrozenRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         xf = x.float()
-        squares = xf.pow(2) if xf is x else xf.pow_(2)  # over the fp32 copy when there is one: no second buffer
-        rstd = torch.rsqrt(squares.mean(-1, keepdim=True).add_(eps))  # (..., 1)
-        del xf, squares
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (..., 1)
         ctx.save_for_backward(x, weight, rstd)
-        y = torch.mul(x, rstd, out=torch.empty_like(x))  # (x.float() * rstd).to(x.dtype): promoted, in one pass
+        y = torch.mul(xf, rstd, out=torch.empty_like(x))  # (xf * rstd).to(x.dtype), in one pass
         return y.mul_(weight)  # weight * y: the same product, rounded the same way
 
     @staticmethod
