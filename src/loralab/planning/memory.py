@@ -139,6 +139,13 @@ def heap_growth_items(held_bytes: float, held: float, rows: Rows, steps: int) ->
                                              f"length ({HEAP_GROWTH_PER_LOG_STEP:g} x ln(steps) x the activations)")]
 
 
+def layer_activation_bytes(shape: ModelShape, inputs: PlanInputs, switches: Switches, act_bytes: int) -> float:
+    """activation_bytes_per_token with the pieces the switches turn on."""
+    return activation_bytes_per_token(shape, inputs.lora, act_bytes, inputs.profile.dropout_mask_bytes,
+                                      fused=fused_lora_on(switches), per_example=switches.per_example_attention,
+                                      swiglu=swiglu_on(inputs, switches))
+
+
 def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
                  rows: Rows) -> tuple[list[MemoryItem], float]:
     """The peak's parts for the fullest row, and the activation bytes per token of one layer (the time model's
@@ -148,9 +155,7 @@ def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
                                          head_loss_on(inputs, switches))
     b = DTYPE_BYTES[precision]
     trainable = lora_trainable_params(shape, lora)
-    per_token = activation_bytes_per_token(shape, lora, b, profile.dropout_mask_bytes, fused=fused_lora_on(switches),
-                                           per_example=switches.per_example_attention,
-                                           swiglu=swiglu_on(inputs, switches))
+    per_token = layer_activation_bytes(shape, inputs, switches, b)
     saved, act_note = saved_activation_bytes(shape, inputs, switches, rows, per_token, b)
     peak_tokens, peak_trained = rows.peak_tokens, rows.peak_trained
     if fused_head:  # loralab.cpu.head_loss: one chunk of fp32 logits, and the hidden states' gradient
