@@ -109,14 +109,12 @@ def per_example_attention(module, query, key, value, attention_mask, position_id
     length = query.shape[2]  # query: (1, heads, tokens, head_dim)
     if attention_mask is not None or position_ids is None or query.shape[0] != 1 or key.shape[2] != length:
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    if not starts or starts[0] != 0:
+    bounds = example_bounds(position_ids, length)
+    if bounds is None:
         return sdpa_attention_forward(module, query, key, value, None, position_ids=position_ids, **kwargs)
     scale = kwargs.get("scaling") or query.shape[-1] ** -0.5
     dropout = kwargs.get("dropout", 0.0)
-    bounds = starts + [length]
-    outputs = [_attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scale, dropout)
-               for s, e in zip(bounds, bounds[1:], strict=False)]
+    outputs = [_attend(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], scale, dropout) for s, e in bounds]
     out = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=2)
     return out.transpose(1, 2).contiguous(), None  # (1, tokens, heads, head_dim)
 
