@@ -7,9 +7,10 @@ tokens x tokens block mask); the speed-up is in docs/benchmarks.md.
 from __future__ import annotations
 
 import math
-import types
 
 import torch
+
+from loralab.cpu.forwards import swap_forwards
 
 PER_EXAMPLE_ATTENTION = "loralab_per_example"
 # longer examples use SDPA's flash kernel: the probabilities would take 32 x L^2 x 2 bytes a layer
@@ -268,9 +269,5 @@ def fuse_row_attention(model) -> int:
     """Route each of ``model``'s transformers LlamaAttention modules (Llama, SmolLM2, TinyLlama) through
     RowAttention on packed rows; return how many. Other attention classes (Mistral's sliding window, Qwen's norms
     on q and k) keep their forward. Put back by speed_path.own_forwards_back."""
-    switched = 0
-    for module in model.modules():
-        if type(module).__name__ == "LlamaAttention" and type(module).__module__.startswith("transformers."):
-            module.forward = types.MethodType(_row_attention_forward, module)
-            switched += 1
-    return switched
+    return swap_forwards(model, _row_attention_forward, lambda m: (
+        type(m).__name__ == "LlamaAttention" and type(m).__module__.startswith("transformers.")))

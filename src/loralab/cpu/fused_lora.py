@@ -14,12 +14,12 @@ The parameters, their names and the saved adapter are PEFT's own: only the forwa
 from __future__ import annotations
 
 import math
-import types
 
 import torch
 import torch.nn.functional as F
 
 from loralab.cpu import onednn_weights
+from loralab.cpu.forwards import swap_forwards
 
 
 def drop_positions(numel: int, p: float, device) -> torch.Tensor:
@@ -131,10 +131,5 @@ def fuse_lora_layers(model) -> int:
     """
     from peft.tuners.lora import Linear as LoraLinear
 
-    switched = 0
-    for module in model.modules():
-        if (type(module) is LoraLinear and type(module.base_layer) is torch.nn.Linear
-                and not module.base_layer.weight.requires_grad):
-            module.forward = types.MethodType(_fused_forward, module)
-            switched += 1
-    return switched
+    return swap_forwards(model, _fused_forward, lambda m: (
+        type(m) is LoraLinear and type(m.base_layer) is torch.nn.Linear and not m.base_layer.weight.requires_grad))

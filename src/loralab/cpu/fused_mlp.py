@@ -8,12 +8,10 @@ values are autograd's, bit for bit, fore and aft: the same ops, rounded at the s
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 
-from loralab.cpu.catalogue import PLAIN_HEAD_MODELS
+from loralab.cpu.forwards import llama_family, swap_forwards
 
 _MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
 
@@ -44,13 +42,7 @@ def _fused_forward(self, x):
 def fuse_swiglu(model) -> int:
     """Route the SiLU-gated MLPs of a Llama-family model (transformers' LlamaMLP and its copies in Mistral and
     Qwen2/3, with a plain SiLU) through SwiGLUFunction; return how many. Other MLPs keep their forward."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODELS:
-        return 0
-    switched = 0
-    for module in base.modules():
-        if (type(module).__name__ in _MLP_CLASSES and type(module.act_fn).__name__ in ("SiLUActivation", "SiLU")
-                and all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj"))):
-            module.forward = types.MethodType(_fused_forward, module)
-            switched += 1
-    return switched
+    base = llama_family(model)
+    return 0 if base is None else swap_forwards(base, _fused_forward, lambda m: (
+        type(m).__name__ in _MLP_CLASSES and type(m.act_fn).__name__ in ("SiLUActivation", "SiLU")
+        and all(hasattr(m, name) for name in ("gate_proj", "up_proj", "down_proj"))))

@@ -12,11 +12,9 @@ second fp32 (tokens x hidden) tensor, and neither writes over the input (in fp32
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from loralab.cpu.catalogue import PLAIN_HEAD_MODELS
+from loralab.cpu.forwards import llama_family, swap_forwards
 
 
 class FrozenRMSNormFunction(torch.autograd.Function):
@@ -50,13 +48,7 @@ def _fused_forward(self, hidden_states):
 def fuse_rms_norms(model) -> int:
     """Route the frozen RMSNorms of a Llama-family model (transformers' LlamaRMSNorm and its copies in
     Mistral and Qwen2/3) through FrozenRMSNormFunction; return how many. Other norms keep their forward."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODELS:
-        return 0
-    switched = 0
-    for module in base.modules():
-        if (type(module).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
-                and hasattr(module, "variance_epsilon")):
-            module.forward = types.MethodType(_fused_forward, module)
-            switched += 1
-    return switched
+    base = llama_family(model)
+    return 0 if base is None else swap_forwards(base, _fused_forward, lambda m: (
+        type(m).__name__ in ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+        and hasattr(m, "variance_epsilon")))

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from loralab.cpu import allocator, attention, fused_lora, fused_mlp, fused_norm
 from loralab.cpu import onednn_weights as onednn
 from loralab.cpu.catalogue import ALL_PIECES, CpuPieces, inference_pieces
+from loralab.cpu.forwards import own_forwards_back
 
 
 class Switched(NamedTuple):
@@ -111,10 +112,3 @@ def inference_path(model, rows_hint: int) -> Iterator[Switched]:
         converted = (undo.enter_context(onednn.onednn_weights(model, rows_hint, inference=True))
                      if on.onednn_weights else 0)
         yield Switched(per_example, 0, 0, None, converted)
-
-
-def own_forwards_back(model, patched) -> None:
-    """Give every module of ``model`` whose forward was swapped for the function ``patched`` its class's own back."""
-    for module in model.modules():
-        if getattr(module.__dict__.get("forward"), "__func__", None) is patched:
-            del module.forward
