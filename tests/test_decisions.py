@@ -19,6 +19,8 @@ from loralab.planning.profiles import PROFILES
 
 CPU = replace(PROFILES["cpu"], memory_bytes=64 * 2**30)
 LLAMA = dict(TINYLLAMA_CONFIG, model_type="llama")
+SMOLLM2 = dict(LLAMA, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M's shape
 
 
 def _inputs(profile=CPU, train=None, lengths=(300,) * 8, **kw) -> PlanInputs:
@@ -70,6 +72,60 @@ def test_auto_switches_take_the_fastest_candidate_that_fits():
     assert decisions.decide_for(_inputs(tight, forced), "bf16")[4:6] == (False, True)
 
 
+def test_a_thin_models_long_rows_are_fast_and_a_wide_ones_are_not():
+    from loralab.cpu import allocator
+
+    lengths = (300,) * 8  # 2,400 tokens a step: two rows of 2,048 or three of 1,024
+    thin = decisions.decide_for(PlanInputs(SMOLLM2, LoraSection(), TrainConfig(), list(lengths), CPU), "bf16")
+    wide = decisions.decide_for(_inputs(lengths=lengths), "bf16")  # TinyLlama's shape
+    # SmolLM2 keeps about 0.5 MB a token (30 layers): 2,048-token rows fit FAST_ROW_ACTIVATION_BYTES; TinyLlama's
+    # 1.2 MB a token does not
+    assert (thin.fast_row_tokens, thin.row_tokens, thin.longest_row_tokens) == (2048, 2048, 1800)
+    assert (wide.fast_row_tokens, wide.row_tokens, wide.longest_row_tokens) == (1024, 1024, 900)
+    assert thin.onednn_weights and wide.onednn_weights
+    assert not allocator.lean(thin.longest_row_tokens, False, thin.fast_row_tokens)
+    # the same 2,048-token rows asked for explicitly: fast for the thin model; lean, and no oneDNN weights, for the wide
+    long_rows = replace(TrainConfig(), row_tokens=2048)
+    thin_asked = decisions.decide_for(PlanInputs(SMOLLM2, LoraSection(), long_rows, list(lengths), CPU), "bf16")
+    wide_asked = decisions.decide_for(_inputs(train=long_rows, lengths=lengths), "bf16")
+    assert thin_asked == thin
+    assert wide_asked.row_tokens == 2048 and wide_asked.fast_row_tokens == 1024 and not wide_asked.onednn_weights
+    assert allocator.lean(wide_asked.longest_row_tokens, False, wide_asked.fast_row_tokens)
+    # the plan counts the kept heap for the thin model's long rows, not for the wide model's
+    assert "held by the allocator" in _activations_note(PlanInputs(SMOLLM2, LoraSection(), TrainConfig(),
+                                                                   list(lengths), CPU), thin)
+    assert "held by the allocator" not in _activations_note(_inputs(train=long_rows, lengths=lengths), wide_asked)
+    # off a CPU, or without the model's shape, no row is fast beyond the 1,024 tokens measured everywhere
+    assert decisions.fast_row_tokens(PlanInputs({}, LoraSection(), TrainConfig(), list(lengths), CPU), thin) == 1024
+    gpt2 = {"model_type": "gpt2", "n_embd": 768, "vocab_size": 50257}  # a shape the plan cannot read
+    assert decisions.fast_row_tokens(PlanInputs(gpt2, LoraSection(), TrainConfig(), list(lengths), CPU), thin) == 1024
+    unknown = LoraSection(target_modules=["c_attn"])
+    assert decisions.fast_row_tokens(PlanInputs(SMOLLM2, unknown, TrainConfig(), list(lengths), CPU), thin) == 1024
+    assert decisions.decide_for(_inputs(PROFILES["a100"]), "bf16").fast_row_tokens == 1024
+
+
+def _activations_note(inputs: PlanInputs, switches) -> str:
+    return next(item.note for item in plan_for(inputs, switches).memory if item.label == "activations")
+
+
+def test_the_kept_heap_grows_by_at_most_a_1024_token_rows_share_of_the_activations():
+    import math
+
+    from loralab.planning.memory import HEAP_GROWTH_PER_LOG_STEP
+
+    lengths = [300, 250, 200, 310, 280, 150, 330, 260] * 4  # rows of varying length
+    grown = {}
+    for name, config in (("thin", SMOLLM2), ("wide", LLAMA)):
+        inputs = PlanInputs(config, LoraSection(), TrainConfig(max_steps=100), lengths, CPU)
+        plan = plan_for(inputs, decisions.decide_for(inputs, "bf16"))
+        items = {item.label: item.bytes for item in plan.memory}
+        grown[name] = (items["heap growth"] / items["activations"], plan.peak_tokens)
+    per_log_step = HEAP_GROWTH_PER_LOG_STEP * math.log(100)
+    thin_share, thin_peak = grown["thin"]
+    assert thin_peak > 1024 and thin_share == pytest.approx(per_log_step * 1024 / thin_peak)  # 2,048-token rows
+    assert grown["wide"][1] <= 1024 and grown["wide"][0] == pytest.approx(per_log_step)  # the whole row's
+
+
 def test_a_gpu_gets_no_cpu_pieces_and_an_unavailable_onednn_is_never_chosen():
     gpu = decisions.decide_for(_inputs(PROFILES["a100"]), "bf16")
     assert gpu.device == "cuda" and gpu.cpu_pieces is None and not gpu.per_example_attention
@@ -98,11 +154,12 @@ def test_decide_switches_returns_its_notes_instead_of_printing(monkeypatch, caps
 
 def test_the_model_config_is_needed_only_where_an_auto_switch_asks_planning():
     auto = TrainConfig()
-    explicit = replace(auto, gradient_checkpointing=False, onednn_weights=False)
+    explicit = replace(auto, gradient_checkpointing=False, onednn_weights=False, row_tokens=1024)
     assert decisions.needs_estimate(auto, "cuda", False)  # gradient checkpointing auto
     assert not decisions.needs_estimate(replace(auto, gradient_checkpointing=False), "cuda", True)
-    assert decisions.needs_estimate(replace(auto, gradient_checkpointing=False), "cpu", True)
-    assert not decisions.needs_estimate(replace(auto, gradient_checkpointing=False), "cpu", False)
+    assert decisions.needs_estimate(replace(explicit, onednn_weights="auto"), "cpu", True)
+    assert not decisions.needs_estimate(replace(explicit, onednn_weights="auto"), "cpu", False)
+    assert decisions.needs_estimate(replace(explicit, row_tokens="auto"), "cpu", False)  # the fast rows
     assert not decisions.needs_estimate(explicit, "cpu", True)
 
 

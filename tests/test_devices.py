@@ -117,7 +117,9 @@ def test_plan_switches_and_trainer_arguments_on_every_device(monkeypatch, device
     # On a CPU the measured pieces for its kind and precision (the fp32 row on an AVX2 CPU)
     pieces = catalogue.TRAINING[(facts.native_bf16, expected)] if on_cpu else None
     assert switches.cpu_pieces == pieces
-    assert switches.row_tokens == (pieces.row_tokens if on_cpu else max(lengths))
+    # a tiny model's 2,048-token rows keep few activations: on a CPU they are fast, and "auto" rows that long
+    assert switches.row_tokens == (catalogue.LONG_ROW_TOKENS if on_cpu else max(lengths))
+    assert switches.fast_row_tokens == (catalogue.LONG_ROW_TOKENS if on_cpu else catalogue.LEAN_ALLOCATOR_ROW_TOKENS)
     assert switches.gradient_checkpointing is False  # a tiny model fits everywhere
     assert switches.onednn_weights is (on_cpu and expected in ("bf16", "fp32") and devices_have_onednn())
     assert switches.liger_kernels is False and switches.torch_compile is False

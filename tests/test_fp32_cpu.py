@@ -166,7 +166,7 @@ def test_a_checkpointed_cpu_run_tunes_the_allocator_as_its_pieces_say(tmp_path, 
     from loralab.stages import prepare, train
 
     asked = []
-    monkeypatch.setattr(allocator, "tune_allocator", lambda rows, checkpointing=False: asked.append(checkpointing))
+    monkeypatch.setattr(allocator, "tune_allocator", lambda rows, checkpointing=False, *_: asked.append(checkpointing))
     cfg = config_from_dict({
         "name": "ckpt", "output_dir": str(tmp_path / "runs"), "model": {"name_or_path": str(tiny_model_dir)},
         "data": {"path": str(alpaca_path), "num_examples": 12, "eval_size": 0, "max_length": 128},

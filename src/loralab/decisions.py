@@ -12,15 +12,16 @@ import importlib.util
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from loralab.cpu.catalogue import LEAN_ALLOCATOR_ROW_TOKENS, training_pieces
+from loralab.cpu.catalogue import FAST_ROW_ACTIVATION_BYTES, LEAN_ALLOCATOR_ROW_TOKENS, LONG_ROW_TOKENS, training_pieces
 from loralab.data import trained_token_count
 from loralab.errors import LoralabError
 from loralab.packing import peak_row
 from loralab.planning.inputs import PlanInputs
 from loralab.planning.measure import profile_for
-from loralab.planning.memory import DTYPE_BYTES
+from loralab.planning.memory import DTYPE_BYTES, layer_activation_bytes
 from loralab.planning.plan import Plan, Suggestion, plan_for
 from loralab.planning.profiles import native_bf16
+from loralab.planning.shapes import lora_modules, model_shape
 from loralab.precision import choose_precision
 from loralab.switches import Switches
 
@@ -39,20 +40,40 @@ def example_lengths(examples: list[dict]) -> tuple[list[int], list[int]]:
 
 
 def resolve_row_tokens(train: TrainConfig, device: str, lengths: list[int], precision: str = "bf16",
-                       native_bf16: bool = True) -> int:
+                       native_bf16: bool = True, fast_rows: int = LEAN_ALLOCATOR_ROW_TOKENS) -> int:
     """train.row_tokens with "auto" decided: on a CPU the row length its catalogue entry names for this CPU kind and
-    precision (cpu.catalogue), the longest example elsewhere (data.max_length bounds it)."""
+    precision (cpu.catalogue), or LONG_ROW_TOKENS where rows that long are fast (``fast_rows``: fast_row_tokens);
+    the longest example elsewhere (data.max_length bounds it)."""
     if train.row_tokens != "auto":
         return int(train.row_tokens)
-    return training_pieces(precision, native_bf16).row_tokens if device == "cpu" else max(lengths)
+    if device != "cpu":
+        return max(lengths)
+    return LONG_ROW_TOKENS if fast_rows >= LONG_ROW_TOKENS else training_pieces(precision, native_bf16).row_tokens
 
 
 def fullest_row_tokens(train: TrainConfig, device: str, lengths: list[int], precision: str = "bf16",
-                       native_bf16: bool = True) -> int:
+                       native_bf16: bool = True, fast_rows: int = LEAN_ALLOCATOR_ROW_TOKENS) -> int:
     """Tokens in the fullest row (packing.peak_row) ``train``'s steps can make on ``device``."""
     per_step = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    row_tokens = resolve_row_tokens(train, device, lengths, precision, native_bf16)
+    row_tokens = resolve_row_tokens(train, device, lengths, precision, native_bf16, fast_rows)
     return sum(lengths[i] for i in peak_row(lengths, per_step, row_tokens))
+
+
+def fast_row_tokens(inputs: PlanInputs, switches: Switches) -> int:
+    """Rows of up to how many tokens keep glibc's heap (cpu.allocator.lean) and may take oneDNN weights on a CPU:
+    LONG_ROW_TOKENS where the activations autograd keeps for a row that long (planning's per-token estimate, every
+    layer, with the CPU pieces ``switches`` turn on) fit cpu.catalogue.FAST_ROW_ACTIVATION_BYTES, else
+    LEAN_ALLOCATOR_ROW_TOKENS; that too off a CPU, without the model's config.json, or where the plan cannot read the
+    model (not Llama-style, unknown target modules: what needs the plan says so itself, and so does loading)."""
+    if switches.cpu_pieces is None or not inputs.model_config:
+        return LEAN_ALLOCATOR_ROW_TOKENS
+    try:
+        shape = model_shape(inputs.model_config)
+        lora_modules(shape, inputs.lora)  # the target modules are the model's
+    except LoralabError:
+        return LEAN_ALLOCATOR_ROW_TOKENS
+    per_token = shape.num_layers * layer_activation_bytes(shape, inputs, switches, DTYPE_BYTES[switches.precision])
+    return LONG_ROW_TOKENS if LONG_ROW_TOKENS * per_token <= FAST_ROW_ACTIVATION_BYTES else LEAN_ALLOCATOR_ROW_TOKENS
 
 
 def per_process_examples(train: TrainConfig, processes: int) -> int:
@@ -76,11 +97,12 @@ def per_process_examples(train: TrainConfig, processes: int) -> int:
 ONEDNN_PRECISIONS = ("bf16", "fp32")  # the precisions whose frozen weights loralab.cpu.onednn_weights can hold
 
 
-def can_use_onednn_weights(device: str, precision: str, peak_tokens: int, checkpointing: bool) -> bool:
-    """Whether train.onednn_weights "auto" may turn on: bf16 or fp32 on a CPU, rows of up to
-    LEAN_ALLOCATOR_ROW_TOKENS (the rows that trade memory for speed, as the allocator does) and no checkpointing
-    (which says memory is short)."""
-    return (device == "cpu" and precision in ONEDNN_PRECISIONS and peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS
+def can_use_onednn_weights(device: str, precision: str, peak_tokens: int, checkpointing: bool,
+                            fast_rows: int = LEAN_ALLOCATOR_ROW_TOKENS) -> bool:
+    """Whether train.onednn_weights "auto" may turn on: bf16 or fp32 on a CPU, rows of up to ``fast_rows``
+    (fast_row_tokens: the rows that trade memory for speed, as the allocator does) and no checkpointing (which says
+    memory is short)."""
+    return (device == "cpu" and precision in ONEDNN_PRECISIONS and peak_tokens <= fast_rows
             and not checkpointing)
 
 
@@ -119,9 +141,9 @@ def check_switches(cfg: ExperimentConfig, device: str, precision: str | None = N
 
 def needs_estimate(train: TrainConfig, device: str, onednn_available: bool) -> bool:
     """Whether deciding the switches asks planning (and so needs the model's config.json): gradient checkpointing
-    "auto", or oneDNN weights "auto" where they could turn on."""
-    onednn_auto = train.onednn_weights == "auto" and device == "cpu" and onednn_available
-    return train.gradient_checkpointing == "auto" or onednn_auto
+    "auto"; on a CPU, oneDNN weights "auto" where they could turn on, or row tokens "auto" (fast_row_tokens)."""
+    onednn_auto = train.onednn_weights == "auto" and onednn_available
+    return train.gradient_checkpointing == "auto" or (device == "cpu" and (onednn_auto or train.row_tokens == "auto"))
 
 
 def decide_for(inputs: PlanInputs, precision: str, onednn_available: bool = True) -> Switches:
@@ -133,13 +155,17 @@ def decide_for(inputs: PlanInputs, precision: str, onednn_available: bool = True
     device, native = profile.kind, native_bf16(profile)
     pieces = training_pieces(precision, native) if device == "cpu" else None
     base = Switches(
-        device=device, precision=precision,
-        row_tokens=resolve_row_tokens(train, device, inputs.lengths, precision, native),
-        longest_row_tokens=fullest_row_tokens(train, device, inputs.lengths, precision, native),
+        device=device, precision=precision, row_tokens=0, longest_row_tokens=0,
         gradient_checkpointing=bool(train.gradient_checkpointing), onednn_weights=bool(train.onednn_weights),
         liger_kernels=train.liger_kernels, torch_compile=train.torch_compile, cpu_pieces=pieces,
         per_example_attention=pieces is not None and pieces.per_example_attention
         and inputs.attn_implementation == "sdpa",
+    )
+    fast = fast_row_tokens(inputs, base)
+    base = base._replace(
+        row_tokens=resolve_row_tokens(train, device, inputs.lengths, precision, native, fast),
+        longest_row_tokens=fullest_row_tokens(train, device, inputs.lengths, precision, native, fast),
+        fast_row_tokens=fast,
     )
     onednn_auto = train.onednn_weights == "auto"
     onednn_choices = ([True, False] if onednn_available else [False]) if onednn_auto else [base.onednn_weights]
@@ -148,7 +174,7 @@ def decide_for(inputs: PlanInputs, precision: str, onednn_available: bool = True
         base._replace(gradient_checkpointing=checkpointing, onednn_weights=onednn)
         for checkpointing in checkpointing_choices for onednn in onednn_choices
         if not (onednn and onednn_auto
-                and not can_use_onednn_weights(device, precision, base.longest_row_tokens, checkpointing))
+                and not can_use_onednn_weights(device, precision, base.longest_row_tokens, checkpointing, fast))
     ]
     for candidate in candidates[:-1]:
         if plan_for(inputs, candidate).fits:
@@ -167,7 +193,7 @@ def switch_notes(requested: TrainConfig, switches: Switches) -> list[str]:
         notes.append("onednn_weights auto: " + ("on, frozen weights in oneDNN's layout for the matmuls"
                                                 if switches.onednn_weights
                                                 else "off (needs bf16 or fp32 on a CPU, rows of up to "
-                                                f"{LEAN_ALLOCATOR_ROW_TOKENS:,} tokens, no checkpointing, and the "
+                                                f"{switches.fast_row_tokens:,} tokens, no checkpointing, and the "
                                                 f"memory)"))
     return notes
 
@@ -241,7 +267,7 @@ def suggest(inputs: PlanInputs, precision: str) -> list[Suggestion]:
         return trials
 
     out: list[Suggestion | None] = []
-    row_tokens = resolve_row_tokens(train, profile.kind, lengths, precision, native_bf16(profile))
+    row_tokens = decide_for(inputs, precision).row_tokens
     fewer = [2**k for k in range(14, 6, -1) if 2**k < row_tokens and 2**k >= min(lengths)]
     out.append(first_fit([
         trial([f"train.row_tokens={n}"], "same examples per optimizer step, in more, shorter rows",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from loralab.cpu.catalogue import CpuPieces
+from loralab.cpu.catalogue import LEAN_ALLOCATOR_ROW_TOKENS, CpuPieces
 
 
 class Switches(NamedTuple):
@@ -26,5 +26,8 @@ class Switches(NamedTuple):
     """What the CPU speed path switches on for training (None off a CPU: GPUs keep PEFT's and transformers' kernels)."""
     per_example_attention: bool = False
     """Whether cpu.attention replaces "sdpa" (the pieces say so, and the model asked for "sdpa")."""
+    fast_row_tokens: int = LEAN_ALLOCATOR_ROW_TOKENS
+    """Rows of up to this many tokens keep glibc's heap on a CPU (cpu.allocator.lean) and may take oneDNN weights:
+    LEAN_ALLOCATOR_ROW_TOKENS, or more where the model's longer rows are small (decisions.fast_row_tokens)."""
     notes: tuple[str, ...] = ()
     """What a decision did that the user should hear about (gradient checkpointing turned on, say)."""

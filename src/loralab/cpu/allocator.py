@@ -55,24 +55,28 @@ def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
         return False
 
 
-def lean(longest_row_tokens: int, checkpointing: bool = False) -> bool:
+def lean(longest_row_tokens: int, checkpointing: bool = False,
+         fast_row_tokens: int = LEAN_ALLOCATOR_ROW_TOKENS) -> bool:
     """Whether tune_allocator gives freed memory back at once (LEAN_MMAP_THRESHOLD) rather than keeping the heap: for
-    rows over LEAN_ALLOCATOR_ROW_TOKENS, and for ``checkpointing`` (see tune_allocator). loralab.planning.memory
-    counts the heap by the same rule."""
-    return longest_row_tokens > LEAN_ALLOCATOR_ROW_TOKENS or checkpointing
+    rows over ``fast_row_tokens`` (LEAN_ALLOCATOR_ROW_TOKENS, or more for a model whose longer rows' activations are
+    small: decisions.fast_row_tokens), and for ``checkpointing`` (see tune_allocator). loralab.planning.memory counts
+    the heap by the same rule."""
+    return longest_row_tokens > fast_row_tokens or checkpointing
 
 
-def mmap_threshold_for(longest_row_tokens: int, checkpointing: bool = False) -> int:
+def mmap_threshold_for(longest_row_tokens: int, checkpointing: bool = False,
+                       fast_row_tokens: int = LEAN_ALLOCATOR_ROW_TOKENS) -> int:
     """The mmap threshold tune_allocator sets for rows of up to ``longest_row_tokens``."""
-    return LEAN_MMAP_THRESHOLD if lean(longest_row_tokens, checkpointing) else FAST_MMAP_THRESHOLD
+    return LEAN_MMAP_THRESHOLD if lean(longest_row_tokens, checkpointing, fast_row_tokens) else FAST_MMAP_THRESHOLD
 
 
-def tune_allocator(longest_row_tokens: int, checkpointing: bool = False) -> int | None:
+def tune_allocator(longest_row_tokens: int, checkpointing: bool = False,
+                   fast_row_tokens: int = LEAN_ALLOCATOR_ROW_TOKENS) -> int | None:
     """Set glibc's mmap threshold for rows of up to ``longest_row_tokens``; return it (None: not glibc).
 
-    Rows of up to LEAN_ALLOCATOR_ROW_TOKENS use FAST_MMAP_THRESHOLD and train at heap speed (and the heap's free top
-    is only given back above FAST_TRIM_THRESHOLD, so that a step's activations reuse the last step's pages: the
-    peak is the same, the memory between steps stays at it); longer rows use
+    Rows of up to ``fast_row_tokens`` (see lean) use FAST_MMAP_THRESHOLD and train at heap speed (and the heap's
+    free top is only given back above FAST_TRIM_THRESHOLD, so that a step's activations reuse the last step's pages:
+    the peak is the same, the memory between steps stays at it); longer rows use
     LEAN_MMAP_THRESHOLD, because there the heap's kept memory adds gigabytes to the peak. So do checkpointed runs
     where cpu.catalogue's CpuPieces.lean_when_checkpointing says so (``checkpointing``): in fp32 each layer's
     recomputed activations, freed into the heap layer after layer, keep gigabytes more than lean
@@ -80,7 +84,7 @@ def tune_allocator(longest_row_tokens: int, checkpointing: bool = False) -> int 
     the process: once set, glibc no longer moves its threshold with freed blocks, and a fixed default (128 KiB)
     would mmap, and so slow down, every mid-sized tensor afterwards.
     """
-    threshold = mmap_threshold_for(longest_row_tokens, checkpointing)
+    threshold = mmap_threshold_for(longest_row_tokens, checkpointing, fast_row_tokens)
     trim = 2 * threshold if threshold == LEAN_MMAP_THRESHOLD else FAST_TRIM_THRESHOLD
     return threshold if _set_thresholds(threshold, trim) else None
 

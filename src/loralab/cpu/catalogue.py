@@ -11,7 +11,13 @@ from typing import NamedTuple
 
 PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})  # logits = lm_head(final hidden), nothing after
 LOSS_CHUNK_ROWS = 256  # positions per logits chunk of cpu.head_loss: 256 x vocab fp32 logits, kept for the process
-LEAN_ALLOCATOR_ROW_TOKENS = 1024  # cpu.allocator: longer rows give freed memory back at once
+LEAN_ALLOCATOR_ROW_TOKENS = 1024  # cpu.allocator: longer rows give freed memory back at once, unless they are "fast"
+# Rows longer than LEAN_ALLOCATOR_ROW_TOKENS stay fast (glibc's heap kept, oneDNN weights allowed) while the activations
+# autograd keeps for them fit this budget; then train.row_tokens "auto" is LONG_ROW_TOKENS, one row for most optimizer
+# steps of short examples. A thin model's 2,048-token rows fit (SmolLM2-135M's, about 1 GB in bf16: whole steps 6%
+# faster, bench/real_model.py), a wide one's do not (TinyLlama's, about 2.4 GB: the kept heap costs gigabytes).
+FAST_ROW_ACTIVATION_BYTES = 1.5e9
+LONG_ROW_TOKENS = 2048
 
 
 class CpuPieces(NamedTuple):
@@ -30,7 +36,7 @@ class CpuPieces(NamedTuple):
     tuned_allocator: bool
     """loralab.cpu.allocator: glibc's mmap threshold set for the row length."""
     row_tokens: int
-    """train.row_tokens "auto"."""
+    """train.row_tokens "auto" (LONG_ROW_TOKENS instead where those rows are fast: decisions.fast_row_tokens)."""
     lean_when_checkpointing: bool = False
     """Under gradient checkpointing, glibc's lean mmap threshold (freed memory back at once) even on short rows."""
     fused_mlp: bool = True

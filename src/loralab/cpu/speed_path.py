@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 from loralab.cpu import allocator, attention, fused_lora, fused_mlp, fused_norm
 from loralab.cpu import onednn_weights as onednn
-from loralab.cpu.catalogue import ALL_PIECES, CpuPieces, inference_pieces
+from loralab.cpu.catalogue import ALL_PIECES, LEAN_ALLOCATOR_ROW_TOKENS, CpuPieces, inference_pieces
 from loralab.cpu.forwards import own_forwards_back
 
 
@@ -40,12 +40,14 @@ def base_model(model):
 
 @contextlib.contextmanager
 def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, onednn_weights: bool = False,
-               pieces: CpuPieces | None = None, checkpointing: bool = False) -> Iterator[Switched]:
+               pieces: CpuPieces | None = None, checkpointing: bool = False,
+               fast_row_tokens: int = LEAN_ALLOCATOR_ROW_TOKENS) -> Iterator[Switched]:
     """Train with ``model`` (a PEFT LoRA model, or a plain transformers one) on the CPU speed path: per-example
     attention (a Llama's with its RoPE, one node a row), fused LoRA layers, RMSNorms and SwiGLUs, the allocator
-    tuned for rows of up to ``longest_row_tokens`` (default ``row_tokens``; lean under gradient ``checkpointing``
-    where the pieces say so) and, with ``onednn_weights``, the frozen linear weights in oneDNN's layout for inputs
-    of ``row_tokens`` rows. ``pieces`` (cpu.catalogue.training_pieces; default: all) says which are on."""
+    tuned for rows of up to ``longest_row_tokens`` (default ``row_tokens``; lean for rows over ``fast_row_tokens``,
+    and under gradient ``checkpointing`` where the pieces say so: allocator.lean) and, with ``onednn_weights``, the
+    frozen linear weights in oneDNN's layout for inputs of ``row_tokens`` rows. ``pieces``
+    (cpu.catalogue.training_pieces; default: all) says which are on."""
     on = pieces or ALL_PIECES
     with contextlib.ExitStack() as undo:
         undo.enter_context(hub_kernels_off(model))  # first in, last out: before any forward is swapped
@@ -61,7 +63,8 @@ def speed_path(model, row_tokens: int, longest_row_tokens: int | None = None, on
         undo.callback(own_forwards_back, model, fused_mlp._fused_forward)
         # stays: see tune_allocator
         lean = checkpointing and on.lean_when_checkpointing
-        threshold = allocator.tune_allocator(longest_row_tokens or row_tokens, lean) if on.tuned_allocator else None
+        threshold = (allocator.tune_allocator(longest_row_tokens or row_tokens, lean, fast_row_tokens)
+                     if on.tuned_allocator else None)
         converted = 0
         if onednn_weights:
             converted = undo.enter_context(onednn.onednn_weights(model, row_tokens))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from loralab.config import LoraSection
 from loralab.cpu import allocator
+from loralab.cpu.catalogue import LEAN_ALLOCATOR_ROW_TOKENS
 from loralab.cpu.catalogue import LOSS_CHUNK_ROWS as CHUNK_ROWS
 from loralab.planning.inputs import PlanInputs, Rows, fused_lora_on, head_loss_on, swiglu_on
 from loralab.planning.shapes import ModelShape, lora_modules, lora_trainable_params, target_names
@@ -30,7 +31,8 @@ _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", 
 PER_EXAMPLE_MAX_TOKENS = 1024  # loralab.cpu.attention.MATERIALISED_MAX_TOKENS: longer examples use SDPA's kernel
 HEAP_HELD_FACTOR = 1.3  # memory glibc's heap holds per live activation byte on the CPU path (bench/plan_validation.py)
 # Over a run whose rows change length from step to step, the kept heap fragments and grows: by this much of the held
-# activations per natural log of the steps (one 500-step SmolLM2-135M run on the 2-core Zen 5, docs/benchmarks.md).
+# activations of a row of up to LEAN_ALLOCATOR_ROW_TOKENS per natural log of the steps (one 500-step SmolLM2-135M run
+# on the 2-core Zen 5; its 2,048-token rows, about one a step, grew as much as 1,024-token rows: docs/benchmarks.md).
 HEAP_GROWTH_PER_LOG_STEP = 0.2
 
 
@@ -131,12 +133,16 @@ def saved_activation_bytes(shape: ModelShape, inputs: PlanInputs, switches: Swit
 def heap_growth_items(held_bytes: float, held: float, rows: Rows, steps: int) -> list[MemoryItem]:
     """What a kept heap (``held`` > 1) grows by over ``steps`` optimizer steps when the rows change length (packed
     real data does; rows of one length reuse the same blocks every step): HEAP_GROWTH_PER_LOG_STEP x ln(steps) x the
-    held activations. Nothing otherwise (an empty list)."""
+    held activations (``held_bytes``, the fullest row's), of at most LEAN_ALLOCATOR_ROW_TOKENS of its tokens. Nothing
+    otherwise (an empty list)."""
     if held == 1.0 or steps < 2 or len({sum(r) for r in rows.rows}) < 2:
         return []
-    grown = held_bytes * HEAP_GROWTH_PER_LOG_STEP * math.log(steps)
-    return [MemoryItem("heap growth", grown, f"the kept heap fragmenting over {steps:,} steps of rows of varying "
-                                             f"length ({HEAP_GROWTH_PER_LOG_STEP:g} x ln(steps) x the activations)")]
+    growing = held_bytes * min(1.0, LEAN_ALLOCATOR_ROW_TOKENS / rows.peak_tokens)
+    grown = growing * HEAP_GROWTH_PER_LOG_STEP * math.log(steps)
+    part = "" if growing == held_bytes else f" of {LEAN_ALLOCATOR_ROW_TOKENS:,} of its tokens"
+    note = (f"the kept heap fragmenting over {steps:,} steps of rows of varying length "
+            f"({HEAP_GROWTH_PER_LOG_STEP:g} x ln(steps) x the activations{part})")
+    return [MemoryItem("heap growth", grown, note)]
 
 
 def layer_activation_bytes(shape: ModelShape, inputs: PlanInputs, switches: Switches, act_bytes: int) -> float:
@@ -165,11 +171,12 @@ def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
     else:
         logits = peak_trained * shape.vocab_size * LOGITS_PEAK_BYTES
         logits_note = f"only the {peak_trained:,} trained positions x {shape.vocab_size:,} vocab, fp32 for the loss"
-    # loralab.cpu.allocator.tune_allocator: rows up to LEAN_ALLOCATOR_ROW_TOKENS keep glibc's heap, which holds
+    # loralab.cpu.allocator.tune_allocator: rows up to switches.fast_row_tokens keep glibc's heap, which holds
     # more than the live activations (HEAP_HELD_FACTOR, from bench/plan_validation.py); longer rows, and checkpointed
     # runs where the CPU pieces say so, give freed memory back at once (the rule: allocator.lean).
     if pieces is not None and pieces.tuned_allocator:
-        gives_back = allocator.lean(peak_tokens, checkpointing and pieces.lean_when_checkpointing)
+        gives_back = allocator.lean(peak_tokens, checkpointing and pieces.lean_when_checkpointing,
+                                    switches.fast_row_tokens)
         held = 1.0 if gives_back else HEAP_HELD_FACTOR
     else:
         held = profile.allocator_factor

@@ -57,7 +57,7 @@ class ResponseOnlyTrainer(Trainer):
             return super().train(resume_from_checkpoint, **kwargs)
         start = time.perf_counter()
         with speed_path(self.model, s.row_tokens, s.longest_row_tokens, s.onednn_weights, s.cpu_pieces,
-                            checkpointing=s.gradient_checkpointing) as switched:
+                        checkpointing=s.gradient_checkpointing, fast_row_tokens=s.fast_row_tokens) as switched:
             if switched.onednn_weights:
                 print(f"train: {switched.onednn_weights} frozen weights put in oneDNN's layout for this CPU's matmuls "
                       f"in {time.perf_counter() - start:.0f} s "
