@@ -175,9 +175,8 @@ def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
     # more than the live activations (HEAP_HELD_FACTOR, from bench/plan_validation.py); longer rows, and checkpointed
     # runs where the CPU pieces say so, give freed memory back at once (the rule: allocator.lean).
     if pieces is not None and pieces.tuned_allocator:
-        gives_back = allocator.lean(peak_tokens, checkpointing and pieces.lean_when_checkpointing,
-                                    switches.fast_row_tokens)
-        held = 1.0 if gives_back else HEAP_HELD_FACTOR
+        lean = allocator.lean(peak_tokens, checkpointing and pieces.lean_when_checkpointing, switches.fast_row_tokens)
+        held = 1.0 if lean else HEAP_HELD_FACTOR
     else:
         held = profile.allocator_factor
     transient = peak_tokens * backward_transient_per_token(shape, b) * held
