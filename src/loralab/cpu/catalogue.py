@@ -14,8 +14,8 @@ LOSS_CHUNK_ROWS = 256  # positions per logits chunk of cpu.head_loss: 256 x voca
 LEAN_ALLOCATOR_ROW_TOKENS = 1024  # cpu.allocator: longer rows give freed memory back at once, unless they are "fast"
 # Rows longer than LEAN_ALLOCATOR_ROW_TOKENS stay fast (glibc's heap kept, oneDNN weights allowed) while the activations
 # autograd keeps for them fit this budget; then train.row_tokens "auto" is LONG_ROW_TOKENS, one row for most optimizer
-# steps of short examples. A thin model's 2,048-token rows fit (SmolLM2-135M's, about 1 GB in bf16: whole steps 6%
-# faster, bench/real_model.py), a wide one's do not (TinyLlama's, about 2.4 GB: the kept heap costs gigabytes).
+# steps of short examples. A thin model's 2,048-token rows fit (SmolLM2-135M's in bf16: faster whole steps,
+# bench/real_model.py and docs/benchmarks.md), a wide one's do not (TinyLlama's: the kept heap costs gigabytes).
 FAST_ROW_ACTIVATION_BYTES = 1.5e9
 LONG_ROW_TOKENS = 2048
 

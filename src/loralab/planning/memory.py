@@ -31,8 +31,9 @@ _SHARED_INPUT = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", 
 PER_EXAMPLE_MAX_TOKENS = 1024  # loralab.cpu.attention.MATERIALISED_MAX_TOKENS: longer examples use SDPA's kernel
 HEAP_HELD_FACTOR = 1.3  # memory glibc's heap holds per live activation byte on the CPU path (bench/plan_validation.py)
 # Over a run whose rows change length from step to step, the kept heap fragments and grows: by this much of the held
-# activations of a row of up to LEAN_ALLOCATOR_ROW_TOKENS per natural log of the steps (one 500-step SmolLM2-135M run
-# on the 2-core Zen 5; its 2,048-token rows, about one a step, grew as much as 1,024-token rows: docs/benchmarks.md).
+# activations of a row of up to LEAN_ALLOCATOR_ROW_TOKENS per natural log of the steps (fitted on one 500-step
+# SmolLM2-135M run on the 2-core Zen 5; a 250-step run of 2,048-token rows, about one a step, grew as much as one of
+# 1,024-token rows: docs/benchmarks.md).
 HEAP_GROWTH_PER_LOG_STEP = 0.2
 
 
