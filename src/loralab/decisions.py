@@ -230,7 +230,7 @@ def plan_run(inputs: PlanInputs, precision: str, with_suggestions: bool = True) 
     switches = decide_for(inputs, precision)
     plan = plan_for(replace(inputs, notes=inputs.notes + switch_notes(inputs.train, switches)), switches)
     if with_suggestions and not plan.fits:
-        plan.suggestions = suggest(inputs, precision)
+        plan.suggestions = suggest(inputs, precision, switches.row_tokens)
     return plan
 
 
@@ -241,8 +241,9 @@ def truncate_lengths(lengths: list[int], trained: list[int], max_length: int) ->
     return cut, kept
 
 
-def suggest(inputs: PlanInputs, precision: str) -> list[Suggestion]:
-    """Single changes that make the run fit, each with its predicted peak; all of them at once if none does alone."""
+def suggest(inputs: PlanInputs, precision: str, row_tokens: int) -> list[Suggestion]:
+    """Single changes that make the run fit, each with its predicted peak; all of them at once if none does alone.
+    ``row_tokens``: the row length decided for ``inputs`` (shorter rows are the first change tried)."""
     lengths, trained, train, profile = inputs.lengths, inputs.trained, inputs.train, inputs.profile
 
     def trial(settings: list[str], note: str, train_: TrainConfig, lengths_=lengths, trained_=trained,
@@ -267,7 +268,6 @@ def suggest(inputs: PlanInputs, precision: str) -> list[Suggestion]:
         return trials
 
     out: list[Suggestion | None] = []
-    row_tokens = decide_for(inputs, precision).row_tokens
     fewer = [2**k for k in range(14, 6, -1) if 2**k < row_tokens and 2**k >= min(lengths)]
     out.append(first_fit([
         trial([f"train.row_tokens={n}"], "same examples per optimizer step, in more, shorter rows",

@@ -140,7 +140,7 @@ def heap_growth_items(held_bytes: float, held: float, rows: Rows, steps: int) ->
         return []
     growing = held_bytes * min(1.0, LEAN_ALLOCATOR_ROW_TOKENS / rows.peak_tokens)
     grown = growing * HEAP_GROWTH_PER_LOG_STEP * math.log(steps)
-    part = "" if growing == held_bytes else f" of {LEAN_ALLOCATOR_ROW_TOKENS:,} of its tokens"
+    part = "" if rows.peak_tokens <= LEAN_ALLOCATOR_ROW_TOKENS else f" of {LEAN_ALLOCATOR_ROW_TOKENS:,} of its tokens"
     note = (f"the kept heap fragmenting over {steps:,} steps of rows of varying length "
             f"({HEAP_GROWTH_PER_LOG_STEP:g} x ln(steps) x the activations{part})")
     return [MemoryItem("heap growth", grown, note)]
