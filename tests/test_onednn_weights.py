@@ -105,17 +105,56 @@ def test_the_plain_weights_come_back_when_the_body_fails(tiny_model_dir):
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
-def test_a_head_tied_to_the_embeddings_is_left_alone():
+def _tied_lora_model(precision):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to({"bf16": torch.bfloat16, "fp32": torch.float32}[precision])
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_head_tied_to_the_embeddings_is_converted_and_its_plain_weight_kept(precision, monkeypatch):
+    """The tied head takes oneDNN's layout like any frozen linear, the head loss computes with it, and its plain
+    weight (the embeddings') stays in place throughout: the same loss and gradients, the same weights after."""
+    model = _tied_lora_model(precision)
+    base = model.get_base_model()
+    assert base.lm_head.weight.data_ptr() == base.model.embed_tokens.weight.data_ptr()
+    assert base.lm_head in ow.convertible_linears(model) and len(ow.convertible_linears(model)) == 2 * 7 + 1
+    model.train()
+    g = torch.Generator().manual_seed(2)
+    examples = [{"input_ids": ids, "labels": [-100] * 3 + ids[3:]}
+                for ids in (torch.randint(3, 96, (n,), generator=g).tolist() for n in (30, 17))]
+    batch = pack_examples(examples)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain_loss, plain_grads = _loss_and_grads(model, batch)
+    widths = []
+    linear = ow.linear
+    monkeypatch.setattr(ow, "linear", lambda x2, onednn, bias=None: widths.append(onednn.out_features)
+                        or linear(x2, onednn, bias))
+    with ow.onednn_weights(model, rows_hint=64) as count:
+        assert count == 2 * 7 + 1 and ow.onednn_of(base.lm_head) is not None
+        assert torch.equal(base.model.embed_tokens.weight, before["base_model.model.model.embed_tokens.weight"])
+        onednn_loss, onednn_grads = _loss_and_grads(model, batch)
+    assert 96 in widths  # the head's products ran on its oneDNN copy
+    _same(onednn_loss, plain_loss, precision)
+    for name, grad in plain_grads.items():
+        _same(onednn_grads[name], grad, precision)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert ow.onednn_of(base.lm_head) is None and "forward" not in base.lm_head.__dict__
+
+
+def test_fp16_weights_take_no_onednn_layout():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                          num_attention_heads=2, tie_word_embeddings=True)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.requires_grad_(False)
-    modules = ow.convertible_linears(model)
-    assert model.lm_head not in modules and len(modules) == 7
     fp32 = LlamaForCausalLM(config).requires_grad_(False)
-    assert fp32.lm_head not in ow.convertible_linears(fp32) and len(ow.convertible_linears(fp32)) == 7
+    assert len(ow.convertible_linears(fp32)) == 8
     assert ow.convertible_linears(fp32.to(torch.float16)) == []  # no oneDNN layout for fp16 weights
 
 

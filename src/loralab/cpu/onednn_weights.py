@@ -5,10 +5,11 @@ layout on every call (fp32 matmuls go through MKL, which re-packs its operands a
 frozen base model that is the same work, over the whole model, in every forward and every backward. Here each
 frozen linear weight is reordered once, both ways (x W^T in the forward and dy W in the backward need different
 layouts), and its plain copy is released for the run: +1x the linear weights in memory for more tokens per second
-(docs/benchmarks.md has the figures; bench/train_throughput.py runs the same training with and
-without). When the run ends the plain weights are rebuilt from the reordered copies, bit-identical. In bf16 the
-products are the same oneDNN kernels' (bitwise equal outputs in tests/test_onednn_weights.py); in fp32 they are
-oneDNN's instead of MKL's, equal within fp32 rounding (the same tests).
+(+2x for a head tied to the input embeddings, whose plain weight the embeddings still read; docs/benchmarks.md has
+the figures; bench/train_throughput.py runs the same training with and without). When the run ends the plain
+weights are rebuilt from the reordered copies, bit-identical. In bf16 the products are the same oneDNN kernels'
+(bitwise equal outputs in tests/test_onednn_weights.py); in fp32 they are oneDNN's instead of MKL's, equal within
+fp32 rounding (the same tests).
 
 Intel's extension for PyTorch did this (ipex.optimize's weight prepacking) and is retired; PyTorch keeps
 the oneDNN ops it upstreamed for its own CPU inference path (torch.ops.mkldnn._reorder_linear_weight and
@@ -95,46 +96,54 @@ def _onednn_forward(self, x):
     return FrozenLinearFunction.apply(x, self.bias, getattr(self, ATTRIBUTE))
 
 
-def convertible_linears(model, inference: bool = False) -> list[torch.nn.Module]:
-    """The frozen CPU nn.Linear modules of ``model`` whose weights can take oneDNN's layout: all but those sharing
-    their weight with another module (a head tied to the input embeddings, say), in bf16 or fp32. For ``inference``
-    (no gradient will be taken) every such module counts as frozen."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    users: dict[int, int] = {}  # weight storage -> modules holding it
+def _weight_users(base) -> dict[int, int]:
+    """weight storage -> how many of ``base``'s modules hold it."""
+    users: dict[int, int] = {}
     for module in base.modules():
         for p in module.parameters(recurse=False):
             users[p.data_ptr()] = users.get(p.data_ptr(), 0) + 1
-    found = []
-    for module in base.modules():
-        if type(module) is not torch.nn.Linear:
-            continue
-        w = module.weight
-        if ((w.requires_grad and not inference) or w.device.type != "cpu" or not onednn_weights_available(w.dtype)
-                or users[w.data_ptr()] > 1):
-            continue
-        found.append(module)
-    return found
+    return users
+
+
+def convertible_linears(model, inference: bool = False) -> list[torch.nn.Module]:
+    """The frozen CPU nn.Linear modules of ``model`` whose weights can take oneDNN's layout, in bf16 or fp32; a head
+    tied to the input embeddings among them (onednn_weights keeps its plain weight, which the embeddings read). For
+    ``inference`` (no gradient will be taken) every such module counts as frozen."""
+    return [m for m in _base(model).modules() if type(m) is torch.nn.Linear and _convertible(m.weight, inference)]
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _convertible(w: torch.Tensor, inference: bool) -> bool:
+    return not (w.requires_grad and not inference) and w.device.type == "cpu" and onednn_weights_available(w.dtype)
 
 
 @contextlib.contextmanager
 def onednn_weights(model, rows_hint: int, inference: bool = False):
     """Run the body with ``model``'s convertible linears (convertible_linears) in oneDNN's layouts and their plain
-    weights released; yields how many. ``inference``: the forward layout only, for a body that takes no gradients.
-    Each module's forward, and loralab.cpu.fused_lora for LoRA base layers, use those meanwhile. On the way out,
-    however the body ends, the plain weights are put back bit-identical."""
-    done = []  # (module, the forward it had as an instance attribute, if any)
+    weights released, except a weight another module shares (a tied head's, which the embeddings read: kept); yields
+    how many. ``inference``: the forward layout only, for a body that takes no gradients. Each module's forward, and
+    loralab.cpu.fused_lora and loralab.cpu.head_loss for LoRA base layers and the head, use those meanwhile. On the
+    way out, however the body ends, the plain weights are put back bit-identical."""
+    users = _weight_users(_base(model))
+    done = []  # (module, the forward it had as an instance attribute, if any, whether its plain weight was released)
     try:
         for module in convertible_linears(model, inference):
             w = module.weight
             onednn = to_onednn(w, rows_hint, backward=not inference)
-            done.append((module, module.__dict__.get("forward")))
+            release = users[w.data_ptr()] == 1
+            done.append((module, module.__dict__.get("forward"), release))
             setattr(module, ATTRIBUTE, onednn)
             module.forward = types.MethodType(_onednn_forward, module)
-            w.data = torch.empty(0, dtype=w.dtype, device=w.device)  # the plain copy, released
+            if release:
+                w.data = torch.empty(0, dtype=w.dtype, device=w.device)  # the plain copy, released
         yield len(done)
     finally:
-        for module, forward in done:
-            module.weight.data = to_plain(getattr(module, ATTRIBUTE))
+        for module, forward, released in done:
+            if released:
+                module.weight.data = to_plain(getattr(module, ATTRIBUTE))
             delattr(module, ATTRIBUTE)
             if forward is None:
                 del module.forward

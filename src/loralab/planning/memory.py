@@ -207,10 +207,13 @@ def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
         memory.append(MemoryItem("DoRA weight norm", largest * 4,
                                  "the largest adapted weight rebuilt in fp32 for its norm"))
     if switches.onednn_weights:
-        # loralab.cpu.onednn_weights: each frozen linear weight reordered both ways, its plain copy released
+        # loralab.cpu.onednn_weights: each frozen linear weight reordered both ways, its plain copy released, except a
+        # tied head's, which the embeddings read: its two reordered copies come on top
         onednn_params = shape.num_layers * sum(a * o for a, o in shape.module_dims().values())
-        onednn_params += 0 if shape.tied_embeddings else shape.vocab_size * shape.hidden_size
-        memory.append(MemoryItem("oneDNN weights", onednn_params * b,
-                                 f"{onednn_params:,} linear weights in oneDNN's layout both ways, plain copy released"))
+        head = shape.vocab_size * shape.hidden_size * (2 if shape.tied_embeddings else 1)
+        tied = " (the tied head's kept: the embeddings read it)" if shape.tied_embeddings else ""
+        memory.append(MemoryItem("oneDNN weights", (onednn_params + head) * b,
+                                 f"{onednn_params + head:,} weights' worth: the frozen linears in oneDNN's layout both "
+                                 f"ways, plain copies released{tied}"))
     return memory, per_token
 
