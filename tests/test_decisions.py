@@ -171,3 +171,18 @@ def test_switch_checks_name_the_key_to_change():
     cfg = config_from_dict({"name": "x", "train": {"onednn_weights": True}})
     with pytest.raises(LoralabError, match="set train.onednn_weights: auto"):
         decisions.check_switches(cfg, "cpu", "bf16", onednn_available=False)
+
+
+def test_the_plan_counts_a_tied_heads_two_onednn_copies_and_an_untied_ones_one():
+    """loralab.cpu.onednn_weights keeps a tied head's plain weight (the embeddings read it), so its two reordered
+    copies come on top; every other frozen linear's plain copy is released, so one copy's worth comes on top."""
+    def onednn_bytes(config):
+        inputs = PlanInputs(config, LoraSection(), TrainConfig(), [300] * 8, CPU)
+        switches = decisions.decide_for(inputs, "bf16")
+        assert switches.onednn_weights
+        return next(item.bytes for item in plan_for(inputs, switches).memory if item.label == "oneDNN weights")
+
+    layers = 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)  # q, o; k, v; gate, up, down
+    head = 49152 * 576
+    assert onednn_bytes(SMOLLM2) == 2 * (layers + 2 * head)
+    assert onednn_bytes(dict(SMOLLM2, tie_word_embeddings=False)) == 2 * (layers + head)

@@ -207,13 +207,16 @@ def memory_model(shape: ModelShape, inputs: PlanInputs, switches: Switches,
         memory.append(MemoryItem("DoRA weight norm", largest * 4,
                                  "the largest adapted weight rebuilt in fp32 for its norm"))
     if switches.onednn_weights:
-        # loralab.cpu.onednn_weights: each frozen linear weight reordered both ways, its plain copy released, except a
-        # tied head's, which the embeddings read: its two reordered copies come on top
-        onednn_params = shape.num_layers * sum(a * o for a, o in shape.module_dims().values())
-        head = shape.vocab_size * shape.hidden_size * (2 if shape.tied_embeddings else 1)
-        tied = " (the tied head's kept: the embeddings read it)" if shape.tied_embeddings else ""
-        memory.append(MemoryItem("oneDNN weights", (onednn_params + head) * b,
-                                 f"{onednn_params + head:,} weights' worth: the frozen linears in oneDNN's layout both "
-                                 f"ways, plain copies released{tied}"))
+        memory.append(onednn_weights_item(shape, b))
     return memory, per_token
+
+
+def onednn_weights_item(shape: ModelShape, b: int) -> MemoryItem:
+    """loralab.cpu.onednn_weights: each frozen linear weight reordered both ways, its plain copy released, except a
+    tied head's, which the embeddings read: its two reordered copies come on top."""
+    params = shape.num_layers * sum(a * o for a, o in shape.module_dims().values())
+    params += shape.vocab_size * shape.hidden_size * (2 if shape.tied_embeddings else 1)
+    tied = " (the tied head's kept: the embeddings read it)" if shape.tied_embeddings else ""
+    return MemoryItem("oneDNN weights", params * b, f"{params:,} weights' worth: the frozen linears in oneDNN's "
+                                                    f"layout both ways, plain copies released{tied}")
 
