@@ -96,24 +96,21 @@ def _onednn_forward(self, x):
     return FrozenLinearFunction.apply(x, self.bias, getattr(self, ATTRIBUTE))
 
 
-def _weight_users(base) -> dict[int, int]:
-    """weight storage -> how many of ``base``'s modules hold it."""
+def _weight_users(model) -> dict[int, int]:
+    """weight storage -> how many of ``model``'s modules hold it."""
     users: dict[int, int] = {}
-    for module in base.modules():
+    for module in model.modules():
         for p in module.parameters(recurse=False):
             users[p.data_ptr()] = users.get(p.data_ptr(), 0) + 1
     return users
 
 
 def convertible_linears(model, inference: bool = False) -> list[torch.nn.Module]:
-    """The frozen CPU nn.Linear modules of ``model`` whose weights can take oneDNN's layout, in bf16 or fp32; a head
-    tied to the input embeddings among them (onednn_weights keeps its plain weight, which the embeddings read). For
-    ``inference`` (no gradient will be taken) every such module counts as frozen."""
-    return [m for m in _base(model).modules() if type(m) is torch.nn.Linear and _convertible(m.weight, inference)]
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The frozen CPU nn.Linear modules of ``model`` (a PEFT wrapper's are its base model's) whose weights can take
+    oneDNN's layout, in bf16 or fp32; a head tied to the input embeddings among them (onednn_weights keeps its plain
+    weight, which the embeddings read). For ``inference`` (no gradient will be taken) every such module counts as
+    frozen."""
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and _convertible(m.weight, inference)]
 
 
 def _convertible(w: torch.Tensor, inference: bool) -> bool:
@@ -127,7 +124,7 @@ def onednn_weights(model, rows_hint: int, inference: bool = False):
     how many. ``inference``: the forward layout only, for a body that takes no gradients. Each module's forward, and
     loralab.cpu.fused_lora and loralab.cpu.head_loss for LoRA base layers and the head, use those meanwhile. On the
     way out, however the body ends, the plain weights are put back bit-identical."""
-    users = _weight_users(_base(model))
+    users = _weight_users(model)
     done = []  # (module, the forward it had as an instance attribute, if any, whether its plain weight was released)
     try:
         for module in convertible_linears(model, inference):
