@@ -26,8 +26,13 @@ def own_forwards_back(model, patched: Callable) -> None:
             del module.forward
 
 
+def base_model(model):
+    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def llama_family(model):
     """The transformers model under ``model`` (a PEFT wrapper or not) when it is of a Llama-family type
     (catalogue.PLAIN_HEAD_MODELS), else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return base if getattr(base.config, "model_type", None) in PLAIN_HEAD_MODELS else None

@@ -9,6 +9,7 @@ import torch
 
 from loralab.cpu import onednn_weights
 from loralab.cpu.catalogue import LOSS_CHUNK_ROWS, PLAIN_HEAD_MODELS
+from loralab.cpu.forwards import base_model
 
 CHUNK_ROWS = LOSS_CHUNK_ROWS
 _workspaces: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -105,7 +106,7 @@ def frozen_plain_head(model):
     DDP: its gradient all-reduce is set up by its own forward, which this path would bypass."""
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
         return None
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = base.get_output_embeddings()
     if (
         getattr(base.config, "model_type", None) not in PLAIN_HEAD_MODELS

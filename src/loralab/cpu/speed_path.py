@@ -14,7 +14,7 @@ from typing import NamedTuple
 from loralab.cpu import allocator, attention, fused_lora, fused_mlp, fused_norm
 from loralab.cpu import onednn_weights as onednn
 from loralab.cpu.catalogue import ALL_PIECES, LEAN_ALLOCATOR_ROW_TOKENS, CpuPieces, inference_pieces
-from loralab.cpu.forwards import own_forwards_back
+from loralab.cpu.forwards import base_model, own_forwards_back
 
 
 class Switched(NamedTuple):
@@ -31,11 +31,6 @@ class Switched(NamedTuple):
     """Llama attention layers run as one autograd node a packed row (loralab.cpu.attention.RowAttention)."""
     fused_mlps: int = 0
     """SiLU-gated MLPs whose silu(gate) * up runs as one autograd function (loralab.cpu.fused_mlp)."""
-
-
-def base_model(model):
-    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @contextlib.contextmanager
