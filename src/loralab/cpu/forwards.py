@@ -1,4 +1,5 @@
-"""Forwards swapped on single modules, and given back: the one mechanism behind the speed path's fused pieces."""
+"""Forwards swapped on single modules, and given back: the one mechanism behind the speed path's fused pieces; and the
+transformers model under a PEFT wrapper, which the pieces look into."""
 
 from __future__ import annotations
 
