@@ -219,4 +219,3 @@ def onednn_weights_item(shape: ModelShape, b: int) -> MemoryItem:
     tied = " (the tied head's kept: the embeddings read it)" if shape.tied_embeddings else ""
     return MemoryItem("oneDNN weights", params * b, f"{params:,} weights' worth: the frozen linears in oneDNN's "
                                                     f"layout both ways, plain copies released{tied}")
-
