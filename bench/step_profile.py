@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         train.run(cfg, force=True)
         after = tt.matmul_peak(precision)
         # the attention FLOPs depend on the lengths: those of the first examples stand for the timed steps'
-        examples = [{"input_ids": e["input_ids"]} for e in read_jsonl(Path(cfg.run_dir) / "data" / "train.jsonl")[:200]]
+        examples = [{"input_ids": e["input_ids"], "labels": e["labels"]}
+                    for e in read_jsonl(Path(cfg.run_dir) / "data" / "train.jsonl")[:200]]
     timed = profile.events[args.warmup :]
     steps = [step_parts(e) for e in timed]
     whole = statistics.median(s["whole step"] for s in steps)
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     faults = statistics.median(e["faults"] for e in timed)
     print(f"   page faults per step (median) {faults:.0f} ({faults * os.sysconf('SC_PAGE_SIZE') / 2**20:.0f} MiB "
           f"touched fresh); peak RSS {tt.peak_rss_bytes() / 1e9:.2f} GB")
-    print(f"   model FLOPs per token {per_token / 1e9:.3f} GFLOP; {precision} matmul peak beside it "
+    print(f"   model FLOPs per token {per_token / 1e9:.3f} GFLOP (the head at trained positions only); {precision} "
+          "matmul peak beside it "
           f"{peak / 1e9:.0f} GFLOP/s; MFU in whole steps {100 * tokens / whole * per_token / peak:.1f}%, "
           f"in forward + backward {100 * tokens / window * per_token / peak:.1f}%")
     return 0

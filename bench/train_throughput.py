@@ -369,8 +369,10 @@ def in_subprocess(job: dict, script: str = __file__) -> dict:
 
 
 def flops_per_token(root: Path, examples: list[dict]) -> tuple[float, int]:
-    """Model FLOPs per trained-on token with a frozen base: 4 x non-embedding parameters (forward, and
-    the backward's input gradients) plus causal attention (QK^T and PV forward, 3x that with backward)."""
+    """Model FLOPs per token with a frozen base: 4 x non-embedding parameters (forward, and the backward's input
+    gradients) plus causal attention (QK^T and PV forward, 3x that with backward). The LM head counts only where
+    the loss needs it: at the positions with a trained target, when the examples carry labels (every position
+    otherwise). Returns (FLOPs per token, non-embedding parameters with the head)."""
     from transformers import AutoConfig
 
     c = AutoConfig.from_pretrained(root / "model")
@@ -378,12 +380,14 @@ def flops_per_token(root: Path, examples: list[dict]) -> tuple[float, int]:
     kv = c.num_key_value_heads * head_dim
     per_layer = (c.hidden_size * (c.hidden_size * 2 + kv * 2) + 3 * c.hidden_size * c.intermediate_size
                  + 2 * c.hidden_size)
-    # + final norm, lm_head
-    non_embedding = c.num_hidden_layers * per_layer + c.hidden_size + c.hidden_size * c.vocab_size
+    head = c.hidden_size * c.vocab_size
+    non_embedding = c.num_hidden_layers * per_layer + c.hidden_size + head  # + final norm, lm_head
     lengths = [len(e["input_ids"]) for e in examples]
+    tokens = sum(lengths)
+    trained = sum(sum(t != -100 for t in e["labels"][1:]) if "labels" in e else len(e["input_ids"]) for e in examples)
     # causal: position i attends to i+1 keys; 2 matmuls x 2 FLOPs x heads x head_dim, forward; backward is 2x forward
-    attention = 3 * sum(2 * 2 * c.hidden_size * n * (n + 1) / 2 for n in lengths) * c.num_hidden_layers / sum(lengths)
-    return 4 * non_embedding + attention, non_embedding
+    attention = 3 * sum(2 * 2 * c.hidden_size * n * (n + 1) / 2 for n in lengths) * c.num_hidden_layers / tokens
+    return 4 * (non_embedding - head + head * trained / tokens) + attention, non_embedding
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -432,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"   CPU: {cpu_description()}")
     print(f"   {args.precision} matmul peak ({4096}^3, each the best of 6): {len(peaks)} measurements in this run, "
           f"{min(peaks) / 1e9:.0f}-{best / 1e9:.0f} GFLOP/s; model FLOPs per token "
-          f"{per_token / 1e9:.3f} GFLOP (4 x {non_embedding / 1e9:.3f} G non-embedding params + attention); "
+          f"{per_token / 1e9:.3f} GFLOP (4 x {non_embedding / 1e9:.3f} G non-embedding params, the head at trained "
+          "positions only, + attention); "
           f"oneDNN prepacked matmul best {onednn_best / 1e9:.0f} GFLOP/s")
     header = (f"   {'side':<50} {'tokens/s':>8} {'peak RSS':>9} {'vs seed':>8} {'vs bf16':>8} {'peak':>6} {'MFU':>6}"
               f" {'MFU vs best':>11} {'vs oneDNN':>9}")
