@@ -15,6 +15,9 @@ loss on the response tokens only), so every side sees the same input ids and tra
 Each side runs in its own subprocess, one after another, with only the step clock as callback and a loss logged
 every step. Throughput is real tokens per second in whole optimizer steps (on_step_end to on_step_end, steps 3-20:
 forward, backward, optimizer, clipping, logging and data included); memory is the subprocess's peak resident set.
+Each side's MFU is against the matmul peak measured before the first side and after the last, at the FLOPs per token
+bench/train_throughput.py counts (the LM head where a target is trained), and the 5x (or 2x) target is given as the
+MFU it asks for.
 The load average is printed beside each side: on a shared machine the figures stretch with it. The losses of
 every step are printed for each side; loralab's and TRL's must agree within bf16 noise (they train the same tokens
 of the same examples in the same order; the Trainer's seeded sampler orders every side alike).
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {tt.cpu_description()}; precision {precision}", flush=True)
     sides = args.sides.split(",")
     started, runs = time.perf_counter(), {side: [] for side in sides}
+    peaks = [tt.matmul_peak(precision)["flops"]]  # beside the runs: before the first and after the last
     for round_no in range(1, args.rounds + 1):
         for side in sides:
             job = {"kind": side, "root": str(root), "model": str(args.model), "data": str(args.data),
@@ -170,7 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  round {round_no}: {side:<8} {r['tokens_per_s']:7.1f} tokens/s, peak RSS "
                   f"{r['peak_rss'] / 1e9:.2f} GB, {r['precision']}, load average {r['load'][0]:.1f} -> "
                   f"{r['load'][1]:.1f}", flush=True)
-    report(runs, precision, args)
+    peaks.append(tt.matmul_peak(precision)["flops"])
+    # the FLOPs of the timed steps' examples (the head counted where a target is trained, as loralab computes it)
+    timed = examples_of(root, args.model, args.data, precision, args.steps)[WARMUP * tt.EXAMPLES_PER_STEP :]
+    report(runs, precision, args, tt.flops_per_token(root, timed)[0], max(peaks))
     print(f"   (whole benchmark {time.perf_counter() - started:.0f} s)")
     return 0 if meets_targets(runs, precision) else 1
 
@@ -181,18 +188,22 @@ def ratio(runs: dict, side: str, other: str) -> float:
                                                                                      strict=True))
 
 
-def report(runs: dict, precision: str, args) -> None:
+def report(runs: dict, precision: str, args, per_token: float, peak: float) -> None:
+    """The table: per side, tokens/s, peak RSS, ratios, and the MFU at ``per_token`` FLOPs against ``peak``."""
     rounds = len(next(iter(runs.values())))
     print(f"\n== SmolLM2-135M-Instruct, {args.steps} optimizer steps x {tt.EXAMPLES_PER_STEP} Alpaca examples, whole "
           f"steps {WARMUP + 1}-{args.steps} timed, {rounds} round(s) (medians); CPU: {tt.cpu_description()}")
-    print(f"   {'side':<8} {'tokens/s':>9} {'peak RSS':>9} {'vs trl':>7} {'vs seed':>8}  precision; load averages")
+    print(f"   model FLOPs per token {per_token / 1e9:.3f} GFLOP (the head at trained positions only); {precision} "
+          f"matmul peak beside the runs {peak / 1e9:.0f} GFLOP/s")
+    print(f"   {'side':<8} {'tokens/s':>9} {'peak RSS':>9} {'vs trl':>7} {'vs seed':>8} {'MFU':>6}  precision; "
+          "load averages")
     for side, rs in runs.items():
         tokens = statistics.median(r["tokens_per_s"] for r in rs)
         rss = max(r["peak_rss"] for r in rs)
         ratios = [f"{ratio(runs, side, k):.2f}x" if k in runs else "-" for k in ("trl", "seed")]
         loads = ", ".join(f"{r['load'][0]:.1f} -> {r['load'][1]:.1f}" for r in rs)
-        print(f"   {side:<8} {tokens:9.1f} {rss / 1e9:6.2f} GB {ratios[0]:>7} {ratios[1]:>8}  "
-              f"{rs[0]['precision']}; {loads}")
+        print(f"   {side:<8} {tokens:9.1f} {rss / 1e9:6.2f} GB {ratios[0]:>7} {ratios[1]:>8} "
+              f"{100 * tokens * per_token / peak:5.1f}%  {rs[0]['precision']}; {loads}")
     if rounds > 1:
         for side, rs in runs.items():
             print(f"   {side:<8} each round: " + ", ".join(f"{r['tokens_per_s']:.1f}" for r in rs) + " tokens/s")
@@ -206,6 +217,9 @@ def report(runs: dict, precision: str, args) -> None:
               f"{'agree' if gap <= LOSS_TOLERANCE[precision] else 'DIFFER'}); target loralab >= "
               f"{TARGETS[precision]:.0f}x TRL ({precision}): {speedup:.2f}x "
               f"{'met' if speedup >= TARGETS[precision] else 'MISSED'}")
+        target = TARGETS[precision] * statistics.median(r["tokens_per_s"] for r in runs["trl"])
+        print(f"   {TARGETS[precision]:.0f}x TRL's median is {target:.1f} tokens/s: an MFU of "
+              f"{100 * target * per_token / peak:.1f}% in whole steps on this CPU")
 
 
 def loss_gap(runs: dict) -> float:
