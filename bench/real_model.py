@@ -85,10 +85,12 @@ def trl_trainer(model_dir: Path, examples: list[dict], out_dir: Path, callbacks:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
+    from loralab import IGNORE_INDEX
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if precision == "bf16" else
                                                  torch.float32)
-    rows = [{"input_ids": e["input_ids"], "completion_mask": [int(label != -100) for label in e["labels"]]}
+    rows = [{"input_ids": e["input_ids"], "completion_mask": [int(label != IGNORE_INDEX) for label in e["labels"]]}
             for e in examples]
     args = SFTConfig(
         output_dir=str(out_dir), per_device_train_batch_size=1, gradient_accumulation_steps=tt.EXAMPLES_PER_STEP,
