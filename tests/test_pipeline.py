@@ -163,8 +163,10 @@ def test_eval_of_a_subset_measures_its_own_held_out_losses(run, capsys):
     cfg, rd = run
     overrides = ["--set", "eval.num_examples=3", "--set", "eval.cache_base_generations=false"]
     assert cli.main(["eval", str(cfg), *overrides]) == 0
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "eval: base held-out loss" in err and "eval: LoRA held-out loss" in err  # the progress bars
+    # the answer bars count 3 + 1 prompts: the summary says what the 4 are
+    assert "eval: 3 held-out prompts (and 1 before/after prompt: examples.md); ROUGE-L" in out
     results = read_eval_results(rd / "eval_results.csv")
     losses = {r["step"]: r["eval_loss"] for r in read_metrics(rd / "metrics.jsonl") if "eval_loss" in r}
     assert results["eval_loss"]["base"] != pytest.approx(losses[0], abs=1e-6)

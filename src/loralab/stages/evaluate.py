@@ -225,8 +225,12 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, stage: Stage) -> None:
         atomic_write_text(rundir.eval_results_file, eval_results_csv(base_scores, lora_scores, changes))
         stage.done(time.perf_counter() - start, prompts=n,
                    answer_tokens=sum(map(len, base_ids)) + sum(map(len, lora_ids)))
+    # the progress bars count the before/after prompts too: the line says so, so the two counts add up
+    fixed_note = (f" (and {len(fixed)} before/after prompt{'s' * (len(fixed) != 1)}: {rundir.examples_file.name})"
+                  if fixed else "")
     print(
-        f"eval: {n} held-out prompts; ROUGE-L base {base_scores['rougeL']:.4f} -> LoRA {lora_scores['rougeL']:.4f}, "
+        f"eval: {n} held-out prompts{fixed_note}; "
+        f"ROUGE-L base {base_scores['rougeL']:.4f} -> LoRA {lora_scores['rougeL']:.4f}, "
         f"BLEU {base_scores['bleu']:.4f} -> {lora_scores['bleu']:.4f}, "
         f"held-out loss {base_loss:.3f} -> {lora_loss:.3f} "
         f"-> {rundir.eval_results_file}"
