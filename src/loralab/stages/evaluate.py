@@ -226,8 +226,8 @@ def _evaluate(cfg: ExperimentConfig, rundir: RunDir, stage: Stage) -> None:
         stage.done(time.perf_counter() - start, prompts=n,
                    answer_tokens=sum(map(len, base_ids)) + sum(map(len, lora_ids)))
     # the progress bars count the before/after prompts too: the line says so, so the two counts add up
-    fixed_note = (f" (and {len(fixed)} before/after prompt{'s' * (len(fixed) != 1)}: {rundir.examples_file.name})"
-                  if fixed else "")
+    noun = "prompt" if len(fixed) == 1 else "prompts"
+    fixed_note = f" (and {len(fixed)} before/after {noun}: {rundir.examples_file.name})" if fixed else ""
     print(
         f"eval: {n} held-out prompts{fixed_note}; "
         f"ROUGE-L base {base_scores['rougeL']:.4f} -> LoRA {lora_scores['rougeL']:.4f}, "
