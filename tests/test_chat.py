@@ -95,6 +95,22 @@ def test_chat_keeps_the_conversation_and_resets(trained_run, monkeypatch):
     assert out.getvalue().count("lora> ") == 3 and "(new conversation)" in out.getvalue()
 
 
+@pytest.mark.parametrize("quit_line", ["/exit", "/quit", "/bye"])
+def test_chat_answers_no_command_as_a_message(trained_run, monkeypatch, quit_line):
+    from loralab.commands import chat as chat_module
+    _, rd = trained_run
+    seen = []
+    original = chat_module.Responder.answer
+    monkeypatch.setattr(chat_module.Responder, "answer",
+                        lambda self, messages, side, out=None: seen.append(messages[-1]["content"])
+                        or original(self, messages, side, out))
+    out = io.StringIO()
+    stdin = io.StringIO(f"/help\n/usr/bin is a folder?\n{quit_line}\nNever sent\n")
+    chat(str(rd), SamplingSettings(max_new_tokens=4), stdin=stdin, out=out)
+    assert seen == ["/usr/bin is a folder?"]  # a path is a message; /help is not, and nothing after the quit is
+    assert "(unknown command /help: /reset starts a new conversation, /exit quits)" in out.getvalue()
+
+
 def test_generate_from_a_model_folder_and_from_a_file(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Name a color.\n\nName a fruit.\n")

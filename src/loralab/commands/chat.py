@@ -174,10 +174,19 @@ def generate(target: str, prompts: list[str], file: str | None, settings: Sampli
     return results
 
 
+QUIT_COMMANDS = ("/exit", "/quit", "/bye")  # /quit and /bye as other chat tools spell it
+
+
+def is_command(text: str) -> bool:
+    """Whether a chat line is a slash command (one word: "/help", "/q"), not a message that starts with a slash."""
+    return text.startswith("/") and text[1:].isalpha()
+
+
 @hide_library_deprecations
 def chat(target: str, settings: SamplingSettings, overrides: list[str] | None = None,
          stdin: TextIO | None = None, out: TextIO | None = None) -> None:
-    """Multi-turn chat on ``stdin``: /reset starts over, /exit (or end of input) quits."""
+    """Multi-turn chat on ``stdin``: /reset starts over, /exit (or /quit, /bye, or end of input) quits; another
+    slash command gets a line saying which there are."""
     stdin, out = stdin or sys.stdin, out or sys.stdout
     responder = load_responder(target, settings, overrides)
     sides = responder.sides()
@@ -190,14 +199,17 @@ def chat(target: str, settings: SamplingSettings, overrides: list[str] | None = 
             out.write("you> ")
             out.flush()
         line = stdin.readline()
-        if not line or line.strip() == "/exit":
-            break
         text = line.strip()
+        if not line or text in QUIT_COMMANDS:
+            break
         if not text:
             continue
         if text == "/reset":
             histories = {side: [] for side in sides}
             out.write("(new conversation)\n")
+            continue
+        if is_command(text):  # a mistyped command is not sent to the model as a message
+            out.write(f"(unknown command {text}: /reset starts a new conversation, /exit quits)\n")
             continue
         for side in sides:
             out.write(f"{side}> ")
