@@ -105,10 +105,11 @@ def test_chat_answers_no_command_as_a_message(trained_run, monkeypatch, quit_lin
                         lambda self, messages, side, out=None: seen.append(messages[-1]["content"])
                         or original(self, messages, side, out))
     out = io.StringIO()
-    stdin = io.StringIO(f"/help\n/usr/bin is a folder?\n{quit_line}\nNever sent\n")
+    stdin = io.StringIO(f"/help\n/?\n/usr/bin is a folder?\n{quit_line}\nNever sent\n")
     chat(str(rd), SamplingSettings(max_new_tokens=4), stdin=stdin, out=out)
-    assert seen == ["/usr/bin is a folder?"]  # a path is a message; /help is not, and nothing after the quit is
+    assert seen == ["/usr/bin is a folder?"]  # a path is a message; /help and /? are not, nor anything after the quit
     assert "(unknown command /help: /reset starts a new conversation, /exit quits)" in out.getvalue()
+    assert "(unknown command /?: " in out.getvalue()
 
 
 def test_generate_from_a_model_folder_and_from_a_file(tiny_model_dir, tmp_path, capsys):

@@ -178,8 +178,9 @@ QUIT_COMMANDS = ("/exit", "/quit", "/bye")  # /quit and /bye as other chat tools
 
 
 def is_command(text: str) -> bool:
-    """Whether a chat line is a slash command (one word: "/help", "/q"), not a message that starts with a slash."""
-    return text.startswith("/") and text[1:].isalpha()
+    """Whether a chat line is a slash command (one word: "/help", "/q", or "/?"), not a message that starts with a
+    slash."""
+    return text.startswith("/") and (text[1:].isalpha() or text == "/?")
 
 
 @hide_library_deprecations
