@@ -375,7 +375,7 @@ def flops_per_token(root: Path, examples: list[dict]) -> tuple[float, int]:
     otherwise). Returns (FLOPs per token, non-embedding parameters with the head)."""
     from transformers import AutoConfig
 
-    from loralab import IGNORE_INDEX
+    from loralab.data import trained_token_count
 
     c = AutoConfig.from_pretrained(root / "model")
     head_dim = c.hidden_size // c.num_attention_heads
@@ -386,8 +386,7 @@ def flops_per_token(root: Path, examples: list[dict]) -> tuple[float, int]:
     non_embedding = c.num_hidden_layers * per_layer + c.hidden_size + head  # + final norm, lm_head
     lengths = [len(e["input_ids"]) for e in examples]
     tokens = sum(lengths)
-    trained = sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) if "labels" in e else len(e["input_ids"])
-                  for e in examples)
+    trained = sum(trained_token_count(e["labels"]) if "labels" in e else len(e["input_ids"]) for e in examples)
     # causal: position i attends to i+1 keys; 2 matmuls x 2 FLOPs x heads x head_dim, forward; backward is 2x forward
     attention = 3 * sum(2 * 2 * c.hidden_size * n * (n + 1) / 2 for n in lengths) * c.num_hidden_layers / tokens
     return 4 * (non_embedding - head + head * trained / tokens) + attention, non_embedding

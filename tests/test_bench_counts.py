@@ -19,10 +19,12 @@ def train_throughput():
 def test_the_head_counts_only_at_trained_positions(train_throughput, tiny_model_dir, tmp_path):
     from transformers import AutoConfig
 
+    from loralab import IGNORE_INDEX
+
     (tmp_path / "model").symlink_to(tiny_model_dir)
     ids = [list(range(10)), list(range(6))]
     # the targets are labels[1:]: 6 + 3 trained of 16 tokens
-    labels = [[-100] * 4 + ids[0][4:], [-100] * 3 + ids[1][3:]]
+    labels = [[IGNORE_INDEX] * 4 + ids[0][4:], [IGNORE_INDEX] * 3 + ids[1][3:]]
     plain = [{"input_ids": i} for i in ids]
     every, params = train_throughput.flops_per_token(tmp_path, plain)
     all_trained, _ = train_throughput.flops_per_token(tmp_path, [{"input_ids": i, "labels": i} for i in ids])
