@@ -77,9 +77,10 @@ def test_sampling_is_seeded(trained_run):
     assert first == again
 
 
-def test_chat_keeps_the_conversation_and_resets(trained_run, monkeypatch):
+@pytest.fixture
+def answered(monkeypatch):
+    """The messages of each answer chat asks for (their contents, oldest first), the answers still made."""
     from loralab.commands import chat as chat_module
-    _, rd = trained_run
     seen = []
     original = chat_module.Responder.answer
 
@@ -88,26 +89,26 @@ def test_chat_keeps_the_conversation_and_resets(trained_run, monkeypatch):
         return original(self, messages, side, out)
 
     monkeypatch.setattr(chat_module.Responder, "answer", spy)
+    return seen
+
+
+def test_chat_keeps_the_conversation_and_resets(trained_run, answered):
+    _, rd = trained_run
     out = io.StringIO()
     chat(str(rd), SamplingSettings(max_new_tokens=4), stdin=io.StringIO("Hello\nAnd then?\n/reset\nAgain\n"), out=out)
-    assert [len(m) for m in seen] == [1, 3, 1]
-    assert seen[1][0] == "Hello" and seen[1][2] == "And then?" and seen[2] == ["Again"]
+    assert [len(m) for m in answered] == [1, 3, 1]
+    assert answered[1][0] == "Hello" and answered[1][2] == "And then?" and answered[2] == ["Again"]
     assert out.getvalue().count("lora> ") == 3 and "(new conversation)" in out.getvalue()
 
 
 @pytest.mark.parametrize("quit_line", ["/exit", "/quit", "/bye"])
-def test_chat_answers_no_command_as_a_message(trained_run, monkeypatch, quit_line):
-    from loralab.commands import chat as chat_module
+def test_chat_answers_no_command_as_a_message(trained_run, answered, quit_line):
     _, rd = trained_run
-    seen = []
-    original = chat_module.Responder.answer
-    monkeypatch.setattr(chat_module.Responder, "answer",
-                        lambda self, messages, side, out=None: seen.append(messages[-1]["content"])
-                        or original(self, messages, side, out))
     out = io.StringIO()
     stdin = io.StringIO(f"/help\n/?\n/usr/bin is a folder?\n{quit_line}\nNever sent\n")
     chat(str(rd), SamplingSettings(max_new_tokens=4), stdin=stdin, out=out)
-    assert seen == ["/usr/bin is a folder?"]  # a path is a message; /help and /? are not, nor anything after the quit
+    # a path is a message; /help and /? are not, nor anything after the quit
+    assert answered == [["/usr/bin is a folder?"]]
     assert "(unknown command /help: /reset starts a new conversation, /exit quits)" in out.getvalue()
     assert "(unknown command /?: " in out.getvalue()
 

@@ -175,6 +175,7 @@ def generate(target: str, prompts: list[str], file: str | None, settings: Sampli
 
 
 QUIT_COMMANDS = ("/exit", "/quit", "/bye")  # /quit and /bye as other chat tools spell it
+COMMANDS_HELP = "/reset starts a new conversation, /exit quits"
 
 
 def is_command(text: str) -> bool:
@@ -194,7 +195,7 @@ def chat(target: str, settings: SamplingSettings, overrides: list[str] | None = 
     histories: dict[str, list[dict[str, str]]] = {side: [] for side in sides}
     interactive = stdin.isatty()
     if interactive:
-        out.write("loralab chat: /reset starts a new conversation, /exit quits.\n")
+        out.write(f"loralab chat: {COMMANDS_HELP}.\n")
     while True:
         if interactive:
             out.write("you> ")
@@ -210,7 +211,7 @@ def chat(target: str, settings: SamplingSettings, overrides: list[str] | None = 
             out.write("(new conversation)\n")
             continue
         if is_command(text):  # a mistyped command is not sent to the model as a message
-            out.write(f"(unknown command {text}: /reset starts a new conversation, /exit quits)\n")
+            out.write(f"(unknown command {text}: {COMMANDS_HELP})\n")
             continue
         for side in sides:
             out.write(f"{side}> ")
