@@ -6,6 +6,7 @@ Used by loralab.loss.response_loss_sum whenever frozen_plain_head finds a CPU mo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from loralab.cpu import onednn_weights
 from loralab.cpu.catalogue import LOSS_CHUNK_ROWS, PLAIN_HEAD_MODELS
@@ -50,7 +51,7 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 
     The loss's only gradient is the hidden states' (W is frozen), so the forward computes it chunk by chunk,
     (softmax - one-hot) @ W, and keeps that (K x hidden) instead of any logits; the backward scales it.
-    Same arithmetic as F.cross_entropy on the upcast logits of the head (bf16 logits, fp32 softmax). On a
+    The loss of F.cross_entropy on the upcast logits of the head (bf16 logits, fp32 softmax), to fp32 rounding. On a
     CPU this saves the passes over the (K x vocab) fp32 tensors and their gradients, which are mmap'd fresh
     (too big for the heap) every time (bench/train_throughput.py measures the step with and without).
     """
@@ -64,14 +65,17 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], CHUNK_ROWS):
             h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
             low, logits = chunk_logits(h, weight, onednn)  # (c, vocab) each
-            # log-sum-exp and softmax in place, each pass over the chunk once (torch.logsumexp allocates two more)
-            shifted = logits.sub_(logits.amax(1, keepdim=True))
-            target_shifted = shifted.gather(1, t[:, None]).squeeze(1)
-            exp = shifted.exp_()
-            sums = exp.sum(1)
-            total += (sums.log() - target_shifted).sum()
+            # PyTorch's softmax kernel in place, a row at a time from cache, where max, subtract, exp, sum and divide
+            # each took a pass over the whole chunk from memory; CE = -log of the target's probability, which is
+            # log-sum-exp minus the target's logit to fp32's rounding while that probability is a normal float
+            probs = torch.ops.aten._softmax.out(logits, 1, False, out=logits)
+            p_target = probs.gather(1, t[:, None]).squeeze(1)
+            losses = p_target.log().neg_()
+            underflow = p_target < torch.finfo(torch.float32).tiny
+            if underflow.any():  # a target 87 nats or more below the top logit: its loss from the logits instead
+                losses[underflow] = upcast_losses(h[underflow], weight, t[underflow], onednn)
+            total += losses.sum()
             if grad is not None:
-                probs = exp.div_(sums[:, None])
                 probs[rows[: len(t)], t] -= 1.0
                 if low.data_ptr() != probs.data_ptr():
                     low.copy_(probs)  # in the head's dtype, for its matmul
@@ -89,6 +93,19 @@ class FrozenHeadCrossEntropy(torch.autograd.Function):
 
 
 @torch.no_grad()
+def upcast_losses(hidden, weight, targets, onednn=None) -> torch.Tensor:
+    """CE(hidden_i @ W^T, target_i) for a few positions, fp32 (K,): log-sum-exp of the upcast logits minus the
+    target's, the logits made afresh (FrozenHeadCrossEntropy's fallback where a target's probability underflows)."""
+    logits = (F.linear(hidden, weight) if onednn is None else onednn_weights.linear(hidden, onednn)).float()
+    return cross_entropies(logits, targets)
+
+
+def cross_entropies(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """CE of each row of fp32 ``logits`` (K, vocab) at its target (K,): log-sum-exp minus the target's logit."""
+    return torch.logsumexp(logits, 1) - logits.gather(1, targets[:, None]).squeeze(1)
+
+
+@torch.no_grad()
 def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, onednn=None) -> torch.Tensor:
     """CE(hidden_i @ W^T, target_i) for each position i, fp32 (K,), CHUNK_ROWS positions at a time: the per-token
     terms FrozenHeadCrossEntropy sums, for the held-out loss's per-example sums (no gradient)."""
@@ -96,7 +113,7 @@ def token_losses(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     for start in range(0, hidden.shape[0], CHUNK_ROWS):
         h, t = hidden[start : start + CHUNK_ROWS], targets[start : start + CHUNK_ROWS]
         _, logits = chunk_logits(h, weight, onednn)  # (c, vocab) fp32
-        out[start : start + len(t)] = torch.logsumexp(logits, 1) - logits.gather(1, t[:, None]).squeeze(1)
+        out[start : start + len(t)] = cross_entropies(logits, t)
     return out
 
 
