@@ -154,21 +154,22 @@ def test_frozen_head_cross_entropy_equals_the_upcast_logits_loss(monkeypatch, dt
     assert (hidden.grad.float() - ref_hidden.grad.float()).norm() / ref_hidden.grad.float().norm() < tol
 
 
-def test_frozen_head_cross_entropy_of_targets_far_below_the_top_logit(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_cross_entropy_of_targets_far_below_the_top_logit(monkeypatch, dtype):
     """A target whose probability underflows fp32 (logits hundreds apart) still gets its true loss, not infinity."""
     from loralab.cpu import head_loss
 
     monkeypatch.setattr(head_loss, "CHUNK_ROWS", 16)
     torch.manual_seed(0)
-    hidden = (torch.randn(40, 32) * 30).requires_grad_()
-    weight = torch.randn(300, 32)
+    hidden = (torch.randn(40, 32) * 30).to(dtype).requires_grad_()
+    weight = torch.randn(300, 32).to(dtype)
     targets = torch.randint(0, 300, (40,))
-    logits = hidden.detach() @ weight.t()
+    logits = (hidden.detach() @ weight.t()).float()
     assert (logits.amax(1) - logits.gather(1, targets[:, None]).squeeze(1) > 200).sum() > 20  # most underflow
     got = head_loss.FrozenHeadCrossEntropy.apply(hidden, weight, targets)
     got.backward()
     ref_hidden = hidden.detach().clone().requires_grad_()
-    want = F.cross_entropy(ref_hidden @ weight.t(), targets, reduction="sum")
+    want = F.cross_entropy((ref_hidden @ weight.t()).float(), targets, reduction="sum")
     want.backward()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(hidden.grad, ref_hidden.grad, rtol=1e-4, atol=1e-4)
