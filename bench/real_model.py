@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {tt.cpu_description()}; precision {precision}", flush=True)
     sides = args.sides.split(",")
     started, runs = time.perf_counter(), {side: [] for side in sides}
+    # prepared here, once, before any side (each side's process then finds it up to date): the FLOPs of the timed
+    # steps' examples, the head counted where a target is trained, as loralab computes it
+    timed = examples_of(root, args.model, args.data, precision, args.steps)[WARMUP * tt.EXAMPLES_PER_STEP :]
     peaks = [tt.matmul_peak(precision)["flops"]]  # beside the runs: before the first and after the last
     for round_no in range(1, args.rounds + 1):
         for side in sides:
@@ -177,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['peak_rss'] / 1e9:.2f} GB, {r['precision']}, load average {r['load'][0]:.1f} -> "
                   f"{r['load'][1]:.1f}", flush=True)
     peaks.append(tt.matmul_peak(precision)["flops"])
-    # the FLOPs of the timed steps' examples (the head counted where a target is trained, as loralab computes it)
-    timed = examples_of(root, args.model, args.data, precision, args.steps)[WARMUP * tt.EXAMPLES_PER_STEP :]
     report(runs, precision, args, tt.flops_per_token(root, timed)[0], max(peaks))
     print(f"   (whole benchmark {time.perf_counter() - started:.0f} s)")
     return 0 if meets_targets(runs, precision) else 1
