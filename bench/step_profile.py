@@ -19,6 +19,12 @@ same process before and after training.
 
     python bench/step_profile.py                     # TinyLlama shape, random weights: 2 warm-up + 8 timed steps
     python bench/step_profile.py --model smollm2     # SmolLM2-135M-Instruct (`loralab fetch smollm2-135m-instruct`)
+    python bench/step_profile.py --model smollm2 --ops   # and the timed steps' ops by kind (torch.profiler)
+
+With ``--ops`` torch.profiler records the timed steps and the forward and backward's time is split by op: the linear
+layers' matmuls, attention's (batched matmuls, or SDPA's kernels) and everything else, with the MFU a step would
+reach were it its matmuls alone: the most that removing every other op could give. The profiler's own cost lands in
+"everything else" and in the whole-step times, so a run with ``--ops`` is for the split, not for the speed.
 """
 
 from __future__ import annotations
@@ -36,15 +42,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import real_model  # noqa: E402  (the SmolLM2 config and its prepared examples)
 import train_throughput as tt  # noqa: E402  (the TinyLlama-shape assets, the matmul peak, FLOPs per token)
 
+# the ops whose self time is a matmul of a linear layer (frozen or LoRA; oneDNN's prepacked path or ATen's) and of
+# attention; every other op (elementwise passes, softmax, copies, the autograd engine) is "everything else"
+LINEAR_OPS = frozenset({"mkldnn::_linear_pointwise", "aten::mm", "aten::addmm", "aten::addmm_", "aten::mkldnn_linear",
+                        "aten::mkldnn_linear_backward_input", "aten::mkldnn_linear_backward_weights"})
+ATTENTION_OPS = frozenset({"aten::bmm", "aten::baddbmm", "aten::baddbmm_",
+                           "aten::_scaled_dot_product_flash_attention_for_cpu",
+                           "aten::_scaled_dot_product_flash_attention_for_cpu_backward"})
+OP_KINDS = ("linear layers' matmuls", "attention's matmuls", "everything else")
+
 PARTS = ("forward + backward", "clipping", "optimizer", "scheduler, zero_grad", "callbacks, logging, next batch",
          "in-step Python")
 
 
-def make_profiler():
+def make_profiler(ops_from_step: int | None = None):
+    """The StepProfile callback; with ``ops_from_step``, torch.profiler records from that step's begin (counted
+    from 0) to the end of training."""
     from transformers import TrainerCallback
 
     class StepProfile(TrainerCallback):
         def __init__(self):
+            self.torch_profile = None
             self.events: list[dict] = []
             self.current: dict = {}
             self.pending = {"fwd_bwd": 0.0, "clip": 0.0, "data": 0.0, "tokens": 0}
@@ -71,6 +89,11 @@ def make_profiler():
             trainer.data_collator = collator
 
         def on_step_begin(self, args, state, control, **kwargs):
+            if ops_from_step is not None and state.global_step == ops_from_step and self.torch_profile is None:
+                from torch.profiler import ProfilerActivity, profile
+
+                self.torch_profile = profile(activities=[ProfilerActivity.CPU])
+                self.torch_profile.__enter__()
             now, faults = time.perf_counter(), page_faults()
             if self.current:
                 self.current["next_begin"], self.current["faults"] = now, faults - self.current["faults_at"]
@@ -94,8 +117,44 @@ def make_profiler():
                 self.current["next_begin"] = time.perf_counter()
                 self.current["faults"] = page_faults() - self.current["faults_at"]
                 self.events.append(self.current)
+            if self.torch_profile is not None:
+                self.torch_profile.__exit__(None, None, None)
+
+        def op_self_seconds(self) -> dict[str, float]:
+            """Each op's self time in seconds over the recorded steps."""
+            return {e.key: e.self_cpu_time_total / 1e6 for e in self.torch_profile.key_averages()}
 
     return StepProfile()
+
+
+def op_seconds(self_seconds: dict[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """(seconds per OP_KINDS, seconds per op of "everything else") from each op's self time in seconds; the kinds add
+    up to the total."""
+    kinds = dict.fromkeys(OP_KINDS, 0.0)
+    rest: dict[str, float] = {}
+    for name, seconds in self_seconds.items():
+        kind = OP_KINDS[0] if name in LINEAR_OPS else OP_KINDS[1] if name in ATTENTION_OPS else OP_KINDS[2]
+        kinds[kind] += seconds
+        if kind == OP_KINDS[2]:
+            rest[name] = rest.get(name, 0.0) + seconds
+    return kinds, rest
+
+
+def print_ops(self_seconds: dict[str, float], tokens: int, per_token: float, peak: float) -> None:
+    """The --ops table: each kind's share of the profiled ops' time, the largest of the rest, and the tokens/s and MFU
+    the profiled steps (``tokens`` in all) would have made had they spent their time in the matmuls alone."""
+    kinds, rest = op_seconds(self_seconds)
+    total = sum(kinds.values())
+    print(f"\n   the timed steps' ops by kind (torch.profiler, self time, {total:.1f} s in all):")
+    for kind, seconds in kinds.items():
+        print(f"   {kind:<32} {seconds:9.3f} {100 * seconds / total:5.1f}%")
+    largest = sorted(rest.items(), key=lambda kv: -kv[1])[:8]
+    print("   the largest of everything else: " + ", ".join(f"{n} {100 * v / total:.1f}%" for n, v in largest))
+    linear, attention = kinds[OP_KINDS[0]], kinds[OP_KINDS[1]]
+    for what, seconds in (("its matmuls alone (everything else at no time)", linear + attention),
+                          ("its linear layers' matmuls alone", linear)):
+        print(f"   were a step {what}: {tokens / seconds:.1f} tokens/s, MFU "
+              f"{100 * tokens * per_token / seconds / peak:.1f}%")
 
 
 def page_faults() -> int:
@@ -145,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps (default 8)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default 2)")
     parser.add_argument("--cache-dir", type=Path, default=tt.DEFAULT_CACHE.parent / "bench-step-profile")
+    parser.add_argument("--ops", action="store_true",
+                        help="record the timed steps with torch.profiler and split their time by op kind (slower)")
     args = parser.parse_args(argv)
     from loralab.cpu.allocator import bound_primitive_cache
 
@@ -155,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     from loralab.stages import prepare, train
 
     precision = choose_precision(probe("cpu"), args.precision)
-    profile = make_profiler()
+    profile = make_profiler(args.warmup if args.ops else None)
     real_build = train.build_trainer
 
     def build_and_wrap(*a, **k):
@@ -199,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
           "matmul peak beside it "
           f"{peak / 1e9:.0f} GFLOP/s; MFU in whole steps {100 * tokens / whole * per_token / peak:.1f}%, "
           f"in forward + backward {100 * tokens / window * per_token / peak:.1f}%")
+    if args.ops:
+        print("   (under torch.profiler: the times above include its cost)")
+        print_ops(profile.op_self_seconds(), sum(e["tokens"] for e in timed), per_token, peak)
     return 0
 
 
