@@ -1,6 +1,8 @@
+import importlib.util
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
@@ -12,6 +14,19 @@ import torch
 import yaml
 
 ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "alpaca_en_1k.json"
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str):
+    """bench/<name>.py as a module, the other bench scripts importable while it loads (some import each other)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(autouse=True)

@@ -1,19 +1,12 @@
 """The FLOPs the benches' MFU divides by: the LM head counted only where a target is trained."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "train_throughput.py"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def train_throughput():
-    spec = importlib.util.spec_from_file_location("train_throughput", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("train_throughput")
 
 
 def test_the_head_counts_only_at_trained_positions(train_throughput, tiny_model_dir, tmp_path):

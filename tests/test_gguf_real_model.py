@@ -1,19 +1,13 @@
 """The GGUF proof on a real model (bench/gguf_llamacpp.py): SmolLM2-135M-Instruct as `loralab fetch` writes it."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import load_bench
 
 
 @pytest.mark.slow
 def test_llama_cpp_agrees_with_transformers_on_smollm2(tmp_path, alpaca_path, real_model_dir):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is in the dev extra (make test installs it)")
-    sys.path.insert(0, str(ROOT / "bench"))
-    import gguf_llamacpp
-
+    gguf_llamacpp = load_bench("gguf_llamacpp")
     result = gguf_llamacpp.main(["--model", str(real_model_dir), "--data", str(alpaca_path), "--work", str(tmp_path),
                                  "--no-speed"])
     rows = result["rows"]

@@ -1,25 +1,13 @@
 """bench/step_profile.py --ops: a profiled op's time goes to the kind that does its work."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def step_profile():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("step_profile", BENCH / "step_profile.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_bench("step_profile")
 
 
 def test_ops_are_split_into_linear_matmuls_attention_matmuls_and_the_rest(step_profile):
