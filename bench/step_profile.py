@@ -136,7 +136,7 @@ def op_seconds(self_seconds: dict[str, float]) -> tuple[dict[str, float], dict[s
         kind = OP_KINDS[0] if name in LINEAR_OPS else OP_KINDS[1] if name in ATTENTION_OPS else OP_KINDS[2]
         kinds[kind] += seconds
         if kind == OP_KINDS[2]:
-            rest[name] = rest.get(name, 0.0) + seconds
+            rest[name] = seconds
     return kinds, rest
 
 
